@@ -1,0 +1,98 @@
+"""The public entry point `h_attention`: argument checks, then dispatch to an implementation."""
+
+import torch
+
+from .blocked import blocked_h_attention
+from .reference import hierarchical_attention_reference
+
+IMPLEMENTATIONS = ("auto", "reference", "blocked")
+
+
+def check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size < 2 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 2, got {block_size}")
+
+
+def check_key_padding_mask(mask, batch: int, seq_len: int, name: str = "key_padding_mask") -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = real token), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, seq_len):
+        raise ValueError(f"{name} must have shape (batch, seq_len) = {(batch, seq_len)}, got {tuple(mask.shape)}")
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, seq_len, dim_head), got rank {t.dim()}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+    if q.shape[:3] != k.shape[:3] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "q, k and v must agree in (batch, heads, seq_len), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same dim_head, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or k.device != v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def h_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Hierarchical attention (H-Transformer-1D) on (B, H, N, D) tensors; returns (B, H, N, D).
+
+    Args:
+        q, k, v: queries, keys, values; any N >= 1, any floating dtype (half precision accumulates
+            in float32).
+        block_size: Nr, the width of the finest blocks; a power of two >= 2.
+        causal: each position attends only to itself and earlier positions.
+        key_padding_mask: (B, N) bool, True = real token. Padded positions are never keys and
+            their outputs are zero.
+        scale: score scale, default ``dim_head ** -0.5``.
+        dropout_p: dropout on the attention weights (training only; the normaliser is not dropped).
+        impl: "auto" (fastest correct implementation for the device), "blocked" or "reference"
+            (the dense O(N^2) definition, for testing).
+    """
+    _check_qkv(q, k, v)
+    check_block_size(block_size)
+    check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2])
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if impl == "reference":
+        if dropout_p:
+            raise ValueError("impl='reference' does not support dropout_p > 0")
+        return hierarchical_attention_reference(
+            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale
+        )
+    return blocked_h_attention(
+        q,
+        k,
+        v,
+        block_size=block_size,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        dropout_p=dropout_p,
+    )
