@@ -1,0 +1,7 @@
+"""The model: attention layers, the HTransformer1D stack and the autoregressive wrapper."""
+
+from .autoregressive import AutoregressiveWrapper
+from .layers import CausalHAttention1D, HAttention1D
+from .transformer import HTransformer1D
+
+__all__ = ["HTransformer1D", "HAttention1D", "CausalHAttention1D", "AutoregressiveWrapper"]

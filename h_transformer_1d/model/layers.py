@@ -1,0 +1,144 @@
+"""Building blocks of the model: rotary positions, token shift, hierarchical attention layers."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import h_attention
+from ..attention.interface import check_block_size, check_key_padding_mask
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer), applied to queries and keys only."""
+
+    def __init__(self, dim_head: int, theta: float = 10000.0):
+        super().__init__()
+        if dim_head % 2:
+            raise ValueError(f"dim_head must be even for rotary positions, got {dim_head}")
+        inv_freq = theta ** (-torch.arange(0, dim_head, 2, dtype=torch.float32) / dim_head)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, N, D) by `positions` (N,) or (B, N)."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., N, D/2)
+        if angles.dim() == 3:  # per-batch positions
+            angles = angles[:, None]
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return rotated.to(x.dtype)
+
+
+def shift_tokens(x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Move a slice of the features one position along the sequence.
+
+    Causal: half the features come from the previous position. Non-causal: a third from the previous
+    position, a third from the next. Padded positions contribute zeros, so padding never leaks.
+    """
+    if mask is not None:
+        x = x.masked_fill(~mask[..., None], 0.0)
+    shifts = (1, 0) if causal else (1, -1, 0)
+    chunks = x.tensor_split(len(shifts), dim=-1)
+    moved = []
+    for chunk, amount in zip(chunks, shifts):
+        if amount > 0:  # from the past
+            chunk = F.pad(chunk, (0, 0, amount, 0))[:, : x.shape[1]]
+        elif amount < 0:  # from the future
+            chunk = F.pad(chunk, (0, 0, 0, -amount))[:, -amount:]
+        moved.append(chunk)
+    return torch.cat(moved, dim=-1)
+
+
+def check_features(x, dim: int, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (batch, seq_len, dim={dim}), got rank {x.dim()}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"{name} must have last dimension dim={dim}, got shape {tuple(x.shape)}")
+
+
+class HAttention1D(nn.Module):
+    """Multi-head hierarchical self-attention with its projections: (B, N, dim) -> (B, N, dim)."""
+
+    causal = False
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int = 8,
+        dim_head: int = 64,
+        block_size: int = 128,
+        dropout: float = 0.0,
+        max_seq_len: int | None = None,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_block_size(block_size)
+        self.dim, self.heads, self.dim_head, self.block_size = dim, heads, dim_head, block_size
+        self.dropout = dropout
+        self.max_seq_len = max_seq_len
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.rotary = RotaryEmbedding(dim_head)
+
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k."""
+        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
+        return self.rotary(q, positions), self.rotary(k, positions), v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_features(x, self.dim)
+        b, n, _ = x.shape
+        if self.max_seq_len is not None and n > self.max_seq_len:
+            raise ValueError(f"x has seq_len {n}, more than max_seq_len={self.max_seq_len}")
+        check_key_padding_mask(mask, b, n, name="mask")
+        q, k, v = self.project_qkv(x, torch.arange(n, device=x.device))
+        out = h_attention(
+            q,
+            k,
+            v,
+            block_size=self.block_size,
+            causal=self.causal,
+            key_padding_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, N, dim_head)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class CausalHAttention1D(HAttention1D):
+    """Decoder variant: position i attends to positions <= i only (sampled coarse queries)."""
+
+    causal = True
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x)
+
+
+class PreNorm(nn.Module):
+    """LayerNorm, then optionally token shift, then the wrapped layer."""
+
+    def __init__(self, dim: int, fn: nn.Module, shift: bool = False, causal: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+        self.shift = shift
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.shift:
+            x = shift_tokens(x, mask, self.causal)
+        return self.fn(x, mask=mask)

@@ -1,0 +1,100 @@
+"""Reversible residual layers (RevNet): activation memory that does not grow with depth.
+
+Two streams run through each layer: ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``. The forward keeps only
+the last layer's output; the backward reconstructs each layer's input from its output and recomputes
+f and g with the same random state (so dropout masks repeat).
+"""
+
+import torch
+from torch import nn
+
+
+class _RNGState:
+    """The CPU and current-CUDA random state at one moment, restorable for a recompute."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def run(self, fn, *args, **kwargs):
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            return fn(*args, **kwargs)
+
+
+class ReversibleBlock(nn.Module):
+    def __init__(self, f: nn.Module, g: nn.Module):
+        super().__init__()
+        self.f, self.g = f, g
+
+    def forward(self, x1, x2, mask=None):
+        """The plain (memory-hungry) computation, also used to check the reversible one."""
+        y1 = x1 + self.f(x2, mask=mask)
+        y2 = x2 + self.g(y1, mask=mask)
+        return y1, y2
+
+    def forward_no_grad(self, x1, x2, mask):
+        self.f_rng = _RNGState(x1.device)
+        y1 = x1 + self.f(x2, mask=mask)
+        self.g_rng = _RNGState(x1.device)
+        y2 = x2 + self.g(y1, mask=mask)
+        return y1, y2
+
+    def backward_pass(self, y1, y2, dy1, dy2, mask):
+        """From outputs and their gradients, the inputs and their gradients; parameter grads accumulate."""
+        with torch.enable_grad():
+            y1 = y1.detach().requires_grad_()
+            gy1 = self.g_rng.run(self.g, y1, mask=mask)
+            torch.autograd.backward(gy1, dy2)
+        with torch.no_grad():
+            x2 = y2 - gy1
+            dx1 = dy1 + y1.grad
+        with torch.enable_grad():
+            x2 = x2.detach().requires_grad_()
+            fx2 = self.f_rng.run(self.f, x2, mask=mask)
+            torch.autograd.backward(fx2, dx1)
+        with torch.no_grad():
+            x1 = y1 - fx2
+            dx2 = dy2 + x2.grad
+        return x1.detach(), x2.detach(), dx1, dx2
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1, x2, blocks, mask):
+        with torch.no_grad():
+            for block in blocks:
+                x1, x2 = block.forward_no_grad(x1, x2, mask)
+        ctx.blocks, ctx.mask = blocks, mask
+        ctx.save_for_backward(x1, x2)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        y1, y2 = ctx.saved_tensors
+        for block in reversed(ctx.blocks):
+            y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, ctx.mask)
+        return dy1, dy2, None, None
+
+
+class ReversibleSequence(nn.Module):
+    """(B, N, dim) -> (B, N, dim): x enters both streams; the output is the mean of the two."""
+
+    def __init__(self, blocks: list[ReversibleBlock]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            if not x.requires_grad:  # the layers' parameters still need the backward to run
+                x = x.detach().requires_grad_()
+            y1, y2 = _ReversibleFunction.apply(x, x, list(self.blocks), mask)
+        else:
+            y1, y2 = x, x
+            for block in self.blocks:
+                y1, y2 = block(y1, y2, mask=mask)
+        return (y1 + y2) / 2

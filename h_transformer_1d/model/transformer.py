@@ -1,0 +1,98 @@
+"""HTransformer1D: token embedding, a stack of hierarchical-attention layers, logits."""
+
+import torch
+from torch import nn
+
+from ..attention.interface import check_block_size, check_key_padding_mask
+from .layers import CausalHAttention1D, FeedForward, HAttention1D, PreNorm
+from .reversible import ReversibleBlock, ReversibleSequence
+
+
+class SequentialSequence(nn.Module):
+    """Pre-norm residual layers: x = x + f(x); x = x + g(x)."""
+
+    def __init__(self, blocks: list[ReversibleBlock]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block.f(x, mask=mask)
+            x = x + block.g(x, mask=mask)
+        return x
+
+
+class HTransformer1D(nn.Module):
+    """Language model / sequence encoder with hierarchical attention.
+
+    ``model(x, mask=None)`` maps token ids (B, N), N <= max_seq_len, to logits (B, N, num_tokens).
+    `mask` (B, N) bool marks real tokens (True); padded positions are never attended to.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        depth: int,
+        max_seq_len: int,
+        causal: bool = False,
+        heads: int = 8,
+        dim_head: int = 64,
+        block_size: int = 128,
+        ff_mult: int = 4,
+        reversible: bool = False,
+        shift_tokens: bool = False,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (
+            ("num_tokens", num_tokens),
+            ("dim", dim),
+            ("depth", depth),
+            ("max_seq_len", max_seq_len),
+            ("ff_mult", ff_mult),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_block_size(block_size)
+        self.num_tokens, self.dim, self.max_seq_len, self.causal = num_tokens, dim, max_seq_len, causal
+        self.block_size = block_size
+
+        attn_class = CausalHAttention1D if causal else HAttention1D
+        blocks = [
+            ReversibleBlock(
+                PreNorm(
+                    dim,
+                    attn_class(dim, heads=heads, dim_head=dim_head, block_size=block_size, dropout=attn_dropout),
+                    shift=shift_tokens,
+                    causal=causal,
+                ),
+                PreNorm(dim, FeedForward(dim, ff_mult, ff_dropout), shift=shift_tokens, causal=causal),
+            )
+            for _ in range(depth)
+        ]
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.layers = ReversibleSequence(blocks) if reversible else SequentialSequence(blocks)
+        self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens))
+
+    def check_tokens(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape (batch, seq_len), got rank {x.dim()} shape {tuple(x.shape)}")
+        if x.shape[1] > self.max_seq_len:
+            raise ValueError(f"x has seq_len {x.shape[1]}, more than max_seq_len={self.max_seq_len}")
+        if x.numel() and not torch.compiler.is_compiling():
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= self.num_tokens:
+                raise ValueError(f"x must hold token ids in [0, num_tokens={self.num_tokens}), got [{low}, {high}]")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_tokens(x)
+        check_key_padding_mask(mask, x.shape[0], x.shape[1], name="mask")
+        h = self.token_emb(x)  # (B, N, dim)
+        h = self.layers(h, mask=mask)
+        return self.to_logits(h)  # (B, N, num_tokens)
