@@ -58,8 +58,29 @@ def check_features(x, dim: int, name: str = "x") -> None:
         raise ValueError(f"{name} must have last dimension dim={dim}, got shape {tuple(x.shape)}")
 
 
+ATTENTION_KINDS = ("hierarchical", "dense")
+
+
+def dense_attention(q, k, v, *, causal: bool, key_padding_mask, dropout_p: float) -> torch.Tensor:
+    """Exact softmax attention through SDPA, with the same masking conventions as `h_attention`."""
+    n = q.shape[2]
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    allowed = key_padding_mask[:, None, None, :]  # (B, 1, 1, N)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    # a query with no key (a padded query before the first real token) attends to itself, then is zeroed
+    allowed = allowed | torch.eye(n, dtype=torch.bool, device=q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+    return out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+
+
 class HAttention1D(nn.Module):
-    """Multi-head hierarchical self-attention with its projections: (B, N, dim) -> (B, N, dim)."""
+    """Multi-head self-attention with its projections: (B, N, dim) -> (B, N, dim).
+
+    `attention="hierarchical"` (the point of this package) or `"dense"` (exact softmax attention via
+    SDPA, for baselines inside the same model).
+    """
 
     causal = False
 
@@ -72,8 +93,12 @@ class HAttention1D(nn.Module):
         block_size: int = 128,
         dropout: float = 0.0,
         max_seq_len: int | None = None,
+        attention: str = "hierarchical",
     ):
         super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        self.attention = attention
         for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -98,15 +123,13 @@ class HAttention1D(nn.Module):
             raise ValueError(f"x has seq_len {n}, more than max_seq_len={self.max_seq_len}")
         check_key_padding_mask(mask, b, n, name="mask")
         q, k, v = self.project_qkv(x, torch.arange(n, device=x.device))
-        out = h_attention(
-            q,
-            k,
-            v,
-            block_size=self.block_size,
-            causal=self.causal,
-            key_padding_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, N, dim_head)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.attention == "dense":
+            out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
+        else:
+            out = h_attention(
+                q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p
+            )  # (B, H, N, dim_head)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 

@@ -27,6 +27,7 @@ class HTransformer1D(nn.Module):
 
     ``model(x, mask=None)`` maps token ids (B, N), N <= max_seq_len, to logits (B, N, num_tokens).
     `mask` (B, N) bool marks real tokens (True); padded positions are never attended to.
+    `attention="dense"` swaps in exact softmax attention (SDPA) for baselines of the same model.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class HTransformer1D(nn.Module):
         shift_tokens: bool = False,
         attn_dropout: float = 0.0,
         ff_dropout: float = 0.0,
+        attention: str = "hierarchical",
     ):
         super().__init__()
         for name, value in (
@@ -64,7 +66,14 @@ class HTransformer1D(nn.Module):
             ReversibleBlock(
                 PreNorm(
                     dim,
-                    attn_class(dim, heads=heads, dim_head=dim_head, block_size=block_size, dropout=attn_dropout),
+                    attn_class(
+                        dim,
+                        heads=heads,
+                        dim_head=dim_head,
+                        block_size=block_size,
+                        dropout=attn_dropout,
+                        attention=attention,
+                    ),
                     shift=shift_tokens,
                     causal=causal,
                 ),
