@@ -1,11 +1,25 @@
 """The public entry point `h_attention`: argument checks, then dispatch to an implementation."""
 
+import os
+
 import torch
 
+from . import fused
 from .blocked import blocked_h_attention
 from .reference import hierarchical_attention_reference
 
-IMPLEMENTATIONS = ("auto", "reference", "blocked")
+IMPLEMENTATIONS = ("auto", "reference", "blocked", "triton")
+
+
+def _triton_usable(q: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def check_block_size(block_size) -> None:
@@ -70,8 +84,10 @@ def h_attention(
             their outputs are zero.
         scale: score scale, default ``dim_head ** -0.5``.
         dropout_p: dropout on the attention weights (training only; the normaliser is not dropped).
-        impl: "auto" (fastest correct implementation for the device), "blocked" or "reference"
-            (the dense O(N^2) definition, for testing).
+        impl: "auto" (the fastest correct implementation for the inputs: the Triton kernels for
+            float16/bfloat16 CUDA tensors with head dim 16-128, block size 16-256 and no dropout,
+            else the blocked PyTorch path), "triton" (the kernels; float32 runs through TF32),
+            "blocked", or "reference" (the dense O(N^2) definition, for testing).
     """
     _check_qkv(q, k, v)
     check_block_size(block_size)
@@ -84,6 +100,20 @@ def h_attention(
         if dropout_p:
             raise ValueError("impl='reference' does not support dropout_p > 0")
         return hierarchical_attention_reference(
+            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale
+        )
+    if impl == "triton":
+        if not (_triton_usable(q) and fused.supports(q, block_size, allow_float32=True) and dropout_p == 0.0):
+            raise ValueError(
+                "impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1), float16/bfloat16/float32, "
+                f"dim_head in {fused.SUPPORTED_HEAD_DIMS}, block_size in [{fused.MIN_BLOCK}, {fused.MAX_BLOCK}] "
+                f"and dropout_p=0; got {q.device.type} {q.dtype}, dim_head={q.shape[-1]}, "
+                f"block_size={block_size}, dropout_p={dropout_p}"
+            )
+    if impl == "triton" or (
+        impl == "auto" and q.is_cuda and dropout_p == 0.0 and fused.supports(q, block_size) and _triton_usable(q)
+    ):
+        return fused.fused_h_attention(
             q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale
         )
     return blocked_h_attention(
