@@ -44,17 +44,10 @@ def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
     return (-1, 2, 1) if causal else (-1, 2, 2)
 
 
-def _tiles(nr: int, d: int) -> tuple[int, int]:
-    block_m = min(nr, 128 if d <= 64 else 64)
-    block_n = min(nr, 64)
-    return block_m, block_n
-
-
 def _launch_fwd(q, k, v, cnt, lo, hi, nr, level0, causal, init=None, final=True):
     from . import triton_kernels as tk
 
     b, h, m, d = q.shape
-    block_m, block_n = _tiles(nr, d)
     if final:
         out = _alloc(b, h, m, d, device=q.device, dtype=q.dtype)
         m_out = _alloc(b, h, m, device=q.device, dtype=torch.float32)
@@ -68,8 +61,7 @@ def _launch_fwd(q, k, v, cnt, lo, hi, nr, level0, causal, init=None, final=True)
     else:
         m_in, l_in, a_in = init
     first, step, num_win = _window(level0, causal)
-    grid = (m // block_m, b * h)
-    tk.window_fwd_kernel[grid](
+    tk.window_fwd_kernel[lambda meta: (m // meta["BLOCK_M"], b * h)](
         q, k, v, cnt, lo, hi, m_in, l_in, a_in, out, m_out, l_out,
         q.stride(0), q.stride(1), q.stride(2),
         cnt.stride(0),
@@ -77,7 +69,7 @@ def _launch_fwd(q, k, v, cnt, lo, hi, nr, level0, causal, init=None, final=True)
         a_in.stride(0), a_in.stride(1), a_in.stride(2),
         m_in.stride(0), m_in.stride(1),
         h,
-        NR=nr, D=d, BLOCK_M=block_m, BLOCK_N=block_n, FIRST=first, STEP=step, NUM_WIN=num_win,
+        NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win,
         LEVEL0=level0, CAUSAL=causal, HAS_INIT=init is not None, FINAL=final,
     )
     return (out, m_out) if final else (out, m_out, l_out)
@@ -87,15 +79,15 @@ def _launch_bwd(q, k, v, cnt, lo, hi, do, lse, delta, nr, level0, causal):
     from . import triton_kernels as tk
 
     b, h, m, d = q.shape
-    block_m, block_n = _tiles(nr, d)
     first, step, num_win = _window(level0, causal)
     dq, dk, dv = (_alloc(b, h, m, d, device=q.device, dtype=torch.float32) for _ in range(3))
-    common = dict(NR=nr, D=d, BLOCK_M=block_m, BLOCK_N=block_n, FIRST=first, STEP=step, NUM_WIN=num_win,
-                  LEVEL0=level0, CAUSAL=causal)
+    common = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal)
     strides = (q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
                cnt.stride(0), lse.stride(0), lse.stride(1), h)
-    tk.window_bwd_dq_kernel[(m // block_m, b * h)](q, k, v, cnt, lo, hi, do, lse, delta, dq, *strides, **common)
-    tk.window_bwd_dkdv_kernel[(m // block_n, b * h)](
+    tk.window_bwd_dq_kernel[lambda meta: (m // meta["BLOCK_M"], b * h)](
+        q, k, v, cnt, lo, hi, do, lse, delta, dq, *strides, **common
+    )
+    tk.window_bwd_dkdv_kernel[lambda meta: (m // meta["BLOCK_N"], b * h)](
         q, k, v, cnt, lo, hi, do, lse, delta, dk, dv, *strides, **common
     )
     return dq, dk, dv

@@ -10,10 +10,31 @@ half-block correction of DESIGN.md applies. Each key carries ``log2(count)``: 0 
 Scores are kept in base 2: the caller folds ``scale`` into q and the kernels multiply by log2(e).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+
+def _configs(shapes):
+    """Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        shapes = [(16, 16, 1, 1), (32, 32, 1, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _fit_block(configs, nargs, **kwargs):
+    """Tiles must divide the block size NR; keep the largest that fit."""
+    nr = kwargs.get("NR", nargs.get("NR"))
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return fitting[:1]  # the smallest tile: several tiles per block, so tiling is exercised
+    return fitting
+
+
+_KEY = ["NR", "D", "FIRST", "STEP", "NUM_WIN", "LEVEL0", "CAUSAL"]
+_FWD_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)])
+_BWD_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3)])
 
 
 @triton.jit
@@ -32,6 +53,7 @@ def _scores(q, k, cnt, rows, cols, off, LEVEL0: tl.constexpr, CAUSAL: tl.constex
     return s
 
 
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
 @triton.jit
 def window_fwd_kernel(
     Q, K, V, CNT, LO, HI,
@@ -102,6 +124,7 @@ def window_fwd_kernel(
         tl.store(L_OUT + stats, l_i)
 
 
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
 @triton.jit
 def window_bwd_dq_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,
@@ -150,6 +173,7 @@ def window_bwd_dq_kernel(
     tl.store(DQ + do_base + offs_m[:, None] * do_stride_m + offs_d[None, :], dq)
 
 
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
 @triton.jit
 def window_bwd_dkdv_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DK, DV,
