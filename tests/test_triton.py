@@ -14,7 +14,8 @@ from h_transformer_1d.attention import fused
 triton = pytest.importorskip("triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+# float32 runs exactly in the interpreter and through TF32 tensor cores on a GPU
+TOL = {torch.float32: 3e-3 if torch.cuda.is_available() else 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 
 
 @pytest.fixture(autouse=True)

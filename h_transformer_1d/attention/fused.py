@@ -103,6 +103,41 @@ def _up(x: torch.Tensor, length: int) -> torch.Tensor:
     return x.repeat_interleave(2, dim=2)[:, :, :length]
 
 
+def _merge_down(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, lengths: list[int]):
+    """Softmax states of the packed coarse levels, merged coarse to fine down to level 1."""
+    starts = [0]
+    for length in lengths[1:]:
+        starts.append(starts[-1] + length)
+    state = None
+    for level in range(len(lengths) - 1, 0, -1):
+        sl = slice(starts[level - 1], starts[level])
+        part = (m[:, :, sl], l[:, :, sl], acc[:, :, sl])
+        state = part if state is None else _merge2(*(_up(t, lengths[level]) for t in state), *part)
+    return tuple(t.contiguous() for t in state)
+
+
+def _fold_rows(lse: torch.Tensor, do: torch.Tensor, out: torch.Tensor, lengths: list[int]):
+    """Delta = rowsum(dO * O) per fine query, and per coarse level the folded rows of each group:
+    ref = min lse, dObar = sum 2^(ref - lse) dO, Dbar = sum 2^(ref - lse) Delta (packed)."""
+    delta = (do.float() * out.float()).sum(-1)
+    refs, dobars, dbars = [], [], []
+    ref, dobar, dbar = lse, do.float(), delta
+    for length in lengths[1:]:
+        pairs = F.pad(ref, (0, 2 * length - ref.shape[2]), value=float("inf")).unflatten(2, (length, 2))
+        new_ref = pairs.amin(-1)
+        safe = torch.where(torch.isinf(new_ref), 0.0, new_ref)
+        weight = torch.exp2(safe[..., None] - pairs)  # <= 1; 0 for rows without keys (lse = +inf)
+        dobar = (_pad_seq(dobar, 2 * length).unflatten(2, (length, 2)) * weight[..., None]).sum(3)
+        dbar = (_pad_seq(dbar, 2 * length).unflatten(2, (length, 2)) * weight).sum(3)
+        ref = new_ref
+        refs.append(safe)
+        dobars.append(dobar)
+        dbars.append(dbar)
+    if not refs:
+        return delta, None, None, None
+    return delta, torch.cat(refs, 2), torch.cat(dobars, 2).to(do.dtype), torch.cat(dbars, 2)
+
+
 @torch.library.custom_op("h_transformer_1d::hattn_fwd", mutates_args=())
 def _hattn_fwd(
     q0: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, cnt0: torch.Tensor,
@@ -118,15 +153,7 @@ def _hattn_fwd(
     init = None
     if top:
         acc, m, l = _launch_fwd(qc, kc, vc, cntc, lo[nb0:], hi[nb0:], nr, False, causal, final=False)
-        starts = [0]
-        for length in lengths[1:]:
-            starts.append(starts[-1] + length)
-        state = None
-        for level in range(top, 0, -1):
-            sl = slice(starts[level - 1], starts[level])
-            part = (m[:, :, sl], l[:, :, sl], acc[:, :, sl])
-            state = part if state is None else _merge2(*(_up(t, lengths[level]) for t in state), *part)
-        init = tuple(t.contiguous() for t in state)
+        init = _merge_down(m, l, acc, lengths)
     return _launch_fwd(q0, k0, v0, cnt0, lo[:nb0], hi[:nb0], nr, True, causal, init=init, final=True)
 
 
@@ -144,27 +171,11 @@ def _hattn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     nb0 = lengths[0] // nr
     do = dout.contiguous()
-    delta = (do.float() * out.float()).sum(-1)
+    delta, refs, dobars, dbars = _fold_rows(lse, do, out, lengths)
     dq0, dk0, dv0 = _launch_bwd(q0, k0, v0, cnt0, lo[:nb0], hi[:nb0], do, lse, delta, nr, True, causal)
     dqc, dkc, dvc = (torch.empty_like(t) for t in (qc, kc, vc))
-    if len(lengths) > 1:
-        refs, dobars, dbars = [], [], []
-        ref, dobar, dbar = lse, do.float(), delta
-        for length in lengths[1:]:
-            pairs = F.pad(ref, (0, 2 * length - ref.shape[2]), value=float("inf")).unflatten(2, (length, 2))
-            new_ref = pairs.amin(-1)
-            safe = torch.where(torch.isinf(new_ref), 0.0, new_ref)
-            weight = torch.exp2(safe[..., None] - pairs)  # <= 1; 0 for rows without keys (lse = +inf)
-            dobar = (_pad_seq(dobar, 2 * length).unflatten(2, (length, 2)) * weight[..., None]).sum(3)
-            dbar = (_pad_seq(dbar, 2 * length).unflatten(2, (length, 2)) * weight).sum(3)
-            ref = new_ref
-            refs.append(safe)
-            dobars.append(dobar)
-            dbars.append(dbar)
-        grads = _launch_bwd(
-            qc, kc, vc, cntc, lo[nb0:], hi[nb0:], torch.cat(dobars, 2).contiguous(),
-            torch.cat(refs, 2).contiguous(), torch.cat(dbars, 2).contiguous(), nr, False, causal,
-        )
+    if refs is not None:
+        grads = _launch_bwd(qc, kc, vc, cntc, lo[nb0:], hi[nb0:], dobars, refs, dbars, nr, False, causal)
         dqc, dkc, dvc = (t.to(qc.dtype) for t in grads)
     return dq0.to(q0.dtype), dk0.to(k0.dtype), dv0.to(v0.dtype), dqc, dkc, dvc
 
@@ -192,6 +203,58 @@ def _backward(ctx, dout, dlse):
 _hattn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+_LEVEL_TABLES: dict = {}
+
+
+def _level_table(lengths: tuple[int, ...], nr: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of the fine level then the packed coarse levels: [lo, hi) of its level's blocks.
+
+    Cached per shape: building it is a host-to-device copy, which would stall the launch queue.
+    """
+    key = (lengths, nr, str(device))
+    if key not in _LEVEL_TABLES or torch.compiler.is_compiling():
+        rows, start = [(0, lengths[0] // nr)] * (lengths[0] // nr), 0
+        for length in lengths[1:]:
+            rows += [(start // nr, (start + length) // nr)] * (length // nr)
+            start += length
+        table = torch.tensor(rows, dtype=torch.int32, device=device).t().contiguous()
+        if torch.compiler.is_compiling():
+            return table[0], table[1]
+        _LEVEL_TABLES[key] = (table[0], table[1])
+    return _LEVEL_TABLES[key]
+
+
+def _prepare(q, k, v, valid, scale: float, lengths: list[int], causal: bool):
+    """Fine inputs padded to whole blocks (padding zeroed) and the coarse levels 1.. packed.
+
+    Coarse queries and keys are means over valid positions (causal queries: the first valid
+    position), values are means too, entering the kernels with weight count: sums are float32,
+    the packed levels are in the input dtype.
+    """
+    b, h, n, d = q.shape
+    count = _pad_seq(valid[:, None].float(), lengths[0])[:, 0]  # (B, M0)
+    keep = _pad_seq(valid[:, None, :, None], lengths[0])
+    q0, k0, v0 = (_pad_seq(t, lengths[0]).masked_fill(~keep, 0.0) for t in (q * scale, k, v))
+    qs, ks, vs, cs = [], [], [], []
+    q_acc, k_acc, v_acc, c_acc = q0.float(), k0.float(), v0.float(), count
+    for length in lengths[1:]:
+        q_acc = _pair_first(q_acc, c_acc, length) if causal else _pair_sum(q_acc, length)
+        k_acc, v_acc = _pair_sum(k_acc, length), _pair_sum(v_acc, length)
+        c_acc = _pair_sum(c_acc[:, None], length)[:, 0]
+        denom = c_acc.clamp(min=1.0)[:, None, :, None]
+        qs.append(q_acc if causal else q_acc / denom)
+        ks.append(k_acc / denom)
+        vs.append(v_acc / denom)
+        cs.append(c_acc)
+    if qs:
+        qc, kc, vc = (torch.cat(t, 2).to(q.dtype) for t in (qs, ks, vs))
+        cntc = torch.cat(cs, 1)
+    else:
+        qc, kc, vc = (q0.new_empty(b, h, 0, d) for _ in range(3))
+        cntc = count.new_empty(b, 0)
+    return q0, k0, v0, count, qc, kc, vc, cntc
+
+
 def fused_h_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -206,49 +269,18 @@ def fused_h_attention(
     b, h, n, d = q.shape
     nr = block_size
     scale = d**-0.5 if scale is None else scale
-    top = num_levels(n, nr)
-    lengths = [-(-n // (nr << lv)) * nr for lv in range(top + 1)]
-    valid = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.bool)
-    count = torch.ones(b, n, device=q.device, dtype=torch.float32) if valid is None else valid.float()
-    count = _pad_seq(count[:, None], lengths[0])[:, 0].contiguous()  # (B, M0)
-
-    q0 = _pad_seq(q * scale, lengths[0])
-    k0, v0 = _pad_seq(k, lengths[0]), _pad_seq(v, lengths[0])
-    if valid is not None:  # padded content must not reach coarse sums (nor 0 * inf in the kernels)
-        keep = _pad_seq(valid[:, None, :, None], lengths[0])
-        q0, k0, v0 = (t.masked_fill(~keep, 0.0) for t in (q0, k0, v0))
-
-    # coarse levels 1..top, packed one after another along the sequence (float32 sums, input-dtype means)
-    qs, ks, vs, cs = [], [], [], []
-    q_acc, k_acc, v_acc, c_acc = q0.float(), k0.float(), v0.float(), count
-    for length in lengths[1:]:
-        q_acc = _pair_first(q_acc, c_acc, length) if causal else _pair_sum(q_acc, length)
-        k_acc, v_acc = _pair_sum(k_acc, length), _pair_sum(v_acc, length)
-        c_acc = _pair_sum(c_acc[:, None], length)[:, 0]
-        denom = c_acc.clamp(min=1.0)[:, None, :, None]
-        qs.append(q_acc if causal else q_acc / denom)
-        ks.append(k_acc / denom)
-        vs.append(v_acc / denom)
-        cs.append(c_acc)
-
-    block_level = [(0, lengths[0] // nr)] * (lengths[0] // nr)
-    start = 0
-    for length in lengths[1:]:
-        block_level += [(start // nr, (start + length) // nr)] * (length // nr)
-        start += length
-    table = torch.tensor(block_level, dtype=torch.int32, device=q.device)
-    lo, hi = table[:, 0].contiguous(), table[:, 1].contiguous()
-
-    if top:
-        qc, kc, vc = (torch.cat(t, 2).to(q.dtype).contiguous() for t in (qs, ks, vs))
-        cntc = torch.cat(cs, 1).contiguous()
+    lengths = [-(-n // (nr << lv)) * nr for lv in range(num_levels(n, nr) + 1)]
+    if key_padding_mask is None:
+        valid = torch.ones(b, n, device=q.device, dtype=torch.bool)
     else:
-        qc, kc, vc = (q0.new_empty(b, h, 0, d) for _ in range(3))
-        cntc = count.new_empty(b, 0)
+        valid = key_padding_mask.to(device=q.device, dtype=torch.bool)
+    lo, hi = _level_table(tuple(lengths), nr, q.device)
+    q0, k0, v0, count, qc, kc, vc, cntc = _prepare(q, k, v, valid, scale, lengths, causal)
     out, _ = _hattn_fwd(
-        q0.contiguous(), k0.contiguous(), v0.contiguous(), count, qc, kc, vc, cntc, lo, hi, nr, causal, lengths
+        q0.contiguous(), k0.contiguous(), v0.contiguous(), count.contiguous(),
+        qc.contiguous(), kc.contiguous(), vc.contiguous(), cntc.contiguous(), lo, hi, nr, causal, lengths,
     )
     out = out[:, :, :n]
-    if valid is not None:
+    if key_padding_mask is not None:
         out = out.masked_fill(~valid[:, None, :, None], 0.0)
     return out
