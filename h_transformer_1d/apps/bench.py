@@ -1,0 +1,65 @@
+"""`bench`: a few training steps on random bytes per attention kind; tokens/s and peak memory."""
+
+import dataclasses
+import resource
+import time
+
+import torch
+
+from .config import NUM_TOKENS, Config, build_model, validate
+from .train import Runtime
+
+UNTIMED_STEPS = 2  # compilation, allocator warm-up
+
+
+def peak_memory_mib(rt: Runtime) -> float:
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def bench_one(cfg: Config, steps: int, rt: Runtime) -> tuple[float, float, float]:
+    """(ms per step, tokens per second, peak MiB) of `steps` optimizer steps of `cfg`."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(rt.device)
+    if cfg.compile:
+        model.net.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    micro = torch.randint(NUM_TOKENS, (cfg.batch_size // cfg.grad_accum, cfg.seq_len + 1), device=rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    for i in range(UNTIMED_STEPS + steps):
+        if i == UNTIMED_STEPS:
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            start = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            with rt.autocast():
+                loss = model(micro) / cfg.grad_accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss.item()  # waits for the device
+    seconds = (time.perf_counter() - start) / steps
+    return seconds * 1e3, cfg.batch_size * cfg.seq_len / seconds, peak_memory_mib(rt)
+
+
+def bench(cfg: Config, kinds: tuple[str, ...], steps: int, rt: Runtime) -> list[dict]:
+    validate(cfg)
+    num_params = sum(p.numel() for p in build_model(cfg).parameters())
+    memory = "peak allocated" if rt.device.type == "cuda" else "peak RSS of the process"
+    print(
+        f"bench: {num_params / 1e6:.2f}M parameters, batch {cfg.batch_size} x {cfg.seq_len} tokens"
+        f"{f' in {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}, {rt.device} "
+        f"({'bf16 autocast' if rt.bf16 else 'fp32'}{', compiled' if cfg.compile else ''}), "
+        f"{steps} timed steps after {UNTIMED_STEPS}"
+    )
+    print(f"{'attention':<14}{'ms/step':>10}{'tokens/s':>12}{'memory MiB':>12}  ({memory})")
+    rows = []
+    for kind in kinds:
+        ms, tokens_per_s, mib = bench_one(dataclasses.replace(cfg, attention=kind), steps, rt)
+        rows.append({"attention": kind, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "peak_mib": mib})
+        print(f"{kind:<14}{ms:>10.1f}{tokens_per_s:>12,.0f}{mib:>12,.0f}", flush=True)
+    return rows

@@ -1,0 +1,137 @@
+"""Byte corpora, their train/val/test splits, and the batches drawn from them.
+
+Every token is a byte (vocabulary 256). A corpus of files is split by file (of the sorted files, every
+20th from the 19th goes to validation, every 20th from the 20th to test: 90/5/5); a single file is
+split by bytes (first 90%, next 5%, last 5%: for enwik8's 100M bytes exactly 90M/5M/5M).
+"""
+
+import gzip
+import sysconfig
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class DataError(ValueError):
+    """The data cannot be read or is too small; the message names the path or flag."""
+
+
+@dataclass
+class Corpus:
+    name: str
+    train: torch.Tensor  # (N,) uint8
+    val: torch.Tensor
+    test: torch.Tensor
+
+    def split(self, name: str) -> torch.Tensor:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def split_bytes(name: str, data: bytes) -> Corpus:
+    n = len(data)
+    a, b = n * 90 // 100, n * 95 // 100
+    return Corpus(name, as_tensor(data[:a]), as_tensor(data[a:b]), as_tensor(data[b:]))
+
+
+def split_files(name: str, files: list[Path]) -> Corpus:
+    """Split a sorted file list 90/5/5 by file; fewer than 20 files are split by bytes instead."""
+    if len(files) < 20:
+        return split_bytes(name, b"".join(p.read_bytes() for p in files))
+    parts = {"train": [], "val": [], "test": []}
+    for i, path in enumerate(files):
+        parts[{18: "val", 19: "test"}.get(i % 20, "train")].append(path.read_bytes())
+    return Corpus(name, *(as_tensor(b"".join(chunks)) for chunks in parts.values()))
+
+
+def sorted_files(root: Path, pattern: str, skip: frozenset = frozenset()) -> list[Path]:
+    """Files under `root` matching `pattern`, none in a hidden or `skip` folder, in path order."""
+    files = [
+        p
+        for p in root.rglob(pattern)
+        if p.is_file() and not any(part in skip or part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """This interpreter's standard-library .py sources (no site-packages), in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return root, sorted_files(root, "*.py", frozenset({"site-packages", "dist-packages", "__pycache__"}))
+
+
+def read_archive(path: Path) -> bytes:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        if len(members) != 1:
+            names = ", ".join(m.filename for m in members[:5])
+            raise DataError(f"--data {path}: a .zip must hold exactly one file, it holds {len(members)} ({names})")
+        return archive.read(members[0])
+
+
+def load_corpus(path: str | None) -> Corpus:
+    """The corpus of `--data PATH`, or the standard library's sources when `path` is None."""
+    if path is None:
+        root, files = stdlib_files()
+        if not files:
+            raise DataError(f"found no standard-library sources under {root}; pass --data PATH")
+        corpus = split_files(f"Python standard library ({root}, {len(files)} files)", files)
+    else:
+        p = Path(path)
+        try:
+            if p.is_dir():
+                files = sorted_files(p, "*")
+                corpus = split_files(f"{p} ({len(files)} files)", files)
+            elif p.suffix in (".gz", ".zip"):
+                corpus = split_bytes(str(p), read_archive(p))
+            else:
+                corpus = split_bytes(str(p), p.read_bytes())
+        except FileNotFoundError:
+            raise DataError(f"--data {path}: no such file or directory") from None
+        except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as e:
+            raise DataError(f"--data {path}: cannot read it ({e})") from None
+    size = len(corpus.train) + len(corpus.val) + len(corpus.test)
+    corpus.name += f", {size / 1e6:.1f} MB: {len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,} bytes"
+    return corpus
+
+
+def require_bytes(corpus: Corpus, split: str, seq_len: int) -> None:
+    """A split must hold at least one window of seq_len + 1 bytes."""
+    n = len(corpus.split(split))
+    if n < seq_len + 1:
+        raise DataError(
+            f"the {split} split of {corpus.name} has {n} bytes; --seq-len {seq_len} needs at least {seq_len + 1}: "
+            "use more data or a smaller --seq-len"
+        )
+
+
+def windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(len(starts), seq_len + 1) int64 token windows."""
+    return tokens[starts[:, None] + torch.arange(seq_len + 1)].long()
+
+
+def train_batch(tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The global batch of optimizer step `step`: random windows that depend only on (seed, step).
+
+    So the data position of a resumed run is its step, and every process can draw the same global batch
+    and take its own rows.
+    """
+    generator = torch.Generator().manual_seed(seed * 2**32 + step)
+    starts = torch.randint(len(tokens) - seq_len, (batch_size,), generator=generator)
+    return windows(tokens, starts, seq_len)
+
+
+def eval_starts(tokens: torch.Tensor, seq_len: int, count: int | None = None) -> torch.Tensor:
+    """Starts of non-overlapping windows (each predicts seq_len new bytes): all of them, or `count` spread evenly."""
+    starts = torch.arange(0, len(tokens) - seq_len, seq_len)
+    if count is not None and count < len(starts):
+        starts = starts[torch.linspace(0, len(starts) - 1, count).round().long()]
+    return starts

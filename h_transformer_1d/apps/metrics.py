@@ -1,0 +1,53 @@
+"""The training log: one CSV row per step in `--out`/metrics.csv, mirrored to TensorBoard if installed."""
+
+import csv
+import io
+from pathlib import Path
+
+from .checkpoint import atomic_write
+
+COLUMNS = ("step", "tokens", "lr", "train_bpb", "val_bpb", "tokens_per_s", "elapsed_s")
+FILE = "metrics.csv"
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def format_row(row: dict) -> dict:
+    return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+class MetricsLog:
+    """Rows after `start_step` from an earlier run are dropped, so a resumed log reads like one run."""
+
+    def __init__(self, out_dir: Path, start_step: int):
+        path = out_dir / FILE
+        kept = [r for r in read_rows(path) if start_step and int(r["step"]) <= start_step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in kept)
+        atomic_write(path, text.getvalue().encode())
+        self.path = path
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            self.tensorboard = None
+        else:
+            self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:  # one row per step: open, append, close
+            csv.DictWriter(f, COLUMNS, lineterminator="\n").writerow(format_row({k: row.get(k, "") for k in COLUMNS}))
+        if self.tensorboard is not None:
+            for key in ("lr", "train_bpb", "val_bpb", "tokens_per_s"):
+                if row.get(key) not in (None, ""):
+                    self.tensorboard.add_scalar(key, row[key], row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,357 @@
+"""The `h-transformer-1d` command end to end on the CPU, with a tiny model and a small corpus."""
+
+import csv
+import gzip
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from h_transformer_1d.apps import checkpoint, data
+from h_transformer_1d.apps.cli import build_parser, main
+from h_transformer_1d.apps.config import FIELDS, PRESETS, ConfigError, build_model, flag, resolve
+from h_transformer_1d.apps.train import learning_rate
+
+TINY = [
+    "--dim",
+    "32",
+    "--depth",
+    "1",
+    "--heads",
+    "2",
+    "--dim-head",
+    "16",
+    "--seq-len",
+    "64",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-batches",
+    "2",
+    "--sample-every",
+    "0",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on a busy 2-core machine can be 50x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_text(n_lines: int = 1500, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = ["def", "class", "return", "import", "self", "for", "in", "if", "else", "while", "lambda", "None"]
+    return "\n".join(
+        "    " * rng.randint(0, 2) + " ".join(rng.choice(words) for _ in range(rng.randint(2, 8))) + ":"
+        for _ in range(n_lines)
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(make_text())
+    return path
+
+
+def train(out: Path, corpus: Path, *extra: str) -> int:
+    return main(["train", "--data", str(corpus), "--out", str(out), *TINY, *extra])
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    torch.set_num_threads(1)
+    assert (
+        train(out, corpus, "--max-steps", "6", "--eval-every", "3", "--sample-every", "3", "--sample-length", "16") == 0
+    )
+    return out
+
+
+# --- help and flags -------------------------------------------------------------------------------
+
+
+def test_help_explains_every_flag(capsys):
+    parser = build_parser()
+    for command, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"{command} {action.option_strings} has no help"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in FIELDS:
+        assert flag(name) in text
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "h_transformer_1d", "--help"], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0
+    assert "train" in out.stdout and "evaluate" in out.stdout and "generate" in out.stdout and "bench" in out.stdout
+
+
+def test_presets():
+    tiny = sum(p.numel() for p in build_model(PRESETS["tiny"]).parameters())
+    assert 1e6 <= tiny <= 3e6
+    base = PRESETS["base"]
+    assert (base.depth, base.dim, base.heads, base.dim_head, base.block_size, base.seq_len) == (
+        12,
+        512,
+        8,
+        64,
+        128,
+        8192,
+    )
+    assert base.shift_tokens
+
+
+def test_config_precedence(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "base"\ndim = 256\nseq-len = 1024\nlr = 1\n')
+    cfg, preset = resolve({"config": str(toml), "dim": 128})
+    assert preset == "base" and cfg.dim == 128 and cfg.seq_len == 1024 and cfg.depth == 12 and cfg.lr == 1.0
+    toml.write_text("dimm = 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'dimm'"):
+        resolve({"config": str(toml)})
+    toml.write_text('dim = "wide"\n')
+    with pytest.raises(ConfigError, match="dim must be an integer"):
+        resolve({"config": str(toml)})
+
+
+def test_learning_rate_schedule():
+    cfg = PRESETS["tiny"]
+    assert learning_rate(cfg, cfg.warmup_steps) == pytest.approx(cfg.lr)
+    assert learning_rate(cfg, 1) == pytest.approx(cfg.lr / cfg.warmup_steps)
+    assert learning_rate(cfg, cfg.max_steps) == pytest.approx(cfg.lr / 10)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dim", "0"], "--dim must be a positive integer"),
+        (["--block-size", "24"], "--block-size must be a power of two"),
+        (["--dim-head", "15"], "--dim-head must be even"),
+        (["--batch-size", "6", "--grad-accum", "4"], "--batch-size must be divisible by --grad-accum"),
+        (["--lr", "-1"], "--lr must be a number > 0"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--device", "nonsense"], "--device must be"),
+        (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: cannot read it"),
+    ],
+)
+def test_bad_values_give_clear_errors(args, message, corpus, tmp_path, capsys):
+    assert train(tmp_path / "out", corpus, *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("h-transformer-1d train: error:") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--preset", "huge"], ["--lr", "fast"], ["--frobnicate"], ["--precision", "fp8"]])
+def test_bad_flags_are_argparse_errors(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def test_missing_or_too_small_data(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope.txt"), *TINY]) == 1
+    assert "--data" in capsys.readouterr().err
+    small = tmp_path / "small.txt"
+    small.write_text("x" * 500)
+    assert main(["train", "--data", str(small), "--out", str(tmp_path / "o"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "--seq-len 64 needs at least 65" in err and "Traceback" not in err
+
+
+def test_file_gz_zip_split_90_5_5(tmp_path):
+    payload = bytes(range(256)) * 40
+    (tmp_path / "a.txt").write_bytes(payload)
+    with gzip.open(tmp_path / "a.txt.gz", "wb") as f:
+        f.write(payload)
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+        z.writestr("enwik8", payload)
+    for name in ("a.txt", "a.txt.gz", "a.zip"):
+        corpus = data.load_corpus(str(tmp_path / name))
+        assert (len(corpus.train), len(corpus.val), len(corpus.test)) == (9216, 512, 512)
+        assert bytes(corpus.train.tolist()) + bytes(corpus.val.tolist()) + bytes(corpus.test.tolist()) == payload
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
+        z.writestr("a", "x")
+        z.writestr("b", "y")
+    with pytest.raises(data.DataError, match="exactly one file"):
+        data.load_corpus(str(tmp_path / "two.zip"))
+
+
+def test_directory_split_by_file(tmp_path):
+    for i in range(40):
+        (tmp_path / f"{i:02d}.txt").write_text(f"<{i:02d}>")
+    (tmp_path / ".hidden").write_text("never")
+    corpus = data.load_corpus(str(tmp_path))
+    assert bytes(corpus.val.tolist()) == b"<18><38>"
+    assert bytes(corpus.test.tolist()) == b"<19><39>"
+    assert len(corpus.train) == 36 * 4
+
+
+def test_default_corpus_is_the_standard_library():
+    _, files = data.stdlib_files()
+    assert files and all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    corpus = data.load_corpus(None)
+    assert len(corpus.val) > 0 and len(corpus.test) > 0 and len(corpus.train) > 10 * len(corpus.val)
+
+
+def test_batches_depend_on_seed_and_step_only():
+    tokens = torch.arange(1000) % 256
+    tokens = tokens.to(torch.uint8)
+    a = data.train_batch(tokens, 16, 8, seed=1, step=5)
+    assert torch.equal(a, data.train_batch(tokens, 16, 8, seed=1, step=5))
+    assert not torch.equal(a, data.train_batch(tokens, 16, 8, seed=1, step=6))
+    assert a.shape == (8, 17) and a.dtype == torch.long
+    starts = data.eval_starts(tokens, 16)
+    assert starts[1] - starts[0] == 16 and starts[-1] + 17 <= len(tokens)
+
+
+# --- train, evaluate, generate --------------------------------------------------------------------
+
+
+def test_train_writes_checkpoint_metrics_and_plot(trained, capsys):
+    for name in (*checkpoint.FILES, "metrics.csv", "curves.png"):
+        assert (trained / name).is_file(), name
+    log = rows(trained)
+    assert [int(r["step"]) for r in log] == list(range(1, 7))
+    assert [bool(r["val_bpb"]) for r in log] == [False, False, True, False, False, True]
+    assert all(0 < float(r["train_bpb"]) < 10 for r in log)
+    ckpt = checkpoint.load(trained, training=True)
+    assert ckpt.step == 6 and ckpt.config.dim == 32
+
+
+def test_evaluate_and_generate(trained, capsys):
+    assert main(["evaluate", "--checkpoint", str(trained), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    bpb = float(out.split("test bits per byte:")[1].split()[0])
+    assert 0 < bpb < 9
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "def ", "--length", "20"]) == 0
+    assert len(capsys.readouterr().out) > 0
+
+
+def test_bench_prints_a_table(capsys):
+    assert main(["bench", *TINY[: TINY.index("--eval-batches")], "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "hierarchical" in out and "dense" in out
+
+
+# --- checkpoints and resume -----------------------------------------------------------------------
+
+
+def test_resume_logs_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path, monkeypatch, capsys):
+    common = ["--max-steps", "8", "--eval-every", "4", "--dropout", "0.1", "--grad-accum", "2"]
+    assert train(tmp_path / "straight", corpus, *common) == 0
+
+    real_batch = data.train_batch
+
+    def interrupted_batch(tokens, seq_len, batch_size, seed, step):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_batch(tokens, seq_len, batch_size, seed, step)
+
+    monkeypatch.setattr(data, "train_batch", interrupted_batch)
+    assert train(tmp_path / "resumed", corpus, *common) == 130
+    assert checkpoint.load(tmp_path / "resumed").step == 4
+    monkeypatch.setattr(data, "train_batch", real_batch)
+    assert main(["train", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+
+    keys = ("step", "tokens", "lr", "train_bpb", "val_bpb")
+    straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
+    a = checkpoint.load(tmp_path / "straight", training=True)
+    b = checkpoint.load(tmp_path / "resumed", training=True)
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+def test_resume_with_another_model_is_refused_and_touches_nothing(trained, tmp_path, capsys):
+    before = snapshot(trained)
+    assert main(["train", "--out", str(trained), "--resume", "--dim", "64", "--max-steps", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "dim=32" in err and "--dim 64" in err and "Traceback" not in err
+    assert main(["train", "--out", str(trained), "--resume", "--preset", "tiny"]) == 2
+    assert "--preset cannot be combined with --resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(trained), "--data", "x", *TINY]) == 1
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate_model", "garbage_state", "bad_json", "missing_file", "other_step", "wrong_shape"]
+)
+def test_corrupt_or_mismatched_checkpoint_is_refused(trained, tmp_path, damage, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in trained.iterdir():
+        if p.is_file():
+            (bad / p.name).write_bytes(p.read_bytes())
+    if damage == "truncate_model":
+        (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:-100])
+    elif damage == "garbage_state":
+        (bad / "train_state.safetensors").write_bytes(b"\x00" * 64)
+    elif damage == "bad_json":
+        (bad / "config.json").write_text("{ not json")
+    elif damage == "missing_file":
+        (bad / "train_state.json").unlink()
+    elif damage == "other_step":
+        text = (bad / "train_state.json").read_text().replace('"step": 6', '"step": 3', 1)
+        (bad / "train_state.json").write_text(text)
+    elif damage == "wrong_shape":
+        text = (bad / "config.json").read_text().replace('"dim": 32', '"dim": 48', 1)
+        (bad / "config.json").write_text(text)
+    before = snapshot(bad)
+    assert main(["train", "--out", str(bad), "--resume", "--max-steps", "9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("h-transformer-1d train: error:") and "Traceback" not in err
+    assert str(bad) in err
+    assert snapshot(bad) == before
+    if damage in ("truncate_model", "bad_json", "wrong_shape"):
+        assert main(["evaluate", "--checkpoint", str(bad)]) == 1
+        assert "error:" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_for_evaluate(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none")]) == 1
+    assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_error_exit_has_no_traceback_in_a_subprocess(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "h_transformer_1d", "generate", "--checkpoint", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert "error:" in out.stderr and "Traceback" not in out.stderr
