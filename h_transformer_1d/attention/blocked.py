@@ -134,9 +134,13 @@ def _attend(q, k, v, count, nr, causal, level, dropout_p) -> Partial:
 
 
 def _pair_sum(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Sum of aligned pairs along dim 2, the input zero-padded to 2 * `length` first."""
+    """Sum of aligned pairs along dim 2, the input zero-padded to 2 * `length` first.
+
+    Half-precision inputs are summed into float32 without a float32 copy of the input.
+    """
     x = _pad_seq(x, 2 * length)
-    return x.reshape(*x.shape[:2], length, 2, *x.shape[3:]).sum(3)
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    return x.reshape(*x.shape[:2], length, 2, *x.shape[3:]).sum(3, dtype=dtype)
 
 
 def _pair_first(x: torch.Tensor, count: torch.Tensor, length: int) -> torch.Tensor:

@@ -224,19 +224,21 @@ def _level_table(lengths: tuple[int, ...], nr: int, device) -> tuple[torch.Tenso
     return _LEVEL_TABLES[key]
 
 
-def _prepare(q, k, v, valid, scale: float, lengths: list[int], causal: bool):
-    """Fine inputs padded to whole blocks (padding zeroed) and the coarse levels 1.. packed.
+def _prepare(q, k, v, valid, masked: bool, scale: float, lengths: list[int], causal: bool):
+    """Fine inputs padded to whole blocks (padded content zeroed) and the coarse levels 1.. packed.
 
     Coarse queries and keys are means over valid positions (causal queries: the first valid
-    position), values are means too, entering the kernels with weight count: sums are float32,
-    the packed levels are in the input dtype.
+    position), values are means too, entering the kernels with weight count. Sums accumulate in
+    float32; the packed levels are in the input dtype.
     """
     b, h, n, d = q.shape
     count = _pad_seq(valid[:, None].float(), lengths[0])[:, 0]  # (B, M0)
-    keep = _pad_seq(valid[:, None, :, None], lengths[0])
-    q0, k0, v0 = (_pad_seq(t, lengths[0]).masked_fill(~keep, 0.0) for t in (q * scale, k, v))
+    q0, k0, v0 = (_pad_seq(t, lengths[0]) for t in (q * scale, k, v))
+    if masked:
+        keep = _pad_seq(valid[:, None, :, None], lengths[0])
+        q0, k0, v0 = (t.masked_fill(~keep, 0.0) for t in (q0, k0, v0))
     qs, ks, vs, cs = [], [], [], []
-    q_acc, k_acc, v_acc, c_acc = q0.float(), k0.float(), v0.float(), count
+    q_acc, k_acc, v_acc, c_acc = q0, k0, v0, count
     for length in lengths[1:]:
         q_acc = _pair_first(q_acc, c_acc, length) if causal else _pair_sum(q_acc, length)
         k_acc, v_acc = _pair_sum(k_acc, length), _pair_sum(v_acc, length)
@@ -247,7 +249,7 @@ def _prepare(q, k, v, valid, scale: float, lengths: list[int], causal: bool):
         vs.append(v_acc / denom)
         cs.append(c_acc)
     if qs:
-        qc, kc, vc = (torch.cat(t, 2).to(q.dtype) for t in (qs, ks, vs))
+        qc, kc, vc = (torch.cat([x.to(q.dtype) for x in t], 2) for t in (qs, ks, vs))
         cntc = torch.cat(cs, 1)
     else:
         qc, kc, vc = (q0.new_empty(b, h, 0, d) for _ in range(3))
@@ -275,7 +277,8 @@ def fused_h_attention(
     else:
         valid = key_padding_mask.to(device=q.device, dtype=torch.bool)
     lo, hi = _level_table(tuple(lengths), nr, q.device)
-    q0, k0, v0, count, qc, kc, vc, cntc = _prepare(q, k, v, valid, scale, lengths, causal)
+    masked = key_padding_mask is not None
+    q0, k0, v0, count, qc, kc, vc, cntc = _prepare(q, k, v, valid, masked, scale, lengths, causal)
     out, _ = _hattn_fwd(
         q0.contiguous(), k0.contiguous(), v0.contiguous(), count.contiguous(),
         qc.contiguous(), kc.contiguous(), vc.contiguous(), cntc.contiguous(), lo, hi, nr, causal, lengths,
