@@ -45,10 +45,12 @@ def _window_partial(
 
     `bias` broadcasts to (B,H,nb,R,K): 0 or log(count) for a key, -inf where it is not attended.
     """
-    scores = q @ k.transpose(-1, -2) + bias
-    m = scores.amax(-1, keepdim=True).detach()
-    m = m.masked_fill(m == float("-inf"), 0.0)  # rows with no key: all weights become 0
-    p = torch.exp(scores - m)
+    # in place after the matmul: one score-sized buffer instead of three (these dominate memory)
+    scores = (q @ k.transpose(-1, -2)).add_(bias)
+    with torch.no_grad():
+        m = scores.amax(-1, keepdim=True)
+        m = m.masked_fill_(m == float("-inf"), 0.0)  # rows with no key: all weights become 0
+    p = scores.sub_(m).exp_()
     l = p.sum(-1)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
