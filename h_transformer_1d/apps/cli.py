@@ -1,4 +1,4 @@
-"""The `h-transformer-1d` command: train, evaluate, generate, bench (also `python -m h_transformer_1d`)."""
+"""The `h-transformer-1d` command: train, evaluate, generate, bench, lra (also `python -m h_transformer_1d`)."""
 
 import argparse
 import dataclasses
@@ -20,6 +20,7 @@ from .config import (
     resolve,
 )
 from .data import DataError
+from .lra.cli import add_commands as add_lra_commands
 from .train import evaluate_bpb, generate_text, start_runtime, stop_runtime, train
 
 PROG = "h-transformer-1d"
@@ -31,6 +32,7 @@ EXAMPLES = """examples:
   h-transformer-1d evaluate --checkpoint runs/tiny
   h-transformer-1d generate --checkpoint runs/tiny --prompt 'def main(' --length 200
   h-transformer-1d bench --preset base
+  h-transformer-1d lra listops prepare && h-transformer-1d lra listops train   # Long Range Arena ListOps (GPU)
 """
 
 
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=5, metavar="N", help="timed steps (default: 5)")
     add_config_flags(p, ("model", "optimization", "system"))
     p.set_defaults(run=command_bench)
+    add_lra_commands(commands)
     return parser
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from .checkpoint import atomic_write
 
 COLUMNS = ("step", "tokens", "lr", "train_bpb", "val_bpb", "tokens_per_s", "elapsed_s")
+SCALARS = ("lr", "train_bpb", "val_bpb", "tokens_per_s")  # the columns mirrored to TensorBoard
 FILE = "metrics.csv"
 
 
@@ -22,15 +23,20 @@ def format_row(row: dict) -> dict:
 
 
 class MetricsLog:
-    """Rows after `start_step` from an earlier run are dropped, so a resumed log reads like one run."""
+    """Rows after `start_step` from an earlier run are dropped, so a resumed log reads like one run.
 
-    def __init__(self, out_dir: Path, start_step: int):
+    `columns` (step among them) and `scalars` default to the language model's; other applications
+    (lra/) log their own.
+    """
+
+    def __init__(self, out_dir: Path, start_step: int, columns=COLUMNS, scalars=SCALARS):
+        self.columns, self.scalars = columns, scalars
         path = out_dir / FILE
         kept = [r for r in read_rows(path) if start_step and int(r["step"]) <= start_step]
         text = io.StringIO()
-        writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(text, columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in kept)
+        writer.writerows({k: r.get(k, "") for k in columns} for r in kept)
         atomic_write(path, text.getvalue().encode())
         self.path = path
         try:
@@ -42,9 +48,10 @@ class MetricsLog:
 
     def log(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:  # one row per step: open, append, close
-            csv.DictWriter(f, COLUMNS, lineterminator="\n").writerow(format_row({k: row.get(k, "") for k in COLUMNS}))
+            values = format_row({k: row.get(k, "") for k in self.columns})
+            csv.DictWriter(f, self.columns, lineterminator="\n").writerow(values)
         if self.tensorboard is not None:
-            for key in ("lr", "train_bpb", "val_bpb", "tokens_per_s"):
+            for key in self.scalars:
                 if row.get(key) not in (None, ""):
                     self.tensorboard.add_scalar(key, row[key], row["step"])
 

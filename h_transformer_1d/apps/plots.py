@@ -1,4 +1,4 @@
-"""The PNG that people look at: train and validation bits per byte against steps."""
+"""The PNG that people look at: train and validation bits per byte (or another metric) against steps."""
 
 import io
 from pathlib import Path
@@ -18,26 +18,29 @@ def smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def plot_curves(out_dir: Path) -> Path:
+def plot_curves(
+    out_dir: Path, train_key: str = "train_bpb", val_key: str = "val_bpb", label: str = "bits per byte"
+) -> Path:
+    """Columns `train_key` (smoothed) and `val_key` of metrics.csv against steps, into curves.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     rows = read_rows(out_dir / FILE)
-    train = [(int(r["step"]), float(r["train_bpb"])) for r in rows if r["train_bpb"]]
-    val = [(int(r["step"]), float(r["val_bpb"])) for r in rows if r["val_bpb"]]
+    train = [(int(r["step"]), float(r[train_key])) for r in rows if r[train_key]]
+    val = [(int(r["step"]), float(r[val_key])) for r in rows if r[val_key]]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if train:
-        steps, bpb = zip(*train)
-        ax.plot(steps, bpb, color="tab:blue", alpha=0.25, linewidth=0.8)
-        ax.plot(steps, smooth(list(bpb), 0.9), color="tab:blue", label="train (smoothed)")
+        steps, values = zip(*train)
+        ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(list(values), 0.9), color="tab:blue", label="train (smoothed)")
     if val:
-        steps, bpb = zip(*val)
-        ax.plot(steps, bpb, "o-", color="tab:orange", markersize=3, label="validation")
-        ax.set_title(f"{out_dir.name}: validation {bpb[-1]:.3f} bits per byte at step {steps[-1]}")
+        steps, values = zip(*val)
+        ax.plot(steps, values, "o-", color="tab:orange", markersize=3, label="validation")
+        ax.set_title(f"{out_dir.name}: validation {values[-1]:.3f} {label} at step {steps[-1]}")
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

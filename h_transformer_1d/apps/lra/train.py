@@ -1,0 +1,378 @@
+"""The ListOps recipe: its configuration, the data as tensors, the training loop, evaluation, checkpoints.
+
+The defaults are LRA's ListOps setting: 4 layers, width 512, 8 heads, feed-forward 1024, batch 32,
+5,000 steps, sequences of up to 2,000 tokens, Adam (0.9, 0.98, eps 1e-9) with decoupled weight
+decay 0.1, a linear warmup over 1,000 steps then decay as 1/sqrt(step) (LRA's
+"constant * linear_warmup * rsqrt_decay" with constant 0.05, i.e. a peak of 0.05/sqrt(1000)).
+
+A run writes to --out: model.safetensors and config.json (at every validation and at the end),
+metrics.csv, curves.png and results.json (the test accuracy of the final model).
+"""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+from ...model import HTransformer1D
+from .. import checkpoint
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from ..data import DataError
+from ..metrics import MetricsLog
+from ..plots import plot_curves
+from ..train import Runtime, format_duration, start_runtime
+from . import listops
+from .model import POOLS, SequenceClassifier
+
+TASK = "listops"
+COLUMNS = ("step", "examples", "lr", "train_loss", "train_acc", "val_acc", "examples_per_s", "elapsed_s")
+SCALARS = ("lr", "train_loss", "train_acc", "val_acc", "examples_per_s")
+RESULTS = "results.json"
+
+
+def _opt(default, help: str, group: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ListOpsConfig:
+    """A run of the recipe; the defaults are LRA's ListOps configuration."""
+
+    dim: int = _opt(512, "model width", "model")
+    depth: int = _opt(4, "number of layers", "model")
+    heads: int = _opt(8, "attention heads", "model")
+    dim_head: int = _opt(64, "width of one attention head (even)", "model")
+    ff_mult: int = _opt(2, "feed-forward width as a multiple of --dim (2: 1024 for width 512)", "model")
+    block_size: int = _opt(16, "hierarchical attention block size Nr (a power of two >= 2)", "model")
+    seq_len: int = _opt(2000, "longest input in tokens, <cls> included; longer inputs are truncated", "model")
+    attention: str = _opt("hierarchical", "attention kind", "model", ("hierarchical", "dense"))
+    pool: str = _opt("mean", "mean of the real tokens' features, or the <cls> token's", "model", POOLS)
+    dropout: float = _opt(0.1, "dropout in the feed-forward layers (LRA: 0.1)", "optimization")
+    attn_dropout: float = _opt(
+        0.0,
+        "dropout on the attention weights (LRA: 0.1; the fused GPU kernels need 0, else the slower "
+        "blocked PyTorch path runs)",
+        "optimization",
+    )
+    batch_size: int = _opt(32, "sequences per optimizer step", "optimization")
+    steps: int = _opt(5000, "optimizer steps in the whole run", "optimization")
+    lr: float = _opt(
+        0.05 / math.sqrt(1000), "peak learning rate, reached after the warmup (LRA: 0.05 / sqrt(1000))", "optimization"
+    )
+    warmup_steps: int = _opt(1000, "linear warmup steps; then the rate decays as 1/sqrt(step)", "optimization")
+    weight_decay: float = _opt(0.1, "decoupled weight decay on matrices and embeddings", "optimization")
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0 = off, as in LRA)", "optimization")
+    data: str = _opt("data/listops", "directory of basic_{train,val,test}.tsv (see: lra listops prepare)", "data")
+    seed: int = _opt(0, "seed for initialization and batch order", "data")
+    eval_every: int = _opt(250, "validation accuracy (whole split) and a checkpoint every N steps", "evaluation")
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N, ...", "system")
+    precision: str = _opt(
+        "auto", "auto = bf16 autocast on GPUs that support it, else fp32", "system", ("auto", "bf16", "fp32")
+    )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ListOpsConfig)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: ListOpsConfig) -> None:
+    def fail(name: str, expected: str):
+        raise ConfigError(f"{flag(name)} must be {expected}, got {getattr(cfg, name)!r}")
+
+    for name in ("dim", "depth", "heads", "dim_head", "ff_mult", "seq_len", "batch_size", "steps", "eval_every"):
+        if getattr(cfg, name) < 1:
+            fail(name, "a positive integer")
+    for name in ("warmup_steps", "seed"):
+        if getattr(cfg, name) < 0:
+            fail(name, "an integer >= 0")
+    if cfg.dim_head % 2:
+        fail("dim_head", "even (rotary position embeddings rotate pairs of features)")
+    if cfg.block_size < 2 or cfg.block_size & (cfg.block_size - 1):
+        fail("block_size", "a power of two >= 2")
+    if cfg.pool == "cls" and cfg.seq_len < 2:
+        fail("seq_len", "at least 2 with --pool cls (the <cls> token and one more)")
+    if not cfg.lr > 0:
+        fail("lr", "a number > 0")
+    for name in ("weight_decay", "grad_clip"):
+        if not getattr(cfg, name) >= 0:
+            fail(name, "a number >= 0")
+    for name in ("dropout", "attn_dropout"):
+        if not 0 <= getattr(cfg, name) < 1:
+            fail(name, "in [0, 1)")
+    for name in ("attention", "pool", "precision"):
+        if getattr(cfg, name) not in FIELDS[name].metadata["choices"]:
+            fail(name, f"one of {', '.join(FIELDS[name].metadata['choices'])}")
+
+
+def build_classifier(cfg: ListOpsConfig) -> SequenceClassifier:
+    body = HTransformer1D(
+        num_tokens=len(listops.VOCAB),
+        dim=cfg.dim,
+        depth=cfg.depth,
+        max_seq_len=cfg.seq_len,
+        causal=False,
+        heads=cfg.heads,
+        dim_head=cfg.dim_head,
+        block_size=cfg.block_size,
+        ff_mult=cfg.ff_mult,
+        attn_dropout=cfg.attn_dropout,
+        ff_dropout=cfg.dropout,
+        attention=cfg.attention,
+    )
+    return SequenceClassifier(body, listops.NUM_CLASSES, cfg.pool, hidden=cfg.dim * cfg.ff_mult)  # LRA: mlp_dim
+
+
+def learning_rate(cfg: ListOpsConfig, step: int) -> float:
+    """Linear warmup to --lr at --warmup-steps, then lr * sqrt(warmup / step) (steps count from 1)."""
+    warmup = max(cfg.warmup_steps, 1)
+    return cfg.lr * min(step / warmup, math.sqrt(warmup / step))
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """The examples of one split as tensors: token ids end to end, where each starts, the labels."""
+
+    tokens: torch.Tensor  # (T,) uint8, every example's ids, concatenated
+    starts: torch.Tensor  # (n + 1,) int64, example i is tokens[starts[i]:starts[i + 1]]
+    labels: torch.Tensor  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.starts[1:] - self.starts[:-1]
+
+    def batch(self, indices: torch.Tensor, seq_len: int, cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids x (B, L) padded to the longest, truncated to seq_len, <cls> first if asked; mask (B, L)."""
+        begin = self.starts[indices]
+        end = torch.minimum(self.starts[indices + 1], begin + (seq_len - cls))
+        rows = [self.tokens[b:e] for b, e in zip(begin.tolist(), end.tolist())]
+        longest = max(len(r) for r in rows) + cls
+        x = torch.full((len(rows), longest), listops.PAD, dtype=torch.long)
+        for b, row in enumerate(rows):
+            x[b, cls : cls + len(row)] = row
+        if cls:
+            x[:, 0] = listops.CLS
+        return x, x != listops.PAD
+
+
+def load_split(data_dir: Path, split: str) -> Split:
+    path = data_dir / listops.SPLITS[split]
+    if not path.is_file():
+        raise DataError(
+            f"--data {data_dir}: no {path.name}. Create the ListOps files with: "
+            f"h-transformer-1d lra listops prepare --out {data_dir}"
+        )
+    ids, starts, labels = bytearray(), [0], []
+    for text, label in listops.read_split(path):
+        ids += bytes(listops.encode(text))
+        starts.append(len(ids))
+        labels.append(label)
+    if not labels:
+        raise DataError(f"{path} holds no examples")
+    tokens = torch.frombuffer(ids, dtype=torch.uint8) if ids else torch.empty(0, dtype=torch.uint8)
+    return Split(tokens, torch.tensor(starts), torch.tensor(labels))
+
+
+@lru_cache(maxsize=1)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def train_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The examples of a step: epochs of a seeded permutation, the last partial batch of each dropped."""
+    epoch, i = divmod(step - 1, n // batch_size)
+    return epoch_order(n, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
+@torch.no_grad()
+def accuracy(model, split: Split, cfg: ListOpsConfig, rt: Runtime, batch_size: int, progress: bool = False) -> float:
+    """The fraction of a split classified correctly; batches of similar lengths, so little padding."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    order = split.lengths.argsort()
+    for indices in tqdm(order.split(batch_size), desc="evaluating", disable=not progress, leave=False):
+        x, mask = split.batch(indices, cfg.seq_len, cfg.pool == "cls")
+        with rt.autocast():
+            logits = model(x.to(rt.device), mask.to(rt.device))
+        correct += (logits.argmax(-1).cpu() == split.labels[indices]).sum().item()
+    model.train(was_training)
+    return correct / len(split)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(out_dir: Path, cfg: ListOpsConfig, model, step: int) -> None:
+    """model.safetensors, then config.json, each atomically (apps/checkpoint.py); no optimizer state."""
+    meta = {"format": str(checkpoint.FORMAT), "step": str(step)}
+    weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    checkpoint.atomic_write(out_dir / checkpoint.MODEL, safetensors_bytes(weights, metadata=meta))
+    record = {"format": checkpoint.FORMAT, "step": step, "task": TASK, "config": dataclasses.asdict(cfg)}
+    checkpoint.atomic_write(out_dir / checkpoint.CONFIG, checkpoint.json_bytes(record))
+
+
+def load_checkpoint(directory: Path) -> tuple[ListOpsConfig, SequenceClassifier, int]:
+    """The configuration, model (weights loaded, on the CPU) and step of a checkpoint written by train."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    for name in (checkpoint.MODEL, checkpoint.CONFIG):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is not a complete checkpoint: missing {name}")
+    record = checkpoint.read_json(directory / checkpoint.CONFIG)
+    if record.get("task") != TASK or not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{directory / checkpoint.CONFIG} is not a ListOps checkpoint (lra listops train)")
+    values = record["config"]
+    if set(values) != set(FIELDS):
+        raise CheckpointError(f"{directory / checkpoint.CONFIG}: not a configuration of this version")
+    try:
+        cfg = ListOpsConfig(**values)
+        validate(cfg)
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"{directory / checkpoint.CONFIG}: {e}") from None
+    step, weights = checkpoint.read_safetensors(directory / checkpoint.MODEL)
+    if step != record["step"]:
+        raise CheckpointError(f"{directory} mixes files of steps {step} and {record['step']}: a save was interrupted")
+    model = build_classifier(cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory / checkpoint.MODEL} does not fit its config.json: {e}") from None
+    return cfg, model, step
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def device_name(rt: Runtime) -> str:
+    return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+
+
+def train(cfg: ListOpsConfig, out_dir: Path) -> dict:
+    """Train the recipe into `out_dir`; returns what results.json holds."""
+    validate(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("lra listops train runs in one process; start it without torchrun")
+    if checkpoint.exists(out_dir):
+        raise CheckpointError(f"--out {out_dir} already holds a checkpoint: choose another --out")
+    rt = start_runtime(cfg.device, cfg.precision)
+    data_dir = Path(cfg.data)
+    rt.print(f"reading {data_dir} ...")
+    train_set, val_set, test_set = (load_split(data_dir, split) for split in listops.SPLITS)
+    if len(train_set) < cfg.batch_size:
+        raise DataError(f"--batch-size {cfg.batch_size} is more than the {len(train_set)} training examples")
+    cls = cfg.pool == "cls"
+    truncated = sum(int((s.lengths > cfg.seq_len - cls).sum()) for s in (train_set, val_set, test_set))
+
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(cfg).to(rt.device)
+    num_params = sum(p.numel() for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-9,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out_dir, 0, columns=COLUMNS, scalars=SCALARS)
+    rt.print(
+        f"data: {data_dir}: {len(train_set):,} train, {len(val_set):,} validation, {len(test_set):,} test examples"
+        + (f" ({truncated:,} truncated to --seq-len {cfg.seq_len})" if truncated else ""),
+        f"model: {num_params / 1e6:.2f}M parameters, dim {cfg.dim}, depth {cfg.depth}, {cfg.heads} heads x "
+        f"{cfg.dim_head}, feed-forward {cfg.dim * cfg.ff_mult}, block {cfg.block_size}, {cfg.attention} attention, "
+        f"{cfg.pool} pooling, max length {cfg.seq_len}",
+        f"training: {rt.device.type} ({'bf16 autocast' if rt.bf16 else 'fp32'}), batch {cfg.batch_size}, "
+        f"steps 1..{cfg.steps} -> {out_dir}",
+    )
+    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    best = (-1.0, 0)  # validation accuracy, step
+    val_acc = float("nan")
+    start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = train_indices(len(train_set), cfg.batch_size, cfg.seed, step)
+        x, mask = train_set.batch(indices, cfg.seq_len, cls)
+        y = train_set.labels[indices].to(rt.device)
+        with rt.autocast():
+            logits = model(x.to(rt.device), mask.to(rt.device))  # (B, 10)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss, train_acc = loss.item(), (logits.argmax(-1) == y).float().mean().item()
+        examples_per_s = cfg.batch_size / (time.perf_counter() - t0)
+        bar.update()
+        bar.set_postfix_str(f"loss {train_loss:.3f}, acc {train_acc:.3f}, {examples_per_s:,.0f} ex/s", refresh=False)
+
+        row = {"step": step, "examples": step * cfg.batch_size, "lr": lr, "train_loss": train_loss}
+        row.update(train_acc=train_acc, examples_per_s=examples_per_s)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_acc = row["val_acc"] = accuracy(model, val_set, cfg, rt, cfg.batch_size)
+            best = max(best, (val_acc, step))
+            rt.print(
+                f"step {step}: train loss {train_loss:.3f}, validation accuracy {val_acc:.4f}, "
+                f"{format_duration(time.perf_counter() - start)}"
+            )
+        row["elapsed_s"] = time.perf_counter() - start
+        metrics.log(row)
+        if "val_acc" in row:
+            save_checkpoint(out_dir, cfg, model, step)
+            plot_curves(out_dir, train_key="train_acc", val_key="val_acc", label="accuracy")
+    bar.close()
+    metrics.close()
+    train_time = time.perf_counter() - start
+    test_acc = accuracy(model, test_set, cfg, rt, cfg.batch_size)
+    results = {
+        "task": TASK,
+        "attention": cfg.attention,
+        "steps": cfg.steps,
+        "test_accuracy": test_acc,
+        "val_accuracy": val_acc,
+        "best_val_accuracy": best[0],
+        "best_val_step": best[1],
+        "parameters": num_params,
+        "train_time_s": round(train_time, 1),
+        "train_examples_per_s": round(cfg.steps * cfg.batch_size / train_time, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
+        if rt.device.type == "cuda"
+        else None,
+        "device": device_name(rt),
+        "precision": "bf16" if rt.bf16 else "fp32",
+        "torch": torch.__version__,
+        "config": dataclasses.asdict(cfg),
+    }
+    checkpoint.atomic_write(out_dir / RESULTS, checkpoint.json_bytes(results))
+    rt.print(
+        f"done: test accuracy {test_acc:.4f} (validation {val_acc:.4f}, best {best[0]:.4f} at step {best[1]}), "
+        f"{format_duration(train_time)}; checkpoint, metrics.csv, curves.png and {RESULTS} in {out_dir}"
+    )
+    return results
