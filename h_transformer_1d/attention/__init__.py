@@ -1,7 +1,15 @@
 """Hierarchical attention: the definition (`reference`), the blocked PyTorch path and `h_attention`."""
 
 from .blocked import blocked_h_attention
+from .incremental import HierarchicalCache
 from .interface import h_attention
 from .reference import covering_level, hierarchical_attention_reference, num_levels
 
-__all__ = ["h_attention", "blocked_h_attention", "hierarchical_attention_reference", "covering_level", "num_levels"]
+__all__ = [
+    "h_attention",
+    "blocked_h_attention",
+    "HierarchicalCache",
+    "hierarchical_attention_reference",
+    "covering_level",
+    "num_levels",
+]

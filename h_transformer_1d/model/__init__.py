@@ -1,7 +1,16 @@
 """The model: attention layers, the HTransformer1D stack and the autoregressive wrapper."""
 
 from .autoregressive import AutoregressiveWrapper
+from .cache import DecodingCache, decode_step, prefill
 from .layers import CausalHAttention1D, HAttention1D
 from .transformer import HTransformer1D
 
-__all__ = ["HTransformer1D", "HAttention1D", "CausalHAttention1D", "AutoregressiveWrapper"]
+__all__ = [
+    "HTransformer1D",
+    "HAttention1D",
+    "CausalHAttention1D",
+    "AutoregressiveWrapper",
+    "DecodingCache",
+    "prefill",
+    "decode_step",
+]

@@ -4,6 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.interface import check_key_padding_mask
+from .cache import decode_step, prefill, supports_decoding_cache
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top k and outside the smallest set of mass >= top_p."""
@@ -38,6 +41,12 @@ def check_sampling(seq_len, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
+def left_align(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens (mask True) to the end of the row, in order: left padding."""
+    order = mask.to(torch.int8).argsort(dim=1, stable=True)  # padding first, each kind in its order
+    return tokens.gather(1, order), mask.gather(1, order)
+
+
 class AutoregressiveWrapper(nn.Module):
     """``loss = wrapper(x)`` trains next-token prediction; ``wrapper.generate(prompt, n)`` samples."""
 
@@ -67,38 +76,71 @@ class AutoregressiveWrapper(nn.Module):
         self,
         prompt: torch.Tensor,
         seq_len: int,
+        *,
+        use_cache: bool = True,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
         eos_token: int | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continue `prompt` (B, T) or (T,) by `seq_len` tokens; returns only the new tokens.
 
-        After a sequence emits `eos_token`, its remaining positions hold `pad_value`; generation
-        stops early once every sequence has emitted it. The model sees at most the last
-        `max_seq_len` tokens.
+        The model sees the prompt's last `max_seq_len` tokens. With `use_cache` it then decodes one
+        token at a time from a hierarchical cache, at a cost per token that does not grow with the
+        context, and may run past `max_seq_len` with the whole context in view (hierarchical attention
+        and rotary positions have no length limit); models with attention="dense" always recompute.
+        `use_cache=False` recomputes the forward over the last `max_seq_len` tokens for every token.
+
+        `mask` (B, T) or (T,) bool marks the real prompt tokens (True). Each row's real tokens are
+        moved to the end of the row, in order (right padding becomes left padding), so that every
+        continuation directly follows its own last real token; both paths then compute the model on
+        that left-padded sequence. Temperature 0 is greedy. After a sequence emits `eos_token`, its
+        remaining positions hold `pad_value`; generation stops once every sequence has emitted it.
         """
         check_sampling(seq_len, temperature, top_k, top_p)
         if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1:
             raise ValueError("prompt must be a non-empty tensor of token ids of shape (T,) or (batch, T)")
         squeeze = prompt.dim() == 1
         tokens = prompt[None] if squeeze else prompt
+        b, t = tokens.shape
+        if mask is not None:
+            if squeeze and isinstance(mask, torch.Tensor):
+                mask = mask[None]
+            check_key_padding_mask(mask, b, t, name="mask")
+            if not bool(mask.any(1).all()):
+                raise ValueError("mask must mark at least one real token (True) in every prompt row")
+            tokens, mask = left_align(tokens, mask)
+            mask = None if bool(mask[:, -self.max_seq_len :].all()) else mask[:, -self.max_seq_len :]
+        tokens = tokens[:, -self.max_seq_len :]
+        cached = use_cache and supports_decoding_cache(self.net)
         was_training = self.net.training
         self.net.eval()
-        b, t = tokens.shape
         out = torch.full((b, seq_len), self.pad_value, dtype=tokens.dtype, device=tokens.device)
         done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         try:
+            if cached:
+                logits, cache = prefill(self.net, tokens, mask)
+            else:
+                logits = self.net(tokens, mask=mask)
+            logits = logits[:, -1]  # (B, V)
             for step in range(seq_len):
-                logits = self.net(tokens[:, -self.max_seq_len :])[:, -1]  # (B, V)
-                nxt = sample_next(logits, temperature, top_k, top_p)
-                nxt = nxt.masked_fill(done, self.pad_value)
+                nxt = sample_next(logits, temperature, top_k, top_p).masked_fill(done, self.pad_value)
+                nxt = nxt.to(tokens.dtype)
                 out[:, step] = nxt
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 if eos_token is not None:
                     done |= nxt == eos_token
                     if bool(done.all()):
                         break
+                if step + 1 == seq_len:
+                    break
+                if cached:
+                    logits = decode_step(self.net, cache, nxt)
+                else:
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -self.max_seq_len :]
+                    if mask is not None:
+                        mask = F.pad(mask, (0, 1), value=True)[:, -self.max_seq_len :]
+                    logits = self.net(tokens, mask=mask)[:, -1]
         finally:
             self.net.train(was_training)
         return out[0] if squeeze else out

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import h_attention
+from ..attention.incremental import HierarchicalCache
 from ..attention.interface import check_block_size, check_key_padding_mask
 
 
@@ -29,19 +30,27 @@ class RotaryEmbedding(nn.Module):
         return rotated.to(x.dtype)
 
 
-def shift_tokens(x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def shift_tokens(
+    x: torch.Tensor, mask: torch.Tensor | None, causal: bool, previous: torch.Tensor | None = None
+) -> torch.Tensor:
     """Move a slice of the features one position along the sequence.
 
     Causal: half the features come from the previous position. Non-causal: a third from the previous
     position, a third from the next. Padded positions contribute zeros, so padding never leaks.
+    `previous` (B, dim), causal only: the (masked) features of the position before x[:, 0], when x
+    continues a sequence during decoding; zeros when None.
     """
+    if previous is not None and not causal:
+        raise ValueError("previous features can only be shifted in causally")
     if mask is not None:
         x = x.masked_fill(~mask[..., None], 0.0)
     shifts = (1, 0) if causal else (1, -1, 0)
     chunks = x.tensor_split(len(shifts), dim=-1)
     moved = []
     for chunk, amount in zip(chunks, shifts):
-        if amount > 0:  # from the past
+        if amount > 0 and previous is not None:  # causal shifts by exactly one position
+            chunk = torch.cat([previous.tensor_split(len(shifts), dim=-1)[0][:, None], chunk[:, :-1]], dim=1)
+        elif amount > 0:  # from the past
             chunk = F.pad(chunk, (0, 0, amount, 0))[:, : x.shape[1]]
         elif amount < 0:  # from the future
             chunk = F.pad(chunk, (0, 0, 0, -amount))[:, -amount:]
@@ -116,9 +125,18 @@ class HAttention1D(nn.Module):
         q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
         return self.rotary(q, positions), self.rotary(k, positions), v
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: HierarchicalCache | None = None
+    ) -> torch.Tensor:
+        """`cache` (causal hierarchical layers only): an empty one is filled from x, the prompt; a filled
+        one takes x (B, 1, dim), the next position, with mask None (decoded tokens are real)."""
         check_features(x, self.dim)
         b, n, _ = x.shape
+        if cache is not None:
+            if not self.causal or self.attention != "hierarchical":
+                raise ValueError("a decoding cache needs a causal layer with attention='hierarchical'")
+            if cache.length:
+                return self.decode(x, mask, cache)
         if self.max_seq_len is not None and n > self.max_seq_len:
             raise ValueError(f"x has seq_len {n}, more than max_seq_len={self.max_seq_len}")
         check_key_padding_mask(mask, b, n, name="mask")
@@ -130,6 +148,19 @@ class HAttention1D(nn.Module):
             out = h_attention(
                 q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p
             )  # (B, H, N, dim_head)
+        if cache is not None:
+            cache.prefill(q, k, v, key_padding_mask=mask)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+    def decode(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HierarchicalCache) -> torch.Tensor:
+        """The next position x (B, 1, dim) through the cache; rotary at its absolute position."""
+        if x.shape[1] != 1 or mask is not None:
+            raise ValueError(
+                f"with a filled cache x must be one position (batch, 1, dim={self.dim}) and mask None, "
+                f"got shape {tuple(x.shape)} and mask {'None' if mask is None else tuple(mask.shape)}"
+            )
+        q, k, v = self.project_qkv(x, torch.arange(cache.length, cache.length + 1, device=x.device))
+        out = cache.step(q, k, v)  # (B, H, 1, dim_head)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -160,8 +191,16 @@ class PreNorm(nn.Module):
         self.shift = shift
         self.causal = causal
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """`cache`: this sublayer's `SublayerCache` (model/cache.py) while decoding."""
         x = self.norm(x)
         if self.shift:
-            x = shift_tokens(x, mask, self.causal)
+            previous = None
+            if cache is not None:
+                previous = cache.previous
+                last = x[:, -1] if mask is None else x[:, -1].masked_fill(~mask[:, -1, None], 0.0)
+                cache.previous = last.clone()  # a copy, so the prompt's features are not kept alive
+            x = shift_tokens(x, mask, self.causal, previous=previous)
+        if cache is not None and cache.attention is not None:
+            return self.fn(x, mask=mask, cache=cache.attention)
         return self.fn(x, mask=mask)

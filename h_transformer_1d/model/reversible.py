@@ -31,10 +31,11 @@ class ReversibleBlock(nn.Module):
         super().__init__()
         self.f, self.g = f, g
 
-    def forward(self, x1, x2, mask=None):
-        """The plain (memory-hungry) computation, also used to check the reversible one."""
-        y1 = x1 + self.f(x2, mask=mask)
-        y2 = x2 + self.g(y1, mask=mask)
+    def forward(self, x1, x2, mask=None, cache=None):
+        """The plain (memory-hungry) computation, also used to check the reversible one and to decode."""
+        f_cache, g_cache = (None, None) if cache is None else cache
+        y1 = x1 + self.f(x2, mask=mask, cache=f_cache)
+        y2 = x2 + self.g(y1, mask=mask, cache=g_cache)
         return y1, y2
 
     def forward_no_grad(self, x1, x2, mask):
@@ -88,13 +89,15 @@ class ReversibleSequence(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.is_grad_enabled():
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """`cache`: per block, the (f, g) sublayer caches of a `DecodingCache`."""
+        # decoding takes the plain path: the reversible backward would run f and g (and fill the cache) twice
+        if torch.is_grad_enabled() and cache is None:
             if not x.requires_grad:  # the layers' parameters still need the backward to run
                 x = x.detach().requires_grad_()
             y1, y2 = _ReversibleFunction.apply(x, x, list(self.blocks), mask)
         else:
             y1, y2 = x, x
-            for block in self.blocks:
-                y1, y2 = block(y1, y2, mask=mask)
+            for i, block in enumerate(self.blocks):
+                y1, y2 = block(y1, y2, mask=mask, cache=None if cache is None else cache[i])
         return (y1 + y2) / 2

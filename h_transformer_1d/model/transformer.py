@@ -15,10 +15,12 @@ class SequentialSequence(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block.f(x, mask=mask)
-            x = x + block.g(x, mask=mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """`cache`: per block, the (attention, feedforward) sublayer caches of a `DecodingCache`."""
+        for i, block in enumerate(self.blocks):
+            f_cache, g_cache = (None, None) if cache is None else cache[i]
+            x = x + block.f(x, mask=mask, cache=f_cache)
+            x = x + block.g(x, mask=mask, cache=g_cache)
         return x
 
 
@@ -99,9 +101,11 @@ class HTransformer1D(nn.Module):
             if low < 0 or high >= self.num_tokens:
                 raise ValueError(f"x must hold token ids in [0, num_tokens={self.num_tokens}), got [{low}, {high}]")
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """`cache`: a `DecodingCache` (model/cache.py); an empty one is filled from x, a filled one takes
+        the next token per sequence, x (B, 1), and may run past max_seq_len."""
         self.check_tokens(x)
         check_key_padding_mask(mask, x.shape[0], x.shape[1], name="mask")
         h = self.token_emb(x)  # (B, N, dim)
-        h = self.layers(h, mask=mask)
+        h = self.layers(h, mask=mask, cache=None if cache is None else cache.blocks)
         return self.to_logits(h)  # (B, N, num_tokens)

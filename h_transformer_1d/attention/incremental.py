@@ -1,0 +1,223 @@
+"""Causal hierarchical attention one position at a time, from a cache of O(block_size * log t) vectors.
+
+DESIGN.md section 2. For position t and level l >= 1, let ``g = t >> l`` (t's level-l group) and
+``c = g // block_size``. The level-l keys are the groups of block ``c - 1`` (only its first half when g
+sits in the first half of its block: the level below covers the rest), and the query is q at the first
+valid position of group g. All those key groups are complete before g starts, so the level's softmax
+state is computed once per group and reused by the group's later positions. Level 0 (fine blocks
+``c - 1`` and ``c``, causal) changes with every position. Levels exist for t while ``c >= 1``, so they
+appear one by one as t grows.
+
+Per level the cache keeps a ring of the last two blocks of groups, as sums of k and v and counts of
+valid positions (group g in slot ``g % (2 * block_size)``). A group's sums are the sums of its two
+children, added when the second child completes: the same pairwise sums, in the same order, as the
+blocked forward's coarsening, so decoding reproduces it to rounding of the matmuls.
+"""
+
+import torch
+
+from .blocked import Partial, _merge, _window_partial
+from .interface import check_block_size, check_key_padding_mask
+
+
+class _Level:
+    """Groups of ``2**level`` positions: the last two blocks of them, and this level's softmax state."""
+
+    def __init__(self, batch: int, heads: int, dim_head: int, ring: int, capacity: int, dtype, device):
+        self.ring = ring  # slots of two blocks; until the level has that many groups it holds `capacity`
+        self.k_sum = torch.zeros(batch, heads, capacity, dim_head, dtype=dtype, device=device)
+        self.v_sum = torch.zeros_like(self.k_sum)
+        self.count = torch.zeros(batch, capacity, dtype=dtype, device=device)  # valid positions per group
+        # level >= 1: the state of the current group's query over this level's keys, and that state
+        # merged with every coarser level's (the merge order of the blocked forward: coarse to fine)
+        self.partial: Partial | None = None
+        self.merged: Partial | None = None
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` slots. Levels above log2(t / block_size) hold fewer groups than the ring has
+        slots (all of them together about 2 * block_size), so a level's ring grows by doubling."""
+        capacity = self.count.shape[1]
+        if slots <= capacity:
+            return
+        extra = min(self.ring, max(slots, 2 * capacity)) - capacity
+        b, h, _, d = self.k_sum.shape
+        self.k_sum = torch.cat([self.k_sum, self.k_sum.new_zeros(b, h, extra, d)], 2)
+        self.v_sum = torch.cat([self.v_sum, self.v_sum.new_zeros(b, h, extra, d)], 2)
+        self.count = torch.cat([self.count, self.count.new_zeros(b, extra)], 1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        states = [s for s in (self.partial, self.merged) if s is not None]
+        return [self.k_sum, self.v_sum, self.count] + [t for s in states for t in s]
+
+
+def _top_level(position: int, block_size: int) -> int:
+    """The coarsest level with keys for `position` (0: only the fine blocks)."""
+    return max(0, (position // block_size).bit_length() - 1)
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> Partial:
+    """Softmax state of one (already scaled) query (B, H, D) over keys/values (B, H, K, D) with counts (B, K).
+
+    A key standing for `count` positions enters with weight ``count * exp(score)``; a count of 0 (padding,
+    an empty group, a slot not written yet) gives log(0) = -inf: no key.
+    """
+    bias = torch.log(count)[:, None, None, None, :]  # (B, 1, 1, 1, K)
+    return _window_partial(query[:, :, None, None], keys[:, :, None], values[:, :, None], bias, 0.0)
+
+
+class HierarchicalCache:
+    """Decoding state of causal hierarchical attention for one layer (all heads).
+
+    ``prefill(q, k, v, key_padding_mask)`` takes a prompt's (B, H, T, D) projections (T >= 0) and
+    ``step(q, k, v)`` the next position's (B, H, 1, D), returning its attention output (B, H, 1, D):
+    the parallel causal forward's output at that position, to float rounding. Positions are absolute
+    (rotary must already be applied at them); every stepped position is a real token. Work per step
+    is constant in the context length (amortised), memory grows as ``block_size * log2(t)``.
+    """
+
+    def __init__(self, block_size: int, scale: float | None = None):
+        check_block_size(block_size)
+        self.block_size = block_size
+        self.scale = scale
+        self.length = 0  # positions seen: the next step is position `length`
+        self.levels: list[_Level] = []
+        # after a prefill, per level >= 1 with keys: the current group's coarse query, and the rows that
+        # have no valid position in the group yet (their first valid position is the next step's)
+        self._prompt_queries: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None) -> None:
+        """Fill the cache from the prompt's q, k, v (B, H, T, D); `key_padding_mask` (B, T), True = real."""
+        if self.length:
+            raise ValueError(f"prefill needs an empty cache, this one holds {self.length} positions")
+        b, h, n, d = q.shape
+        check_key_padding_mask(key_padding_mask, b, n)
+        nr = self.block_size
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scale = d**-0.5 if self.scale is None else self.scale
+        if key_padding_mask is None:
+            valid = torch.ones(b, n, dtype=torch.bool, device=q.device)
+        else:
+            valid = key_padding_mask
+        keep = valid.to(dtype)
+        k_sum = k.to(dtype) * keep[:, None, :, None]
+        v_sum = v.to(dtype) * keep[:, None, :, None]
+        count = keep
+
+        # level l holds the n >> l complete groups; only the two blocks around the next position's group stay
+        self.levels = []
+        level = 0
+        while True:
+            # the fine level's slots are all keys of the next position: it starts at full size
+            capacity = 2 * nr if level == 0 else min(2 * nr, count.shape[1])
+            self.levels.append(_Level(b, h, d, 2 * nr, capacity, dtype, q.device))
+            current_block = (n >> level) // nr
+            first = max(0, (current_block - 1) * nr)
+            slots = torch.arange(first, count.shape[1], device=q.device) % (2 * nr)
+            kept = self.levels[level]
+            kept.k_sum[:, :, slots] = k_sum[:, :, first:]
+            kept.v_sum[:, :, slots] = v_sum[:, :, first:]
+            kept.count[:, slots] = count[:, first:]
+            groups = n >> (level + 1)
+            if groups == 0:
+                break
+            k_sum = k_sum[:, :, : 2 * groups].unflatten(2, (groups, 2)).sum(3)
+            v_sum = v_sum[:, :, : 2 * groups].unflatten(2, (groups, 2)).sum(3)
+            count = count[:, : 2 * groups].unflatten(1, (groups, 2)).sum(2)
+            level += 1
+
+        q_scaled = q.to(dtype) * scale
+        self._prompt_queries = []
+        for level in range(1, _top_level(n, nr) + 1):
+            start = (n >> level) << level  # the next position's level-l group starts here
+            in_group = valid[:, start:]
+            if in_group.shape[1] == 0:
+                self._prompt_queries.append((q_scaled.new_zeros(b, h, d), torch.ones_like(valid[:, 0])))
+                continue
+            first_valid = start + in_group.to(torch.int32).argmax(1)  # argmax: the first maximum
+            query = q_scaled.gather(2, first_valid[:, None, None, None].expand(b, h, 1, d))[:, :, 0]
+            self._prompt_queries.append((query, ~in_group.any(1)))
+        self.length = n
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attend from the next position: q, k, v (B, H, 1, D) -> output (B, H, 1, D); appends it as a key."""
+        if q.dim() != 4 or q.shape[2] != 1 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+            raise ValueError(
+                f"step takes q, k, v of shape (batch, heads, 1, dim_head), got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        if not self.levels:
+            self.prefill(q[:, :, :0], k[:, :, :0], v[:, :, :0])
+        dtype = self.levels[0].k_sum.dtype
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        t = self.length
+        query = q[:, :, 0].to(dtype) * scale  # (B, H, D)
+        self._append(k[:, :, 0].to(dtype), v[:, :, 0].to(dtype))
+
+        top = _top_level(t, self.block_size)
+        if self._prompt_queries is not None:  # first step after a prefill: every level's state is new
+            queries = [torch.where(missing[:, None, None], query, kept) for kept, missing in self._prompt_queries]
+            self._prompt_queries = None
+        else:  # levels whose group starts at t (t a multiple of 2**l) have a new query; others reuse theirs
+            starting = (t & -t).bit_length() - 1 if t else top
+            queries = [query] * min(starting, top)
+        for level in range(len(queries), 0, -1):
+            kept = self.levels[level]
+            kept.partial = self._coarse_partial(level, t, queries[level - 1])
+            kept.merged = kept.partial if level == top else _merge(self.levels[level + 1].merged, kept.partial)
+
+        fine = self.levels[0]
+        state = _attend(query, fine.k_sum, fine.v_sum, fine.count)
+        if top:
+            state = _merge(self.levels[1].merged, state)
+        self.length = t + 1
+        out = state.o / state.l.clamp(min=torch.finfo(dtype).tiny)[..., None]  # (B, H, 1, D)
+        return out.to(q.dtype)
+
+    def _coarse_partial(self, level: int, position: int, query: torch.Tensor) -> Partial:
+        nr = self.block_size
+        group = position >> level
+        first = ((group // nr - 1) % 2) * nr  # ring slot of the previous block
+        width = nr if group % nr >= nr // 2 else nr // 2  # first-half groups: the level below covers the rest
+        kept = self.levels[level]
+        count = kept.count[:, first : first + width]
+        denom = count.clamp(min=1.0)[:, None, :, None]
+        keys = kept.k_sum[:, :, first : first + width] / denom
+        values = kept.v_sum[:, :, first : first + width] / denom
+        return _attend(query, keys, values, count)
+
+    def _write(self, level: int, group: int, k_sum, v_sum, count) -> None:
+        nr = self.block_size
+        slot = group % (2 * nr)
+        kept = self.levels[level]
+        kept.reserve(slot + 1)
+        if group % nr == 0:  # a new block replaces the one two blocks back; its unwritten groups are no keys
+            for buffer in (kept.k_sum, kept.v_sum):
+                buffer[:, :, slot : slot + nr] = 0.0
+            kept.count[:, slot : slot + nr] = 0.0
+        kept.k_sum[:, :, slot] = k_sum
+        kept.v_sum[:, :, slot] = v_sum
+        kept.count[:, slot] = count
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store position `length` as a fine key, then every coarser group it completes."""
+        t = self.length
+        self._write(0, t, k, v, 1.0)
+        level = 1
+        while (t + 1) % (1 << level) == 0:
+            child = self.levels[level - 1]
+            left = (2 * (t >> level)) % (2 * self.block_size)  # both children sit in one block
+            k_sum = child.k_sum[:, :, left] + child.k_sum[:, :, left + 1]
+            v_sum = child.v_sum[:, :, left] + child.v_sum[:, :, left + 1]
+            count = child.count[:, left] + child.count[:, left + 1]
+            if level == len(self.levels):
+                b, h, _, d = child.k_sum.shape
+                self.levels.append(_Level(b, h, d, 2 * self.block_size, 1, k_sum.dtype, k_sum.device))
+            self._write(level, t >> level, k_sum, v_sum, count)
+            level += 1
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache keeps (for memory accounting)."""
+        kept = [t for level in self.levels for t in level.tensors()]
+        if self._prompt_queries is not None:
+            kept += [t for pair in self._prompt_queries for t in pair]
+        return kept

@@ -1,0 +1,247 @@
+"""Incremental decoding with the hierarchical cache against the parallel forward."""
+
+import math
+
+import pytest
+import torch
+
+from h_transformer_1d import AutoregressiveWrapper, HTransformer1D
+from h_transformer_1d.attention import hierarchical_attention_reference
+from h_transformer_1d.attention.blocked import blocked_h_attention
+from h_transformer_1d.attention.incremental import HierarchicalCache
+from h_transformer_1d.model.cache import DecodingCache, decode_step, prefill
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+SMALL_MODEL = {
+    "num_tokens": 29,
+    "dim": 32,
+    "depth": 2,
+    "max_seq_len": 512,
+    "causal": True,
+    "heads": 2,
+    "dim_head": 8,
+    "block_size": 4,
+}
+
+
+def small_model(dtype=torch.float64, **kw):
+    return HTransformer1D(**{**SMALL_MODEL, **kw}).to(dtype).eval()
+
+
+def decode_all(model, tokens, mask, prompt_len):
+    """Logits (B, N, V) of every position: the prefill's, then one decode step per later position."""
+    logits, cache = prefill(model, tokens[:, :prompt_len], None if mask is None else mask[:, :prompt_len])
+    steps = [decode_step(model, cache, tokens[:, t]) for t in range(prompt_len, tokens.shape[1])]
+    return torch.cat([logits, torch.stack(steps, 1)], 1) if steps else logits
+
+
+def step_all(q, k, v, mask, prompt_len, block_size):
+    cache = HierarchicalCache(block_size)
+    p = prompt_len
+    cache.prefill(q[:, :, :p], k[:, :, :p], v[:, :, :p], None if mask is None else mask[:, :p])
+    outs = [cache.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(p, q.shape[2])]
+    return torch.cat(outs, 2), cache
+
+
+# ---------------------------------------------------------------- the attention cache alone
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 8])
+@pytest.mark.parametrize("prompt_len", [0, 1, 5, 37, 64])
+def test_steps_match_parallel_attention(block_size, prompt_len):
+    b, h, n, d = 2, 2, 300, 8
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, : min(prompt_len, 3)] = False  # left padding; decoded positions are always real
+    mask[0, 1 : prompt_len // 2] = False  # gaps inside the prompt
+    mask[0, 0] = True
+    out, _ = step_all(q, k, v, mask, prompt_len, block_size)
+    full = blocked_h_attention(q, k, v, block_size=block_size, causal=True, key_padding_mask=mask)
+    torch.testing.assert_close(out, full[:, :, prompt_len:], rtol=0, atol=1e-12)
+
+
+def test_steps_match_reference_definition():
+    b, h, n, d = 1, 2, 100, 8
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    out, _ = step_all(q, k, v, None, 0, 4)
+    ref = hierarchical_attention_reference(q, k, v, block_size=4, causal=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_prompt_row_without_real_tokens():
+    """A row all padding in the prompt: its coarse queries come from the first decoded position."""
+    b, h, n, d, p = 2, 1, 200, 4, 70
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, :p] = False
+    out, _ = step_all(q, k, v, mask, p, 4)
+    full = blocked_h_attention(q, k, v, block_size=4, causal=True, key_padding_mask=mask)
+    torch.testing.assert_close(out, full[:, :, p:], rtol=0, atol=1e-12)
+
+
+def stored_slots_bound(t: int, nr: int) -> float:
+    """Groups kept over all levels: two blocks per level with keys, about 2 * nr for all younger levels."""
+    return 2 * nr * (math.log2(t / nr) + 3)
+
+
+def test_cache_memory_is_logarithmic():
+    b, h, d, nr = 1, 2, 4, 4
+    cache = HierarchicalCache(nr)
+    cache.prefill(*(torch.randn(b, h, 5, d) for _ in range(3)))
+    for t in range(5, 4096):
+        cache.step(*(torch.randn(b, h, 1, d) for _ in range(3)))
+        if t + 1 in (64, 512, 4096):
+            assert len(cache.levels) == int(math.log2(t + 1)) + 1
+            for level, kept in enumerate(cache.levels):
+                slots = kept.count.shape[1]
+                assert slots <= min(2 * nr, 2 * ((t + 1) >> level))
+                assert kept.k_sum.shape == kept.v_sum.shape == (b, h, slots, d) and kept.count.shape == (b, slots)
+            slots = sum(kept.count.shape[1] for kept in cache.levels)
+            assert slots <= stored_slots_bound(t + 1, nr)
+            softmax_states = len(cache.levels) * 2 * b * h * (d + 2)
+            stored = sum(x.numel() for x in cache.stored_tensors())
+            assert stored <= slots * b * (h * 2 * d + 1) + softmax_states
+    assert stored < 4096 * b * h * 2 * d / 10  # a dense KV cache is 10x larger already
+
+
+# ---------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize(
+    "dtype,reversible,shift",
+    [
+        (torch.float64, False, False),
+        (torch.float64, True, True),
+        (torch.float32, False, True),
+        (torch.float32, True, False),
+    ],
+)
+def test_decoded_logits_equal_full_forward(dtype, reversible, shift):
+    model = small_model(dtype, reversible=reversible, shift_tokens=shift)
+    tokens = torch.randint(0, 29, (1, 330))
+    with torch.no_grad():
+        full = model(tokens)
+        for prompt_len in (1, 5, 37):
+            torch.testing.assert_close(decode_all(model, tokens, None, prompt_len), full, rtol=0, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("reversible,shift", [(False, True), (True, True), (True, False)])
+def test_batch_with_left_padded_prompts(reversible, shift):
+    model = small_model(reversible=reversible, shift_tokens=shift)
+    n, prompt_len = 200, 45
+    tokens = torch.randint(0, 29, (2, n))
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[0, :7] = False  # prompts of 38 and 45 real tokens
+    with torch.no_grad():
+        full = model(tokens, mask=mask)
+        decoded = decode_all(model, tokens, mask, prompt_len)
+    torch.testing.assert_close(decoded[mask], full[mask], rtol=0, atol=1e-9)
+
+
+def test_decoding_runs_past_max_seq_len():
+    short = small_model(max_seq_len=64, shift_tokens=True)
+    long = small_model(max_seq_len=256, shift_tokens=True)
+    long.load_state_dict(short.state_dict())
+    tokens = torch.randint(0, 29, (2, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(decode_all(short, tokens, None, 50), long(tokens), rtol=0, atol=1e-9)
+
+
+def test_model_cache_memory_is_logarithmic():
+    model = small_model(torch.float32, depth=1)
+    with torch.no_grad():
+        _, cache = prefill(model, torch.randint(0, 29, (1, 500)))
+        for _ in range(12):
+            decode_step(model, cache, torch.randint(0, 29, (1,)))
+    levels = int(math.log2(cache.length)) + 1
+    # k and v sums and counts of the kept groups, two softmax states per level, token shift features
+    bound = stored_slots_bound(cache.length, 4) * (2 * 2 * 8 + 1) + levels * 2 * 2 * (8 + 2) + 2 * 32
+    assert sum(x.numel() for x in cache.stored_tensors()) <= bound
+
+
+def test_decode_step_checks_its_input():
+    model = small_model()
+    with torch.no_grad():
+        _, cache = prefill(model, torch.randint(0, 29, (2, 9)))
+        with pytest.raises(ValueError, match="one position"):
+            model(torch.randint(0, 29, (2, 2)), cache=cache)
+        with pytest.raises(ValueError, match="filled by prefill"):
+            decode_step(model, DecodingCache(model), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="causal"):
+        DecodingCache(small_model(causal=False))
+    with pytest.raises(ValueError, match="hierarchical"):
+        DecodingCache(small_model(attention="dense"))
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_greedy_tokens_with_and_without_cache():
+    wrapper = AutoregressiveWrapper(small_model(torch.float32, shift_tokens=True))
+    prompt = torch.randint(0, 29, (2, 23))
+    cached = wrapper.generate(prompt, 150, temperature=0.0)
+    recomputed = wrapper.generate(prompt, 150, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_sampling_with_and_without_cache():
+    wrapper = AutoregressiveWrapper(small_model())
+    prompt = torch.randint(0, 29, (2, 10))
+    kw = {"temperature": 0.8, "top_k": 10, "top_p": 0.9}
+    torch.manual_seed(1)
+    cached = wrapper.generate(prompt, 60, **kw)
+    torch.manual_seed(1)
+    assert torch.equal(cached, wrapper.generate(prompt, 60, use_cache=False, **kw))
+
+
+def test_generate_right_padded_prompts_as_left_padded():
+    wrapper = AutoregressiveWrapper(small_model(reversible=True, shift_tokens=True))
+    real = [torch.randint(1, 29, (n,)) for n in (13, 6)]
+    right = torch.zeros(2, 13, dtype=torch.long)
+    right_mask = torch.zeros(2, 13, dtype=torch.bool)
+    left, left_mask = right.clone(), right_mask.clone()
+    for row, seq in enumerate(real):
+        right[row, : len(seq)], right_mask[row, : len(seq)] = seq, True
+        left[row, 13 - len(seq) :], left_mask[row, 13 - len(seq) :] = seq, True
+    from_right = wrapper.generate(right, 40, temperature=0.0, mask=right_mask)
+    assert torch.equal(from_right, wrapper.generate(left, 40, temperature=0.0, mask=left_mask))
+    assert torch.equal(from_right, wrapper.generate(right, 40, temperature=0.0, mask=right_mask, use_cache=False))
+    # greedy: each new token is the argmax of the full forward on the left-padded sequence so far
+    with torch.no_grad():
+        full_mask = torch.cat([left_mask, torch.ones(2, 40, dtype=torch.bool)], 1)
+        logits = wrapper.net(torch.cat([left, from_right], 1), mask=full_mask)
+    assert torch.equal(logits[:, 12:-1].argmax(-1), from_right)
+
+
+def test_generate_stops_at_eos_and_pads():
+    wrapper = AutoregressiveWrapper(small_model(), pad_value=0)
+    prompt = torch.randint(1, 29, (3, 8))
+    free = wrapper.generate(prompt, 30, temperature=0.0)
+    eos = int(free[0, 4])
+    out = wrapper.generate(prompt, 30, temperature=0.0, eos_token=eos)
+    for row in range(3):
+        hits = (free[row] == eos).nonzero()
+        if len(hits):
+            stop = int(hits[0]) + 1
+            assert torch.equal(out[row, :stop], free[row, :stop]) and not out[row, stop:].any()
+
+
+def test_dense_attention_model_generates_by_recomputing():
+    wrapper = AutoregressiveWrapper(small_model(attention="dense"))
+    prompt = torch.randint(0, 29, (1, 9))
+    assert torch.equal(
+        wrapper.generate(prompt, 12, temperature=0.0), wrapper.generate(prompt, 12, temperature=0.0, use_cache=False)
+    )
+
+
+def test_generate_checks_mask():
+    wrapper = AutoregressiveWrapper(small_model())
+    prompt = torch.randint(0, 29, (2, 5))
+    with pytest.raises(ValueError, match="mask"):
+        wrapper.generate(prompt, 3, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        wrapper.generate(prompt, 3, mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="every prompt row"):
+        wrapper.generate(prompt, 3, mask=torch.tensor([[True] * 5, [False] * 5]))
