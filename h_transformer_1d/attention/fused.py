@@ -220,6 +220,8 @@ def _level_table(lengths: tuple[int, ...], nr: int, device) -> tuple[torch.Tenso
         table = torch.tensor(rows, dtype=torch.int32, device=device).t().contiguous()
         if torch.compiler.is_compiling():
             return table[0], table[1]
+        if len(_LEVEL_TABLES) >= 256:  # many distinct lengths (variable-length batches): start over
+            _LEVEL_TABLES.clear()
         _LEVEL_TABLES[key] = (table[0], table[1])
     return _LEVEL_TABLES[key]
 
