@@ -153,6 +153,22 @@ def _pair_first(x: torch.Tensor, count: torch.Tensor, length: int) -> torch.Tens
     return torch.where((c[:, :, :, 0] > 0)[..., None], x[:, :, :, 0], x[:, :, :, 1])
 
 
+def coarse_levels(q0, k0, v0, count, lengths: list[int], causal: bool):
+    """Yield, for levels 1.., the coarse (query, mean key, mean value, count), each (B,H,lengths[l],D).
+
+    q0, k0, v0 (B,H,lengths[0],D) hold the fine level with padded content zeroed; count (B,
+    lengths[0]) is 1 for a real token. Coarse queries are means over valid positions, or for the
+    causal variant the first valid position's query; sums of half-precision inputs are float32.
+    """
+    q_acc, k_acc, v_acc, c_acc = q0, k0, v0, count
+    for length in lengths[1:]:
+        q_acc = _pair_first(q_acc, c_acc, length) if causal else _pair_sum(q_acc, length)
+        k_acc, v_acc = _pair_sum(k_acc, length), _pair_sum(v_acc, length)
+        c_acc = _pair_sum(c_acc[:, None], length)[:, 0]
+        denom = c_acc.clamp(min=1.0)[:, None, :, None]
+        yield (q_acc if causal else q_acc / denom), k_acc / denom, v_acc / denom, c_acc
+
+
 def blocked_h_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -181,23 +197,12 @@ def blocked_h_attention(
 
     count = _pad_seq(valid[:, None].to(compute_dtype), lengths[0])[:, 0]  # (B, M0)
     keep = count[:, None, :, None]
-    q0 = _pad_seq(q * scale, lengths[0])
-    k0 = _pad_seq(k, lengths[0]) * keep
-    v0 = _pad_seq(v, lengths[0]) * keep
+    q0, k0, v0 = (_pad_seq(t, lengths[0]) * keep for t in (q * scale, k, v))
     fine = _attend(q0, k0, v0, count, nr, causal, 0, dropout_p)
-
-    # coarsening: sums of k, v (and q, or the first valid q when causal) and counts, level by level
-    coarse: list[Partial] = []
-    q_acc = q0 if causal else q0 * keep
-    k_acc, v_acc, c_acc = k0, v0, count
-    for level in range(1, top + 1):
-        length = lengths[level]
-        q_acc = _pair_first(q_acc, c_acc, length) if causal else _pair_sum(q_acc, length)
-        k_acc, v_acc = _pair_sum(k_acc, length), _pair_sum(v_acc, length)
-        c_acc = _pair_sum(c_acc[:, None], length)[:, 0]
-        denom = c_acc.clamp(min=1.0)[:, None, :, None]
-        q_level = q_acc if causal else q_acc / denom
-        coarse.append(_attend(q_level, k_acc / denom, v_acc / denom, c_acc, nr, causal, level, dropout_p))
+    coarse = [
+        _attend(q_l, k_l, v_l, c_l, nr, causal, level, dropout_p)
+        for level, (q_l, k_l, v_l, c_l) in enumerate(coarse_levels(q0, k0, v0, count, lengths, causal), start=1)
+    ]
 
     # merge coarse to fine: every level's state is shared by the whole group below it
     state = None

@@ -15,7 +15,7 @@ group members.
 import torch
 import torch.nn.functional as F
 
-from .blocked import _pad_seq, _pair_first, _pair_sum
+from .blocked import _pad_seq, coarse_levels
 from .reference import num_levels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -239,18 +239,9 @@ def _prepare(q, k, v, valid, masked: bool, scale: float, lengths: list[int], cau
     if masked:
         keep = _pad_seq(valid[:, None, :, None], lengths[0])
         q0, k0, v0 = (t.masked_fill(~keep, 0.0) for t in (q0, k0, v0))
-    qs, ks, vs, cs = [], [], [], []
-    q_acc, k_acc, v_acc, c_acc = q0, k0, v0, count
-    for length in lengths[1:]:
-        q_acc = _pair_first(q_acc, c_acc, length) if causal else _pair_sum(q_acc, length)
-        k_acc, v_acc = _pair_sum(k_acc, length), _pair_sum(v_acc, length)
-        c_acc = _pair_sum(c_acc[:, None], length)[:, 0]
-        denom = c_acc.clamp(min=1.0)[:, None, :, None]
-        qs.append(q_acc if causal else q_acc / denom)
-        ks.append(k_acc / denom)
-        vs.append(v_acc / denom)
-        cs.append(c_acc)
-    if qs:
+    levels = list(coarse_levels(q0, k0, v0, count, lengths, causal))
+    if levels:
+        qs, ks, vs, cs = zip(*levels)
         qc, kc, vc = (torch.cat([x.to(q.dtype) for x in t], 2) for t in (qs, ks, vs))
         cntc = torch.cat(cs, 1)
     else:
