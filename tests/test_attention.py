@@ -227,3 +227,19 @@ def test_fully_masked_rows_give_zeros_not_nan(causal, dtype):
     assert out[1].abs().max() == 0 and not out.isnan().any()
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("impl", ["reference", "blocked"])
+def test_rotary_freqs_equal_rotating_q_and_k_first(impl):
+    """h_attention(..., rotary_freqs=f) is attention on q, k rotated at positions 0..N-1."""
+    from h_transformer_1d.attention.rotary import apply_rotary
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 37, 16, dtype=torch.float64, generator=gen) for _ in range(3))
+    freqs = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    pos = torch.arange(37)
+    got = h_attention(q, k, v, block_size=4, causal=True, rotary_freqs=freqs, impl=impl)
+    expected = h_attention(apply_rotary(q, pos, freqs), apply_rotary(k, pos, freqs), v, block_size=4, causal=True,
+                           impl=impl)
+    assert torch.equal(got, expected)
+    assert rel_err(got, h_attention(q, k, v, block_size=4, causal=True, impl=impl)) > 1e-3  # it does rotate

@@ -26,6 +26,16 @@ def test_attention_qkv_shape_mismatch():
         h_attention(q, k[:, :, :9], v, block_size=4)
 
 
+def test_attention_rotary_freqs_shape():
+    with pytest.raises(ValueError, match=r"rotary_freqs must have shape \(dim_head / 2,\) = \(4,\)"):
+        h_attention(*qkv(1, 2, 10, 8), block_size=4, rotary_freqs=torch.ones(8))
+
+
+def test_attention_rotary_freqs_type():
+    with pytest.raises(TypeError, match="rotary_freqs must be a floating point torch.Tensor"):
+        h_attention(*qkv(1, 2, 10, 8), block_size=4, rotary_freqs=[1.0, 2.0, 3.0, 4.0])
+
+
 def test_attention_mask_shape_mismatch():
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seq_len\) = \(1, 10\)"):
         h_attention(*qkv(1, 2, 10, 8), block_size=4, key_padding_mask=torch.ones(1, 11, dtype=torch.bool))

@@ -1,21 +1,19 @@
-"""Hierarchical attention through the Triton kernels: autograd Function and launch logic.
+"""Hierarchical attention through the Triton kernels: launch logic and the autograd custom ops.
 
-Forward: the coarse levels (packed into one launch) give an unnormalised softmax state per coarse
-query; these are merged coarse to fine (log-sum-exp, base 2) down to level 1; the level-0 kernel
-starts its online softmax from that state, so every query ends with one softmax over all levels and
-stores one log-sum-exp. Backward: the level-0 kernels recompute probabilities from that log-sum-exp.
-For a coarse level, all fine queries of a group share the same scores, so their gradients fold into
-one coarse row: ``dObar = sum_i 2^(ref - lse_i) dO_i`` and ``Dbar = sum_i 2^(ref - lse_i) D_i`` with
-``ref = min_i lse_i`` (every coarse weight of the group is <= 2^-ref, so nothing overflows); the same
-backward kernels then run on the coarse rows. Coarsening itself (means, sums, sampled causal
-queries) is plain PyTorch outside the Function, so autograd spreads coarse gradients back to the
-group members.
+Forward (3 launches for N <= 64 * block_size, one more per further 6 levels):
+  1. ``coarsen_kernel`` reads q, k, v once and writes every level into packed buffers;
+  2. one windowed launch over all coarse levels gives an unnormalised softmax state per coarse query;
+  3. the level-0 launch starts each query's online softmax from its ancestors' coarse states, so
+     every query ends with one softmax over all levels, and stores one log-sum-exp.
+Backward (5 launches, plus one per further 6 levels): ``fold_kernel`` folds each coarse group's
+rows (``dObar = sum_i 2^(ref - lse_i) dO_i``, ``Dbar`` likewise, ``ref = min_i lse_i``: every coarse
+weight of the group is <= 2^-ref, so nothing overflows); the windowed backward kernels run on level 0
+and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients back to the tokens
+(means: divided by the count; causal queries: to the sampled first token) and writes dq, dk, dv.
 """
 
 import torch
-import torch.nn.functional as F
 
-from .blocked import _pad_seq, coarse_levels
 from .reference import num_levels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -37,6 +35,11 @@ def _alloc(*shape, device, dtype) -> torch.Tensor:
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+def _alloc_bnhd(b, h, n, d, device, dtype) -> torch.Tensor:
+    """A (B, H, N, D) tensor stored as (B, N, H, D): merging heads afterwards is a free view."""
+    return _alloc(b, n, h, d, device=device, dtype=dtype).transpose(1, 2)
+
+
 def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
     """(FIRST, STEP, NUM_WIN): the key blocks c + FIRST + w * STEP of query block c."""
     if level0:
@@ -44,210 +47,250 @@ def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
     return (-1, 2, 1) if causal else (-1, 2, 2)
 
 
-def _launch_fwd(q, k, v, cnt, lo, hi, nr, level0, causal, init=None, final=True):
+class _Layout:
+    """Where each level lives in the packed buffers, and the per-block key ranges (device tables)."""
+
+    def __init__(self, n: int, nr: int, device):
+        self.top = num_levels(n, nr)
+        self.lengths = [-(-n // (nr << lv)) * nr for lv in range(self.top + 1)]
+        self.starts = [0]
+        for length in self.lengths[:-1]:
+            self.starts.append(self.starts[-1] + length)
+        self.m0 = self.lengths[0]
+        self.mtot = self.starts[-1] + self.lengths[-1]
+        rows = []
+        for start, length in zip(self.starts, self.lengths):
+            rows += [(start // nr, (start + length) // nr)] * (length // nr)
+        table = torch.tensor(rows, dtype=torch.int32).t().contiguous()
+        from .triton_kernels import LV
+
+        pad = [0] * (LV + 1)  # coarsen/fold read a few levels past the top (masked off)
+        self.lo, self.hi = table[0].to(device), table[1].to(device)
+        self.start_t = torch.tensor(self.starts + pad, dtype=torch.int32, device=device)
+        self.len_t = torch.tensor(self.lengths + pad, dtype=torch.int32, device=device)
+
+    def chunk_grid(self, base: int, lvl: int) -> int:
+        """Chunks of 2**lvl rows of level `base` needed to fill levels base+1 .. base+lvl."""
+        rows = self.lengths[base] if base == 0 else 0
+        for j in range(1, lvl + 1):
+            if base + j <= self.top:
+                rows = max(rows, self.lengths[base + j] << j)
+        return -(-rows // (1 << lvl))
+
+
+_LAYOUTS: dict = {}
+
+
+def _layout(n: int, nr: int, device) -> _Layout:
+    """Cached per shape: building the tables is a host-to-device copy, which would stall the queue."""
+    key = (n, nr, str(device))
+    layout = _LAYOUTS.get(key)
+    if layout is None or torch.compiler.is_compiling():
+        layout = _Layout(n, nr, device)
+        if torch.compiler.is_compiling():
+            return layout
+        if len(_LAYOUTS) >= 256:  # many distinct lengths (variable-length batches): start over
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def _levels_per_launch(layout: _Layout):
+    """(base, levels) of each chained coarsen/fold launch."""
+    from .triton_kernels import LV
+
+    base = 0
+    while True:
+        yield base, LV
+        base += LV
+        if base >= layout.top:
+            return
+
+
+def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
     from . import triton_kernels as tk
 
-    b, h, m, d = q.shape
-    if final:
-        out = _alloc(b, h, m, d, device=q.device, dtype=q.dtype)
-        m_out = _alloc(b, h, m, device=q.device, dtype=torch.float32)
-        l_out = m_out  # unused
-    else:
-        out = _alloc(b, h, m, d, device=q.device, dtype=torch.float32)
-        m_out = _alloc(b, h, m, device=q.device, dtype=torch.float32)
-        l_out = _alloc(b, h, m, device=q.device, dtype=torch.float32)
-    if init is None:
-        m_in, l_in, a_in = m_out, l_out, out  # placeholders, never read
-    else:
-        m_in, l_in, a_in = init
-    first, step, num_win = _window(level0, causal)
-    tk.window_fwd_kernel[lambda meta: (m // meta["BLOCK_M"], b * h)](
-        q, k, v, cnt, lo, hi, m_in, l_in, a_in, out, m_out, l_out,
-        q.stride(0), q.stride(1), q.stride(2),
-        cnt.stride(0),
-        m_out.stride(0), m_out.stride(1),
-        a_in.stride(0), a_in.stride(1), a_in.stride(2),
-        m_in.stride(0), m_in.stride(1),
-        h,
-        NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win,
-        LEVEL0=level0, CAUSAL=causal, HAS_INIT=init is not None, FINAL=final,
-    )
-    return (out, m_out) if final else (out, m_out, l_out)
+    b, h, n, d = q.shape
+    dev = q.device
+    pq, pk, pv = (_alloc(b, h, layout.mtot, d, device=dev, dtype=q.dtype) for _ in range(3))
+    pc = _alloc(b, layout.mtot, device=dev, dtype=torch.float32)
+    pf = _alloc(b, layout.mtot, device=dev, dtype=torch.int32)
+    has_mask = valid is not None
+    packed_strides = (pq.stride(0), pq.stride(1), pq.stride(2)) * 3
+    for base, lvl in _levels_per_launch(layout):
+        raw = base == 0
+        if raw:
+            srcs, strides = (q, k, v), (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+            n_in, row0, sc = n, 0, scale
+        else:
+            srcs, strides = (pq, pk, pv), packed_strides
+            n_in, row0, sc = layout.lengths[base], layout.starts[base], 1.0
+        tk.coarsen_kernel[(layout.chunk_grid(base, lvl), b * h)](
+            *srcs, valid if has_mask else pc, *(rot if rot is not None else (pc, pc)), pq, pk, pv, pc, pf,
+            layout.start_t, layout.len_t,
+            *strides, valid.stride(0) if has_mask else 0,
+            h, layout.mtot, n_in, row0, base, layout.top, sc,
+            D=d, LVL=lvl, RAW=raw, HAS_MASK=has_mask, CAUSAL=causal, ROTARY=raw and rot is not None, num_warps=4,
+        )
+    return pq, pk, pv, pc, pf
 
 
-def _launch_bwd(q, k, v, cnt, lo, hi, do, lse, delta, nr, level0, causal):
+def _forward(q, k, v, valid, rot, nr, causal, scale):
     from . import triton_kernels as tk
 
-    b, h, m, d = q.shape
-    first, step, num_win = _window(level0, causal)
-    dq, dk, dv = (_alloc(b, h, m, d, device=q.device, dtype=torch.float32) for _ in range(3))
-    common = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal)
-    strides = (q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
-               cnt.stride(0), lse.stride(0), lse.stride(1), h)
-    tk.window_bwd_dq_kernel[lambda meta: (m // meta["BLOCK_M"], b * h)](
-        q, k, v, cnt, lo, hi, do, lse, delta, dq, *strides, **common
+    b, h, n, d = q.shape
+    layout = _layout(n, nr, q.device)
+    pq, pk, pv, pc, pf = _coarsen(q, k, v, valid, rot, scale, nr, causal, layout)
+    mc = layout.mtot - layout.m0
+    rows = max(mc, 1)  # never read without coarse levels, but kernels want a real pointer
+    sm = _alloc(b, h, rows, device=q.device, dtype=torch.float32)
+    sl = _alloc(b, h, rows, device=q.device, dtype=torch.float32)
+    sa = _alloc(b, h, rows, d, device=q.device, dtype=torch.float32)
+    out = _alloc_bnhd(b, h, n, d, q.device, q.dtype)
+    lse = _alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
+    common = (pq, pk, pv, pc, layout.lo, layout.hi, layout.start_t, sm, sl, sa, out, lse, *out.stride()[:3], h,
+              layout.mtot, layout.m0, n)
+    if mc:
+        first, step, num_win = _window(False, causal)
+        tk.window_fwd_kernel[lambda meta: (mc // meta["BLOCK_M"], b * h)](
+            *common, layout.m0, layout.top,
+            NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=False, CAUSAL=causal, FINAL=False,
+        )
+    first, step, num_win = _window(True, causal)
+    tk.window_fwd_kernel[lambda meta: (layout.m0 // meta["BLOCK_M"], b * h)](
+        *common, 0, layout.top,
+        NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=True, CAUSAL=causal, FINAL=True,
     )
-    tk.window_bwd_dkdv_kernel[lambda meta: (m // meta["BLOCK_N"], b * h)](
-        q, k, v, cnt, lo, hi, do, lse, delta, dk, dv, *strides, **common
+    return out, lse, pq, pk, pv, pc, pf
+
+
+def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n):
+    from . import triton_kernels as tk
+
+    b, h, mtot, d = pq.shape
+    layout = _layout(n, nr, pq.device)
+    dev = pq.device
+    pdo = _alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
+    plse = _alloc(b, h, mtot, device=dev, dtype=torch.float32)
+    pdel = _alloc(b, h, mtot, device=dev, dtype=torch.float32)
+    for base, lvl in _levels_per_launch(layout):
+        raw = base == 0
+        n_in, row0 = (n, 0) if raw else (layout.lengths[base], layout.starts[base])
+        tk.fold_kernel[(layout.chunk_grid(base, lvl), b * h)](
+            dout, out, lse, pc, pdo, plse, pdel, layout.start_t, layout.len_t,
+            *dout.stride()[:3], *out.stride()[:3],
+            h, mtot, n_in, row0, base, layout.top,
+            D=d, LVL=lvl, RAW=raw, num_warps=4,
+        )
+    # gradients of every packed row, in the input precision for half inputs (summed in float32 later)
+    gdtype = torch.float32 if pq.dtype == torch.float32 else pq.dtype
+    pdq, pdk, pdv = (_alloc(b, h, mtot, d, device=dev, dtype=gdtype) for _ in range(3))
+    args = (pq, pk, pv, pc, layout.lo, layout.hi, pdo, plse, pdel)
+    for level0, row0, rows in ((True, 0, layout.m0), (False, layout.m0, mtot - layout.m0)):
+        if not rows:
+            continue
+        first, step, num_win = _window(level0, causal)
+        kw = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal)
+        tk.window_bwd_dq_kernel[lambda meta: (rows // meta["BLOCK_M"], b * h)](*args, pdq, h, mtot, row0, **kw)
+        tk.window_bwd_dkdv_kernel[lambda meta: (rows // meta["BLOCK_N"], b * h)](*args, pdk, pdv, h, mtot, row0, **kw)
+    dq, dk, dv = (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))
+    tk.uncoarsen_kernel[(-(-n // tk.UNCOARSEN_BLOCK), b * h)](
+        pdq, pdk, pdv, pc, pf, layout.start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        h, mtot, n, layout.top, scale,
+        D=d, BLOCK=tk.UNCOARSEN_BLOCK, CAUSAL=causal, ROTARY=rot is not None, num_warps=4,
     )
     return dq, dk, dv
 
 
-def _merge2(m_a, l_a, o_a, m_b, l_b, o_b):
-    m = torch.maximum(m_a, m_b)
-    wa, wb = torch.exp2(m_a - m), torch.exp2(m_b - m)
-    return m, l_a * wa + l_b * wb, o_a * wa[..., None] + o_b * wb[..., None]
-
-
-def _up(x: torch.Tensor, length: int) -> torch.Tensor:
-    return x.repeat_interleave(2, dim=2)[:, :, :length]
-
-
-def _merge_down(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, lengths: list[int]):
-    """Softmax states of the packed coarse levels, merged coarse to fine down to level 1."""
-    starts = [0]
-    for length in lengths[1:]:
-        starts.append(starts[-1] + length)
-    state = None
-    for level in range(len(lengths) - 1, 0, -1):
-        sl = slice(starts[level - 1], starts[level])
-        part = (m[:, :, sl], l[:, :, sl], acc[:, :, sl])
-        state = part if state is None else _merge2(*(_up(t, lengths[level]) for t in state), *part)
-    return tuple(t.contiguous() for t in state)
-
-
-def _fold_rows(lse: torch.Tensor, do: torch.Tensor, out: torch.Tensor, lengths: list[int]):
-    """Delta = rowsum(dO * O) per fine query, and per coarse level the folded rows of each group:
-    ref = min lse, dObar = sum 2^(ref - lse) dO, Dbar = sum 2^(ref - lse) Delta (packed)."""
-    delta = (do.float() * out.float()).sum(-1)
-    refs, dobars, dbars = [], [], []
-    ref, dobar, dbar = lse, do.float(), delta
-    for length in lengths[1:]:
-        pairs = F.pad(ref, (0, 2 * length - ref.shape[2]), value=float("inf")).unflatten(2, (length, 2))
-        new_ref = pairs.amin(-1)
-        safe = torch.where(torch.isinf(new_ref), 0.0, new_ref)
-        weight = torch.exp2(safe[..., None] - pairs)  # <= 1; 0 for rows without keys (lse = +inf)
-        dobar = (_pad_seq(dobar, 2 * length).unflatten(2, (length, 2)) * weight[..., None]).sum(3)
-        dbar = (_pad_seq(dbar, 2 * length).unflatten(2, (length, 2)) * weight).sum(3)
-        ref = new_ref
-        refs.append(safe)
-        dobars.append(dobar)
-        dbars.append(dbar)
-    if not refs:
-        return delta, None, None, None
-    return delta, torch.cat(refs, 2), torch.cat(dobars, 2).to(do.dtype), torch.cat(dbars, 2)
+def _packed_shapes(q: torch.Tensor, nr: int):
+    b, h, n, d = q.shape
+    top = num_levels(n, nr)
+    mtot = sum(-(-n // (nr << lv)) * nr for lv in range(top + 1))
+    return b, h, n, d, mtot, -(-n // nr) * nr
 
 
 @torch.library.custom_op("h_transformer_1d::hattn_fwd", mutates_args=())
 def _hattn_fwd(
-    q0: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, cnt0: torch.Tensor,
-    qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cntc: torch.Tensor,
-    lo: torch.Tensor, hi: torch.Tensor, nr: int, causal: bool, lengths: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q0, k0, v0 (B,H,M0,D) fine; qc, kc, vc (B,H,Mc,D) coarse levels 1.. packed; counts (B, M).
-
-    Returns the output (B,H,M0,D) and the base-2 log-sum-exp per fine query (B,H,M0).
-    """
-    top = len(lengths) - 1
-    nb0 = lengths[0] // nr
-    init = None
-    if top:
-        acc, m, l = _launch_fwd(qc, kc, vc, cntc, lo[nb0:], hi[nb0:], nr, False, causal, final=False)
-        init = _merge_down(m, l, acc, lengths)
-    return _launch_fwd(q0, k0, v0, cnt0, lo[:nb0], hi[:nb0], nr, True, causal, init=init, final=True)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+    rot: torch.Tensor | None, nr: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B,H,N,D), valid (B,N) bool or None, rot (2, N, D/2) float32 cos and sin of the rotary
+    angles (or None: no rotary).
+    Returns the output (B,H,N,D), the base-2 lse per level-0 row (B,H,M0) and the packed levels
+    (q, k, v, counts, first tokens) kept for backward."""
+    return _forward(q, k, v, valid, None if rot is None else rot.unbind(0), nr, causal, scale)
 
 
 @_hattn_fwd.register_fake
-def _(q0, k0, v0, cnt0, qc, kc, vc, cntc, lo, hi, nr, causal, lengths):
-    return torch.empty_like(q0), q0.new_empty(q0.shape[:3], dtype=torch.float32)
+def _(q, k, v, valid, rot, nr, causal, scale):
+    b, h, n, d, mtot, m0 = _packed_shapes(q, nr)
+    return (
+        q.new_empty(b, n, h, d).transpose(1, 2),
+        q.new_empty(b, h, m0, dtype=torch.float32),
+        *(q.new_empty(b, h, mtot, d) for _ in range(3)),
+        q.new_empty(b, mtot, dtype=torch.float32),
+        q.new_empty(b, mtot, dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op("h_transformer_1d::hattn_bwd", mutates_args=())
 def _hattn_bwd(
-    dout: torch.Tensor, q0: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, cnt0: torch.Tensor,
-    qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cntc: torch.Tensor,
-    lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    nr: int, causal: bool, lengths: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    nb0 = lengths[0] // nr
-    do = dout.contiguous()
-    delta, refs, dobars, dbars = _fold_rows(lse, do, out, lengths)
-    dq0, dk0, dv0 = _launch_bwd(q0, k0, v0, cnt0, lo[:nb0], hi[:nb0], do, lse, delta, nr, True, causal)
-    dqc, dkc, dvc = (torch.empty_like(t) for t in (qc, kc, vc))
-    if refs is not None:
-        grads = _launch_bwd(qc, kc, vc, cntc, lo[nb0:], hi[nb0:], dobars, refs, dbars, nr, False, causal)
-        dqc, dkc, dvc = (t.to(qc.dtype) for t in grads)
-    return dq0.to(q0.dtype), dk0.to(k0.dtype), dv0.to(v0.dtype), dqc, dkc, dvc
+    dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
+    pv: torch.Tensor, pc: torch.Tensor, pf: torch.Tensor, rot: torch.Tensor | None, nr: int, causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    tables = None if rot is None else rot.unbind(0)
+    return _backward(dout, out, lse, pq, pk, pv, pc, pf, tables, nr, causal, scale, out.shape[2])
 
 
 @_hattn_bwd.register_fake
-def _(dout, q0, k0, v0, cnt0, qc, kc, vc, cntc, lo, hi, out, lse, nr, causal, lengths):
-    return tuple(torch.empty_like(t) for t in (q0, k0, v0, qc, kc, vc))
+def _(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale):
+    b, h, n, d = out.shape
+    return tuple(out.new_empty(b, n, h, d).transpose(1, 2) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q0, k0, v0, cnt0, qc, kc, vc, cntc, lo, hi, nr, causal, lengths = inputs
-    out, lse = output
-    ctx.save_for_backward(q0, k0, v0, cnt0, qc, kc, vc, cntc, lo, hi, out, lse)
-    ctx.nr, ctx.causal, ctx.lengths = nr, causal, lengths
+    q, k, v, valid, rot, nr, causal, scale = inputs
+    out, lse, pq, pk, pv, pc, pf = output
+    ctx.save_for_backward(out, lse, pq, pk, pv, pc, pf, rot)
+    ctx.nr, ctx.causal, ctx.scale = nr, causal, scale
+    ctx.mark_non_differentiable(lse, pq, pk, pv, pc, pf)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept only for backward
 
 
-def _backward(ctx, dout, dlse):
-    q0, k0, v0, cnt0, qc, kc, vc, cntc, lo, hi, out, lse = ctx.saved_tensors
-    dq0, dk0, dv0, dqc, dkc, dvc = _hattn_bwd(
-        dout, q0, k0, v0, cnt0, qc, kc, vc, cntc, lo, hi, out, lse, ctx.nr, ctx.causal, ctx.lengths
-    )
-    return dq0, dk0, dv0, None, dqc, dkc, dvc, None, None, None, None, None, None
+def _grad(ctx, dout, *unused):
+    out, lse, pq, pk, pv, pc, pf, rot = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None, None, None
+    dq, dk, dv = _hattn_bwd(dout, out, lse, pq, pk, pv, pc, pf, rot, ctx.nr, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
-_hattn_fwd.register_autograd(_backward, setup_context=_setup_context)
+_hattn_fwd.register_autograd(_grad, setup_context=_setup_context)
 
 
-_LEVEL_TABLES: dict = {}
+_ROTARY_TABLES: dict = {}
 
 
-def _level_table(lengths: tuple[int, ...], nr: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of the fine level then the packed coarse levels: [lo, hi) of its level's blocks.
+def _rotary_table(n: int, freqs: torch.Tensor) -> torch.Tensor:
+    """(2, n, D/2) float32: cos and sin of position * freqs, as `rotary.apply_rotary` computes them.
 
-    Cached per shape: building it is a host-to-device copy, which would stall the launch queue.
-    """
-    key = (lengths, nr, str(device))
-    if key not in _LEVEL_TABLES or torch.compiler.is_compiling():
-        rows, start = [(0, lengths[0] // nr)] * (lengths[0] // nr), 0
-        for length in lengths[1:]:
-            rows += [(start // nr, (start + length) // nr)] * (length // nr)
-            start += length
-        table = torch.tensor(rows, dtype=torch.int32, device=device).t().contiguous()
-        if torch.compiler.is_compiling():
-            return table[0], table[1]
-        if len(_LEVEL_TABLES) >= 256:  # many distinct lengths (variable-length batches): start over
-            _LEVEL_TABLES.clear()
-        _LEVEL_TABLES[key] = (table[0], table[1])
-    return _LEVEL_TABLES[key]
+    Cached per (n, frequencies): a model's layers share one table."""
+    def build():
+        angles = torch.arange(n, device=freqs.device, dtype=torch.float32)[:, None] * freqs.float()
+        return torch.stack((angles.cos(), angles.sin()))
 
-
-def _prepare(q, k, v, valid, masked: bool, scale: float, lengths: list[int], causal: bool):
-    """Fine inputs padded to whole blocks (padded content zeroed) and the coarse levels 1.. packed.
-
-    Coarse queries and keys are means over valid positions (causal queries: the first valid
-    position), values are means too, entering the kernels with weight count. Sums accumulate in
-    float32; the packed levels are in the input dtype.
-    """
-    b, h, n, d = q.shape
-    count = _pad_seq(valid[:, None].float(), lengths[0])[:, 0]  # (B, M0)
-    q0, k0, v0 = (_pad_seq(t, lengths[0]) for t in (q * scale, k, v))
-    if masked:
-        keep = _pad_seq(valid[:, None, :, None], lengths[0])
-        q0, k0, v0 = (t.masked_fill(~keep, 0.0) for t in (q0, k0, v0))
-    levels = list(coarse_levels(q0, k0, v0, count, lengths, causal))
-    if levels:
-        qs, ks, vs, cs = zip(*levels)
-        qc, kc, vc = (torch.cat([x.to(q.dtype) for x in t], 2) for t in (qs, ks, vs))
-        cntc = torch.cat(cs, 1)
-    else:
-        qc, kc, vc = (q0.new_empty(b, h, 0, d) for _ in range(3))
-        cntc = count.new_empty(b, 0)
-    return q0, k0, v0, count, qc, kc, vc, cntc
+    if torch.compiler.is_compiling():
+        return build()
+    key = (n, freqs.data_ptr(), freqs._version, str(freqs.device))
+    table = _ROTARY_TABLES.get(key)
+    if table is None:
+        if len(_ROTARY_TABLES) >= 16:
+            _ROTARY_TABLES.clear()
+        table = _ROTARY_TABLES[key] = build()
+    return table
 
 
 def fused_h_attention(
@@ -259,24 +302,17 @@ def fused_h_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    rotary_freqs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hierarchical attention with the Triton kernels (inputs assumed validated and supported)."""
-    b, h, n, d = q.shape
-    nr = block_size
-    scale = d**-0.5 if scale is None else scale
-    lengths = [-(-n // (nr << lv)) * nr for lv in range(num_levels(n, nr) + 1)]
-    if key_padding_mask is None:
-        valid = torch.ones(b, n, device=q.device, dtype=torch.bool)
-    else:
-        valid = key_padding_mask.to(device=q.device, dtype=torch.bool)
-    lo, hi = _level_table(tuple(lengths), nr, q.device)
-    masked = key_padding_mask is not None
-    q0, k0, v0, count, qc, kc, vc, cntc = _prepare(q, k, v, valid, masked, scale, lengths, causal)
-    out, _ = _hattn_fwd(
-        q0.contiguous(), k0.contiguous(), v0.contiguous(), count.contiguous(),
-        qc.contiguous(), kc.contiguous(), vc.contiguous(), cntc.contiguous(), lo, hi, nr, causal, lengths,
-    )
-    out = out[:, :, :n]
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else float(scale)
+    valid = None
     if key_padding_mask is not None:
-        out = out.masked_fill(~valid[:, None, :, None], 0.0)
+        valid = key_padding_mask.to(device=q.device, dtype=torch.bool)
+        if valid.stride(-1) != 1:
+            valid = valid.contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    rot = None if rotary_freqs is None else _rotary_table(q.shape[2], rotary_freqs.to(q.device))
+    out = _hattn_fwd(q, k, v, valid, rot, block_size, causal, scale)[0]
     return out

@@ -7,6 +7,7 @@ import torch
 from . import fused
 from .blocked import blocked_h_attention
 from .reference import hierarchical_attention_reference
+from .rotary import apply_rotary
 
 IMPLEMENTATIONS = ("auto", "reference", "blocked", "triton")
 
@@ -61,6 +62,26 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
+def _use_triton(q: torch.Tensor, block_size: int, dropout_p: float, impl: str) -> bool:
+    """Whether impl="auto" picks the kernels."""
+    return (
+        impl == "auto" and q.is_cuda and dropout_p == 0.0 and fused.supports(q, block_size) and _triton_usable(q)
+    )
+
+
+def _check_rotary(freqs, q: torch.Tensor) -> None:
+    if freqs is None:
+        return
+    if not isinstance(freqs, torch.Tensor) or not freqs.is_floating_point():
+        raise TypeError(f"rotary_freqs must be a floating point torch.Tensor, got {type(freqs).__name__}")
+    d = q.shape[-1]
+    if d % 2 or tuple(freqs.shape) != (d // 2,):
+        raise ValueError(
+            f"rotary_freqs must have shape (dim_head / 2,) = ({d // 2},) for an even dim_head, "
+            f"got {tuple(freqs.shape)} with dim_head={d}"
+        )
+
+
 def h_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,6 +92,7 @@ def h_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    rotary_freqs: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Hierarchical attention (H-Transformer-1D) on (B, H, N, D) tensors; returns (B, H, N, D).
@@ -84,6 +106,10 @@ def h_attention(
             their outputs are zero.
         scale: score scale, default ``dim_head ** -0.5``.
         dropout_p: dropout on the attention weights (training only; the normaliser is not dropped).
+        rotary_freqs: (dim_head / 2,) inverse frequencies: rotate q and k by rotary position
+            embeddings at positions 0..N-1 first (the pair (2i, 2i+1) at position p turns by
+            p * rotary_freqs[i], see `rotary.apply_rotary`). The Triton kernels do it on the fly,
+            which saves the rotated copies and their backward.
         impl: "auto" (the fastest correct implementation for the inputs: the Triton kernels for
             float16/bfloat16 CUDA tensors with head dim 16-128, block size 16-256 and no dropout,
             else the blocked PyTorch path), "triton" (the kernels; float32 runs through TF32),
@@ -96,6 +122,11 @@ def h_attention(
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_rotary(rotary_freqs, q)
+    if rotary_freqs is not None and not (impl == "triton" or _use_triton(q, block_size, dropout_p, impl)):
+        positions = torch.arange(q.shape[2], device=q.device)
+        q, k = apply_rotary(q, positions, rotary_freqs), apply_rotary(k, positions, rotary_freqs)
+        rotary_freqs = None
     if impl == "reference":
         if dropout_p:
             raise ValueError("impl='reference' does not support dropout_p > 0")
@@ -110,11 +141,10 @@ def h_attention(
                 f"and dropout_p=0; got {q.device.type} {q.dtype}, dim_head={q.shape[-1]}, "
                 f"block_size={block_size}, dropout_p={dropout_p}"
             )
-    if impl == "triton" or (
-        impl == "auto" and q.is_cuda and dropout_p == 0.0 and fused.supports(q, block_size) and _triton_usable(q)
-    ):
+    if impl == "triton" or _use_triton(q, block_size, dropout_p, impl):
         return fused.fused_h_attention(
-            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale
+            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+            rotary_freqs=rotary_freqs,
         )
     return blocked_h_attention(
         q,

@@ -1,13 +1,25 @@
-"""Triton kernels for windowed block attention, the building block of every hierarchy level.
+"""Triton kernels of hierarchical attention.
 
-One kernel family serves all levels. A level is a sequence of tokens cut into blocks of NR; query
-block c attends to the key blocks ``c + FIRST + w * STEP`` for ``w < NUM_WIN`` that lie inside its
-level's range ``[lo[c], hi[c])`` (several coarse levels are packed into one launch, each its own
-range). Structural masks: at level 0 the causal diagonal block is triangular; at coarse levels the
-half-block correction of DESIGN.md applies. Each key carries ``log2(count)``: 0 for a real token,
--inf for padding or an empty group, log2(count) for a coarse token standing for `count` tokens.
+Every level lives in one packed buffer per tensor, shape (B, H, MTOT, D): level 0 (the fine tokens,
+padded to whole blocks) first, then levels 1, 2, ... each padded to whole blocks; ``START[l]`` and
+``LEN[l]`` give a level's rows. Counts (B, MTOT) say how many real tokens a row stands for.
 
-Scores are kept in base 2: the caller folds ``scale`` into q and the kernels multiply by log2(e).
+- ``coarsen_kernel`` fills the packed buffers from the raw q, k, v in one pass over the input:
+  scaled and masked level 0, then up to LV coarse levels by pairwise sums in registers (coarse
+  queries and keys are means over real tokens, values means entering with weight ``count``;
+  causal coarse queries are the group's first real query). Deeper hierarchies chain launches.
+- ``window_fwd_kernel`` / ``window_bwd_dq_kernel`` / ``window_bwd_dkdv_kernel``: windowed block
+  attention, one kernel family for all levels. Query block c attends to key blocks
+  ``c + FIRST + w * STEP`` (w < NUM_WIN) inside its level's range ``[lo[c], hi[c])``; at level 0
+  the causal diagonal block is triangular, at coarse levels the half-block correction of DESIGN.md
+  applies. Each key carries ``log2(count)``. The level-0 forward starts its online softmax from the
+  coarse levels' states of its ancestors, so every query ends with one softmax over all levels.
+- ``fold_kernel``: for the backward, folds each coarse group's rows: ``ref = min lse``,
+  ``dObar = sum 2^(ref - lse_i) dO_i``, ``Dbar = sum 2^(ref - lse_i) Delta_i``, so the same
+  backward kernels compute coarse gradients.
+- ``uncoarsen_kernel``: spreads coarse gradients back to the tokens and writes dq, dk, dv.
+
+Scores are kept in base 2 (the kernels multiply q.k by log2(e)); q is pre-scaled in level 0.
 """
 
 import os
@@ -15,9 +27,17 @@ import os
 import triton
 import triton.language as tl
 
+LV = 6  # coarse levels one coarsen/fold launch produces (chunks of 2**LV input rows)
+UNCOARSEN_BLOCK = 32
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("H_TRANSFORMER_1D_AUTOTUNE", "1") != "0"
+
 
 def _configs(shapes):
-    """Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter."""
+    """Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter;
+    only the first (a good default) when H_TRANSFORMER_1D_AUTOTUNE=0 (no tuning delay)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         shapes = [(16, 16, 1, 1), (32, 32, 1, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
@@ -29,16 +49,269 @@ def _fit_block(configs, nargs, **kwargs):
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return fitting[:1]  # the smallest tile: several tiles per block, so tiling is exercised
+    if not _autotune_enabled():
+        return fitting[:1]
     return fitting
 
 
 _KEY = ["NR", "D", "FIRST", "STEP", "NUM_WIN", "LEVEL0", "CAUSAL"]
 _FWD_CONFIGS = _configs(
-    [(128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
+    [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 _BWD_CONFIGS = _configs(
     [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
 )
+
+
+# --------------------------------------------------------------------------- pairwise reductions
+
+
+@triton.jit
+def _halves(x, R: tl.constexpr, D: tl.constexpr):
+    """(R, D) -> the even rows and the odd rows, each (R // 2, D)."""
+    return tl.split(tl.permute(tl.reshape(x, [R // 2, 2, D]), (0, 2, 1)))
+
+
+@triton.jit
+def _halves1(x, R: tl.constexpr):
+    """(R,) -> the even and the odd entries, each (R // 2,)."""
+    return tl.split(tl.reshape(x, [R // 2, 2]))
+
+
+@triton.jit
+def _rotary_tables(COS, SIN, pos, ok, R: tl.constexpr, D: tl.constexpr):
+    """cos and sin (R, D // 2) of the rotary angles at positions `pos` (tables (N, D // 2))."""
+    half = tl.arange(0, D // 2)
+    ptr = pos[:, None] * (D // 2) + half[None, :]
+    cos = tl.load(COS + ptr, mask=ok[:, None], other=1.0)
+    sin = tl.load(SIN + ptr, mask=ok[:, None], other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _coarsen_tensor(
+    x, cols, P, p_off, cnt, pid, START, LEN, BASE, TOP,
+    RAW: tl.constexpr, TAKE_FIRST: tl.constexpr, CH: tl.constexpr, LVL: tl.constexpr, D: tl.constexpr,
+    DW: tl.constexpr,
+):
+    """One tensor's chunk x (CH input rows x DW columns `cols`, fp32) -> its level-0 copy (RAW) and
+    coarse levels BASE+1 .. BASE+LVL of the packed buffer P (rows of D)."""
+    rows = pid * CH + tl.arange(0, CH)
+    if RAW:
+        m0 = tl.load(LEN)
+        tl.store(P + p_off + rows[:, None] * D + cols[None, :], x.to(P.dtype.element_ty), mask=(rows < m0)[:, None])
+    acc = x if TAKE_FIRST else x * cnt[:, None]
+    c = cnt
+    for j in tl.static_range(1, LVL + 1):
+        a, b = _halves(acc, CH >> (j - 1), DW)
+        ca, cb = _halves1(c, CH >> (j - 1))
+        if TAKE_FIRST:
+            acc = tl.where(ca[:, None] > 0, a, b)
+        else:
+            acc = a + b
+        c = ca + cb
+        level = BASE + j
+        start = tl.load(START + level)
+        length = tl.load(LEN + level)
+        local = pid * (CH >> j) + tl.arange(0, CH >> j)
+        val = acc if TAKE_FIRST else acc / tl.maximum(c, 1.0)[:, None]
+        ok = local < tl.where(level <= TOP, length, 0)
+        tl.store(P + p_off + (start + local)[:, None] * D + cols[None, :], val.to(P.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _coarsen_input(
+    X, x_off, sxm, rows, ok, cnt, mult, COS, SIN, P, p_off, pid, START, LEN, BASE, TOP,
+    RAW: tl.constexpr, TAKE_FIRST: tl.constexpr, ROTARY: tl.constexpr, CH: tl.constexpr, LVL: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Load CH input rows (zeros outside the input or without tokens), scale by `mult`, rotate the
+    feature pairs (2i, 2i+1) when ROTARY (the two halves coarsen separately), and coarsen."""
+    keep = cnt[:, None] > 0
+    if ROTARY:  # even and odd features as two half-width tiles
+        half = tl.arange(0, D // 2)
+        base = X + x_off + rows[:, None] * sxm
+        x1 = tl.load(base + 2 * half[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(base + 2 * half[None, :] + 1, mask=ok[:, None], other=0.0).to(tl.float32)
+        cos, sin = _rotary_tables(COS, SIN, rows, ok, CH, D)
+        r1 = tl.where(keep, (x1 * cos - x2 * sin) * mult, 0.0)
+        r2 = tl.where(keep, (x1 * sin + x2 * cos) * mult, 0.0)
+        _coarsen_tensor(r1, 2 * half, P, p_off, cnt, pid, START, LEN, BASE, TOP, RAW, TAKE_FIRST, CH, LVL, D, D // 2)
+        _coarsen_tensor(r2, 2 * half + 1, P, p_off, cnt, pid, START, LEN, BASE, TOP, RAW, TAKE_FIRST, CH, LVL, D,
+                        D // 2)
+    else:
+        offs_d = tl.arange(0, D)
+        x = tl.load(X + x_off + rows[:, None] * sxm + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        x = tl.where(keep, x * mult, 0.0)
+        _coarsen_tensor(x, offs_d, P, p_off, cnt, pid, START, LEN, BASE, TOP, RAW, TAKE_FIRST, CH, LVL, D, D)
+
+
+@triton.jit
+def coarsen_kernel(
+    XQ, XK, XV, VALID, COS, SIN,  # raw (B, H, N, D) inputs of any strides (RAW) or the packed buffers; rotary tables
+    PQ, PK, PV, PC, PF,  # packed outputs (B, H, MTOT, D); counts (B, MTOT) f32; first token (B, MTOT) i32
+    START, LEN,  # int32 per level (padded past the top with zeros)
+    sqb, sqh, sqm, skb, skh, skm, svb, svh, svm,  # input strides (D contiguous)
+    stride_valid,
+    H, MTOT, N_IN, IN_ROW0, BASE, TOP, scale,
+    D: tl.constexpr, LVL: tl.constexpr, RAW: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    ROTARY: tl.constexpr,
+):
+    """RAW: q (scaled, rotated when ROTARY), k (rotated), v and the counts into level 0 and levels
+    1..LVL; otherwise levels BASE+1 .. BASE+LVL from the packed level BASE (ROTARY only with RAW)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    CH: tl.constexpr = 1 << LVL
+    rows = pid * CH + tl.arange(0, CH)
+    ok = rows < N_IN
+    if RAW:
+        if HAS_MASK:
+            cnt = tl.load(VALID + b * stride_valid + rows, mask=ok, other=0).to(tl.float32)
+        else:
+            cnt = ok.to(tl.float32)
+        first = rows
+    else:
+        cnt = tl.load(PC + b * MTOT + IN_ROW0 + rows, mask=ok, other=0.0)
+        first = tl.load(PF + b * MTOT + IN_ROW0 + rows, mask=ok, other=0)
+    p_off = (b * H + h) * MTOT * D
+    in_rows = IN_ROW0 + rows
+    _coarsen_input(XQ, b * sqb + h * sqh, sqm, in_rows, ok, cnt, scale, COS, SIN, PQ, p_off, pid, START, LEN, BASE,
+                   TOP, RAW, CAUSAL, ROTARY, CH, LVL, D)
+    _coarsen_input(XK, b * skb + h * skh, skm, in_rows, ok, cnt, 1.0, COS, SIN, PK, p_off, pid, START, LEN, BASE,
+                   TOP, RAW, False, ROTARY, CH, LVL, D)
+    _coarsen_input(XV, b * svb + h * svh, svm, in_rows, ok, cnt, 1.0, COS, SIN, PV, p_off, pid, START, LEN, BASE,
+                   TOP, RAW, False, False, CH, LVL, D)
+    if h == 0:  # counts and sampled positions are per batch row
+        if RAW:
+            m0 = tl.load(LEN)
+            tl.store(PC + b * MTOT + rows, cnt, mask=rows < m0)
+            tl.store(PF + b * MTOT + rows, first, mask=rows < m0)
+        c = cnt
+        f = first
+        for j in tl.static_range(1, LVL + 1):
+            ca, cb = _halves1(c, CH >> (j - 1))
+            fa, fb = _halves1(f, CH >> (j - 1))
+            f = tl.where(ca > 0, fa, fb)
+            c = ca + cb
+            level = BASE + j
+            start = tl.load(START + level)
+            local = pid * (CH >> j) + tl.arange(0, CH >> j)
+            keep = local < tl.where(level <= TOP, tl.load(LEN + level), 0)
+            tl.store(PC + b * MTOT + start + local, c, mask=keep)
+            tl.store(PF + b * MTOT + start + local, f, mask=keep)
+
+
+@triton.jit
+def fold_kernel(
+    DO, O, LSE,  # RAW: dO and O (B, H, N, D) any strides, lse (B, H, M0); else the packed buffers below
+    PC, PDO, PLSE, PDEL,  # counts (B, MTOT); packed dO rows (B, H, MTOT, D); ref and Delta (B, H, MTOT)
+    START, LEN,
+    sdob, sdoh, sdom, sob, soh, som,
+    H, MTOT, N_IN, IN_ROW0, BASE, TOP,
+    D: tl.constexpr, LVL: tl.constexpr, RAW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    CH: tl.constexpr = 1 << LVL
+    rows = pid * CH + tl.arange(0, CH)
+    offs_d = tl.arange(0, D)
+    ok = rows < N_IN
+    s_off = (b * H + h) * MTOT
+    p_off = s_off * D
+    if RAW:
+        m0 = tl.load(LEN)
+        cnt = tl.load(PC + b * MTOT + rows, mask=rows < m0, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=ok[:, None], other=0.0)
+        do = tl.where(cnt[:, None] > 0, do.to(tl.float32), 0.0)  # padded rows' outputs are constant zeros
+        o = tl.load(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :], mask=ok[:, None], other=0.0)
+        delta = tl.sum(do * o.to(tl.float32), 1)
+        lse = tl.load(LSE + (b * H + h) * m0 + rows, mask=rows < m0, other=float("inf"))
+        keep0 = rows < m0
+        tl.store(PDO + p_off + rows[:, None] * D + offs_d[None, :], do.to(PDO.dtype.element_ty), mask=keep0[:, None])
+        tl.store(PLSE + s_off + rows, lse, mask=keep0)
+        tl.store(PDEL + s_off + rows, delta, mask=keep0)
+        ref = tl.where(cnt > 0, lse, float("inf"))  # padded rows take no part
+    else:
+        do = tl.load(PDO + p_off + (IN_ROW0 + rows)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        do = do.to(tl.float32)
+        ref = tl.load(PLSE + s_off + IN_ROW0 + rows, mask=ok, other=float("inf"))
+        delta = tl.load(PDEL + s_off + IN_ROW0 + rows, mask=ok, other=0.0)
+    for j in tl.static_range(1, LVL + 1):
+        ra, rb = _halves1(ref, CH >> (j - 1))
+        new = tl.minimum(ra, rb)
+        safe = tl.where(new == float("inf"), 0.0, new)
+        wa = tl.exp2(safe - ra)  # <= 1; 0 for a side without rows (ref = +inf)
+        wb = tl.exp2(safe - rb)
+        da, db = _halves(do, CH >> (j - 1), D)
+        do = da * wa[:, None] + db * wb[:, None]
+        ea, eb = _halves1(delta, CH >> (j - 1))
+        delta = ea * wa + eb * wb
+        ref = new
+        level = BASE + j
+        start = tl.load(START + level)
+        local = pid * (CH >> j) + tl.arange(0, CH >> j)
+        keep = local < tl.where(level <= TOP, tl.load(LEN + level), 0)
+        tl.store(PDO + p_off + (start + local)[:, None] * D + offs_d[None, :], do.to(PDO.dtype.element_ty),
+                 mask=keep[:, None])
+        tl.store(PLSE + s_off + start + local, ref, mask=keep)
+        tl.store(PDEL + s_off + start + local, delta, mask=keep)
+
+
+@triton.jit
+def uncoarsen_kernel(
+    PDQ, PDK, PDV, PC, PF, START, COS, SIN,  # packed gradients (B, H, MTOT, D), counts, first tokens, rotary
+    DQ, DK, DV,  # outputs (B, H, N, D), any strides
+    sqb, sqh, sqm, skb, skh, skm, svb, svh, svm,
+    H, MTOT, N, TOP, scale,
+    D: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
+):
+    """dq, dk, dv of token i: its level-0 gradient plus, per level, its group's coarse gradient
+    (divided by the group's count for means; causal queries: only the group's first token);
+    ROTARY turns dq and dk back to the unrotated inputs."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    ok = rows < N
+    p_off = (b * H + h) * MTOT * D
+    ptr = p_off + rows[:, None] * D + offs_d[None, :]
+    dq = tl.load(PDQ + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    dk = tl.load(PDK + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    dv = tl.load(PDV + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    valid = tl.load(PC + b * MTOT + rows, mask=ok, other=0.0) > 0
+    for level in range(1, TOP + 1):
+        anc = tl.load(START + level) + (rows >> level)
+        inv = 1.0 / tl.maximum(tl.load(PC + b * MTOT + anc, mask=ok, other=1.0), 1.0)
+        aptr = p_off + anc[:, None] * D + offs_d[None, :]
+        dk += tl.load(PDK + aptr, mask=ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
+        dv += tl.load(PDV + aptr, mask=ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
+        gq = tl.load(PDQ + aptr, mask=ok[:, None], other=0.0).to(tl.float32)
+        if CAUSAL:
+            first = tl.load(PF + b * MTOT + anc, mask=ok, other=-1)
+            dq += tl.where((first == rows)[:, None], gq, 0.0)
+        else:
+            dq += gq * inv[:, None]
+    if ROTARY:  # the gradient turns back: (g1, g2) -> (g1 cos + g2 sin, -g1 sin + g2 cos)
+        cos, sin = _rotary_tables(COS, SIN, rows, ok, BLOCK, D)
+        g1, g2 = tl.split(tl.reshape(dq, [BLOCK, D // 2, 2]))
+        dq = tl.reshape(tl.join(g1 * cos + g2 * sin, g2 * cos - g1 * sin), [BLOCK, D])
+        g1, g2 = tl.split(tl.reshape(dk, [BLOCK, D // 2, 2]))
+        dk = tl.reshape(tl.join(g1 * cos + g2 * sin, g2 * cos - g1 * sin), [BLOCK, D])
+    dq = tl.where(valid[:, None], dq * scale, 0.0)
+    dk = tl.where(valid[:, None], dk, 0.0)
+    dv = tl.where(valid[:, None], dv, 0.0)
+    tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+    tl.store(DK + b * skb + h * skh + rows[:, None] * skm + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DV + b * svb + h * svh + rows[:, None] * svm + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=ok[:, None])
+
+
+# --------------------------------------------------------------------------- windowed attention
 
 
 @triton.jit
@@ -60,24 +333,20 @@ def _scores(q, k, cnt, rows, cols, off, LEVEL0: tl.constexpr, CAUSAL: tl.constex
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
 @triton.jit
 def window_fwd_kernel(
-    Q, K, V, CNT, LO, HI,
-    M_IN, L_IN, A_IN,  # optional initial softmax state (coarser levels), indexed at row >> 1
-    O, M_OUT, L_OUT,  # normalised output + lse (FINAL) or the raw state m, l, acc (not FINAL)
-    stride_b, stride_h, stride_m,  # q/k/v/o share one layout (B, H, M, D), D contiguous
-    stride_cb,  # counts (B, M)
-    stride_sb, stride_sh,  # row stats (B, H, M)
-    in_stride_b, in_stride_h, in_stride_m,  # A_IN (B, H, M_in, D)
-    in_sstride_b, in_sstride_h,  # M_IN / L_IN (B, H, M_in)
-    H,
+    Q, K, V, CNT, LO, HI, START,  # packed (B, H, MTOT, D); counts (B, MTOT); per-block ranges; level starts
+    SM, SL, SA,  # coarse softmax states (B, H, MTOT - M0[, D]): written (not FINAL) or read (FINAL)
+    O, LSE,  # FINAL: output (B, H, N, D) any strides, base-2 log-sum-exp (B, H, M0)
+    sob, soh, som,
+    H, MTOT, M0, N, ROW0, TOP,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
-    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, HAS_INIT: tl.constexpr, FINAL: tl.constexpr,
+    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, FINAL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    start = pid_m * BLOCK_M
+    start = ROW0 + pid_m * BLOCK_M
     qblock = start // NR
     rows = start % NR + tl.arange(0, BLOCK_M)  # row index inside the block
     offs_m = start + tl.arange(0, BLOCK_M)
@@ -85,18 +354,26 @@ def window_fwd_kernel(
     lo = tl.load(LO + qblock)
     hi = tl.load(HI + qblock)
 
-    base = b * stride_b + h * stride_h
-    q = tl.load(Q + base + offs_m[:, None] * stride_m + offs_d[None, :])
+    base = (b * H + h) * MTOT * D
+    sbase = (b * H + h) * (MTOT - M0)
+    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
 
-    if HAS_INIT:
-        init_rows = offs_m // 2
-        m_i = tl.load(M_IN + b * in_sstride_b + h * in_sstride_h + init_rows)
-        l_i = tl.load(L_IN + b * in_sstride_b + h * in_sstride_h + init_rows)
-        acc = tl.load(A_IN + b * in_stride_b + h * in_stride_h + init_rows[:, None] * in_stride_m + offs_d[None, :])
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    if FINAL:  # start from the coarse levels' states of each query's ancestors
+        for level in range(1, TOP + 1):
+            anc = tl.load(START + level) + (offs_m >> level) - M0
+            m_a = tl.load(SM + sbase + anc)
+            l_a = tl.load(SL + sbase + anc)
+            a_a = tl.load(SA + sbase * D + anc[:, None] * D + offs_d[None, :])
+            m_new = tl.maximum(m_i, m_a)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            beta = tl.exp2(m_a - m_safe)
+            l_i = l_i * alpha + l_a * beta
+            acc = acc * alpha[:, None] + a_a * beta[:, None]
+            m_i = m_new
 
     for w in tl.static_range(NUM_WIN):
         off = FIRST + w * STEP
@@ -105,9 +382,9 @@ def window_fwd_kernel(
             for sub in tl.static_range(NR // BLOCK_N):
                 cols = sub * BLOCK_N + tl.arange(0, BLOCK_N)
                 offs_n = kblock * NR + cols
-                k = tl.load(K + base + offs_n[:, None] * stride_m + offs_d[None, :])
-                v = tl.load(V + base + offs_n[:, None] * stride_m + offs_d[None, :])
-                cnt = tl.load(CNT + b * stride_cb + offs_n)
+                k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
+                v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
+                cnt = tl.load(CNT + b * MTOT + offs_n)
                 s = _scores(q, k, cnt, rows, cols, off, LEVEL0, CAUSAL, NR)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -117,25 +394,26 @@ def window_fwd_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
 
-    stats = b * stride_sb + h * stride_sh + offs_m
     if FINAL:
+        valid = tl.load(CNT + b * MTOT + offs_m) > 0
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(O + base + offs_m[:, None] * stride_m + offs_d[None, :], out.to(O.dtype.element_ty))
-        tl.store(M_OUT + stats, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf")))
+        out = tl.where(valid[:, None], out, 0.0)  # padded positions output zeros
+        optr = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
+        tl.store(optr, out.to(O.dtype.element_ty), mask=(offs_m < N)[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))
+        tl.store(LSE + (b * H + h) * M0 + offs_m, lse)
     else:
-        tl.store(O + base + offs_m[:, None] * stride_m + offs_d[None, :], acc)
-        tl.store(M_OUT + stats, tl.where(m_i == float("-inf"), 0.0, m_i))
-        tl.store(L_OUT + stats, l_i)
+        srow = sbase + offs_m - M0
+        tl.store(SA + srow[:, None] * D + offs_d[None, :], acc)
+        tl.store(SM + srow, m_i)
+        tl.store(SL + srow, l_i)
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
 @triton.jit
 def window_bwd_dq_kernel(
-    Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,
-    stride_b, stride_h, stride_m,  # q/k/v (B, H, M, D)
-    do_stride_b, do_stride_h, do_stride_m,  # dO and dQ (B, H, M, D)
-    stride_cb, stride_sb, stride_sh,
-    H,
+    Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,  # all packed: (B, H, MTOT[, D]); counts (B, MTOT)
+    H, MTOT, ROW0,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
     LEVEL0: tl.constexpr, CAUSAL: tl.constexpr,
@@ -144,20 +422,20 @@ def window_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    start = pid_m * BLOCK_M
+    start = ROW0 + pid_m * BLOCK_M
     qblock = start // NR
     rows = start % NR + tl.arange(0, BLOCK_M)
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     lo = tl.load(LO + qblock)
     hi = tl.load(HI + qblock)
-    base = b * stride_b + h * stride_h
-    do_base = b * do_stride_b + h * do_stride_h
-    q = tl.load(Q + base + offs_m[:, None] * stride_m + offs_d[None, :])
-    do = tl.load(DO + do_base + offs_m[:, None] * do_stride_m + offs_d[None, :]).to(q.dtype)
-    lse = tl.load(LSE + b * stride_sb + h * stride_sh + offs_m)
+    base = (b * H + h) * MTOT * D
+    sbase = (b * H + h) * MTOT
+    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
+    do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :]).to(q.dtype)
+    lse = tl.load(LSE + sbase + offs_m)
     lse = tl.where(lse == float("inf"), 0.0, lse)  # rows without keys: every p below is 0
-    delta = tl.load(DELTA + b * stride_sb + h * stride_sh + offs_m)
+    delta = tl.load(DELTA + sbase + offs_m)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for w in tl.static_range(NUM_WIN):
         off = FIRST + w * STEP
@@ -166,25 +444,22 @@ def window_bwd_dq_kernel(
             for sub in tl.static_range(NR // BLOCK_N):
                 cols = sub * BLOCK_N + tl.arange(0, BLOCK_N)
                 offs_n = kblock * NR + cols
-                k = tl.load(K + base + offs_n[:, None] * stride_m + offs_d[None, :])
-                v = tl.load(V + base + offs_n[:, None] * stride_m + offs_d[None, :])
-                cnt = tl.load(CNT + b * stride_cb + offs_n)
+                k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
+                v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
+                cnt = tl.load(CNT + b * MTOT + offs_n)
                 s = _scores(q, k, cnt, rows, cols, off, LEVEL0, CAUSAL, NR)
                 p = tl.exp2(s - lse[:, None])
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + do_base + offs_m[:, None] * do_stride_m + offs_d[None, :], dq)
+    tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
 @triton.jit
 def window_bwd_dkdv_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DK, DV,
-    stride_b, stride_h, stride_m,
-    do_stride_b, do_stride_h, do_stride_m,  # dO, dK and dV (B, H, M, D)
-    stride_cb, stride_sb, stride_sh,
-    H,
+    H, MTOT, ROW0,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
     LEVEL0: tl.constexpr, CAUSAL: tl.constexpr,
@@ -193,18 +468,18 @@ def window_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    start = pid_n * BLOCK_N
+    start = ROW0 + pid_n * BLOCK_N
     kblock = start // NR
     cols = start % NR + tl.arange(0, BLOCK_N)
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     lo = tl.load(LO + kblock)
     hi = tl.load(HI + kblock)
-    base = b * stride_b + h * stride_h
-    do_base = b * do_stride_b + h * do_stride_h
-    k = tl.load(K + base + offs_n[:, None] * stride_m + offs_d[None, :])
-    v = tl.load(V + base + offs_n[:, None] * stride_m + offs_d[None, :])
-    cnt = tl.load(CNT + b * stride_cb + offs_n)
+    base = (b * H + h) * MTOT * D
+    sbase = (b * H + h) * MTOT
+    k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
+    v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
+    cnt = tl.load(CNT + b * MTOT + offs_n)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     for w in tl.static_range(NUM_WIN):
@@ -214,16 +489,16 @@ def window_bwd_dkdv_kernel(
             for sub in tl.static_range(NR // BLOCK_M):
                 rows = sub * BLOCK_M + tl.arange(0, BLOCK_M)
                 offs_m = qblock * NR + rows
-                q = tl.load(Q + base + offs_m[:, None] * stride_m + offs_d[None, :])
-                do = tl.load(DO + do_base + offs_m[:, None] * do_stride_m + offs_d[None, :]).to(q.dtype)
-                lse = tl.load(LSE + b * stride_sb + h * stride_sh + offs_m)
+                q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
+                do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :]).to(q.dtype)
+                lse = tl.load(LSE + sbase + offs_m)
                 lse = tl.where(lse == float("inf"), 0.0, lse)
-                delta = tl.load(DELTA + b * stride_sb + h * stride_sh + offs_m)
+                delta = tl.load(DELTA + sbase + offs_m)
                 s = _scores(q, k, cnt, rows, cols, off, LEVEL0, CAUSAL, NR)
                 p = tl.exp2(s - lse[:, None])
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + do_base + offs_n[:, None] * do_stride_m + offs_d[None, :], dk)
-    tl.store(DV + do_base + offs_n[:, None] * do_stride_m + offs_d[None, :], dv)
+    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty))
+    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))

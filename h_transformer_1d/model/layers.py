@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import h_attention
+from ..attention.rotary import apply_rotary
 from ..attention.incremental import HierarchicalCache
 from ..attention.interface import check_block_size, check_key_padding_mask
 
@@ -21,13 +22,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (B, H, N, D) by `positions` (N,) or (B, N)."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., N, D/2)
-        if angles.dim() == 3:  # per-batch positions
-            angles = angles[:, None]
-        cos, sin = angles.cos(), angles.sin()
-        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        return rotated.to(x.dtype)
+        return apply_rotary(x, positions, self.inv_freq)
 
 
 def shift_tokens(
@@ -120,9 +115,12 @@ class HAttention1D(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         self.rotary = RotaryEmbedding(dim_head)
 
-    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k."""
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
+        """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`
+        (None: not applied, h_attention applies it)."""
         q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
+        if positions is None:
+            return q, k, v
         return self.rotary(q, positions), self.rotary(k, positions), v
 
     def forward(
@@ -140,14 +138,21 @@ class HAttention1D(nn.Module):
         if self.max_seq_len is not None and n > self.max_seq_len:
             raise ValueError(f"x has seq_len {n}, more than max_seq_len={self.max_seq_len}")
         check_key_padding_mask(mask, b, n, name="mask")
-        q, k, v = self.project_qkv(x, torch.arange(n, device=x.device))
         dropout_p = self.dropout if self.training else 0.0
+        if self.attention == "dense" or cache is not None:
+            q, k, v = self.project_qkv(x, torch.arange(n, device=x.device))
         if self.attention == "dense":
             out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
-        else:
+        elif cache is not None:
             out = h_attention(
                 q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p
             )  # (B, H, N, dim_head)
+        else:  # rotary inside h_attention: the Triton kernels rotate on the fly
+            q, k, v = self.project_qkv(x, None)
+            out = h_attention(
+                q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
+                rotary_freqs=self.rotary.inv_freq,
+            )
         if cache is not None:
             cache.prefill(q, k, v, key_padding_mask=mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
