@@ -1,0 +1,154 @@
+"""benchmarks/scaling.py and benchmarks/quality.py in their CPU quick modes, and their report code.
+
+The two scripts start in one fixture, at the same time (most of their time is Python and torch
+starting up in the training processes), and the tests read what they wrote.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quality
+import scaling
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studies")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    commands = {
+        "scaling": [sys.executable, str(BENCH / "scaling.py"), "--device", "cpu", "--quick",
+                    "--out-dir", str(root / "scaling_out"), "--runs-dir", str(root / "scaling_runs")],
+        "quality": [sys.executable, str(BENCH / "quality.py"), "--device", "cpu", "--quick", "--no-full-eval",
+                    "--out-dir", str(root / "quality_out"), "--runs", str(root / "quality_runs")],
+    }  # fmt: skip
+    procs = {
+        name: subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, cmd in commands.items()
+    }
+    outputs = {}
+    try:
+        for name, proc in procs.items():
+            outputs[name] = proc.communicate(timeout=300)[0]
+            assert proc.returncode == 0, f"{name} failed:\n{outputs[name][-4000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return root
+
+
+def test_scaling_quick(studies):
+    out = studies / "scaling_out"
+    result = json.loads((out / "scaling.json").read_text())
+    rows = {r["k"]: r for r in result["results"]}
+    assert sorted(rows) == [1, 2]
+    for k, row in rows.items():
+        assert row["status"] == "done", row
+        assert row["log"]["processes"] == k
+        assert row["config"]["batch_size"] == 4 * k  # the same per-process batch
+        assert row["throughput"]["warmup_excluded"] and row["throughput"]["steps_used"] == [5, 10]
+        assert row["tokens_per_s"] > 0
+        assert 0 < row["efficiency"] < 2
+    assert rows[1]["efficiency"] == pytest.approx(1.0)
+    assert result["env"]["torch"] and result["command"].startswith("PYTHONPATH=. python")
+    md = (out / "scaling.md").read_text()
+    assert "| 2 | 8 | done |" in md and "--nproc_per_node 2" in md and "efficiency" in md.lower()
+    assert (out / "scaling.png").read_bytes().startswith(PNG)
+
+
+def test_quality_quick(studies):
+    out = studies / "quality_out"
+    result = json.loads((out / "quality.json").read_text())
+    runs, cmp = result["runs"], result["comparison"]
+    for kind in ("hierarchical", "dense"):
+        run = runs[kind]
+        assert run["config"]["attention"] == kind and run["config"]["seq_len"] == 128
+        assert [e["step"] for e in run["evals"]] == [4, 8]
+        assert all(0 < e["val_bpb"] < 9 for e in run["evals"])
+        assert run["throughput"]["tokens_per_s"] > 0
+    other = {k: v for k, v in runs["hierarchical"]["config"].items() if k != "attention"}
+    assert other == {k: v for k, v in runs["dense"]["config"].items() if k != "attention"}
+    at = cmp["at"]
+    assert at["step"] == 8 and at["tokens"] == at["tokens_dense"] == 8 * 4 * 128
+    assert 0 < at["hierarchical"] < 9 and 0 < at["dense"] < 9
+    assert math.isfinite(at["diff_pct"]) and abs(at["diff_pct"]) < 50
+    assert cmp["speed_ratio"] > 0 and isinstance(cmp["target_met"], bool)
+    md = (out / "quality.md").read_text()
+    assert "| validation bpb at step 8" in md and ("✓" in md or "✗" in md)
+    assert "--attention hierarchical" in md and "--attention dense" in md
+    assert (out / "quality.png").read_bytes().startswith(PNG)
+
+
+def test_quality_report_only(studies, tmp_path):
+    """The report is re-made from the run directories alone, without study.json."""
+    runs = studies / "quality_runs"
+    (runs / "study.json").rename(runs / "study.moved")
+    try:
+        command = [sys.executable, str(BENCH / "quality.py"), "--device", "cpu", "--report-only", "--runs", str(runs),
+                   "--out-dir", str(tmp_path)]  # fmt: skip
+        done = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    finally:
+        (runs / "study.moved").rename(runs / "study.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = json.loads((studies / "quality_out" / "quality.json").read_text())["comparison"]
+    after = json.loads((tmp_path / "quality.json").read_text())["comparison"]
+    assert after["at"] == before["at"]
+    assert (tmp_path / "quality.png").read_bytes().startswith(PNG)
+
+
+def write_metrics(run_dir: Path, rows: list[tuple]) -> None:
+    run_dir.mkdir(parents=True)
+    lines = ["step,tokens,lr,train_bpb,val_bpb,tokens_per_s,elapsed_s"]
+    lines += [f"{s},{s * 100},0.001,2.0,{'' if v is None else v},{tps},{s}" for s, v, tps in rows]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n4,4")  # a last row cut short by a kill
+
+
+def test_quality_report_of_stopped_runs(tmp_path):
+    """A run stopped early is compared at the last evaluation both runs reached."""
+    write_metrics(tmp_path / "runs" / "hierarchical", [(1, None, 10), (2, 3.0, 300), (3, None, 300), (4, 2.06, 300)])
+    write_metrics(tmp_path / "runs" / "dense", [(1, None, 10), (2, 3.1, 100), (3, None, 100)])
+    settings = {"preset": "x", "seq_len": 10, "batch_size": 10, "max_steps": 6, "warmup_steps": 0, "lr": 1e-3,
+                "eval_every": 2, "eval_batches": 1, "seed": 0, "skip_steps": 1, "parallel": True, "device": "cpu"}  # fmt: skip
+    study = {"env": scaling.environment("cpu"), "command": "test", "settings": settings,
+             "runs": {"dense": {"status": "stopped", "stopped_by": "--time-limit reached while training"}}}  # fmt: skip
+    result = quality.report(tmp_path / "out", tmp_path / "runs", study)
+    cmp = result["comparison"]
+    assert cmp["at"]["step"] == 2 and cmp["at"]["diff_pct"] == pytest.approx((3.0 / 3.1 - 1) * 100)
+    assert cmp["bpb_ok"] and cmp["speed_ratio"] == pytest.approx(3.0) and cmp["target_met"]
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "dense (step 3, stopped)" in md and "stopped (--time-limit reached while training)" in md
+
+
+def test_steady_throughput_leaves_out_warmup():
+    rows = [{"step": s, "tokens": 100 * s, "tokens_per_s": tps} for s, tps in [(1, 1.0), (2, 100.0), (3, 200.0)]]
+    t = scaling.steady_throughput(rows, skip=1)
+    assert t["steps_used"] == [2, 3] and t["warmup_excluded"]
+    assert t["tokens_per_s"] == pytest.approx(200 / (1 + 0.5))  # tokens over time, not the mean of rates
+    t = scaling.steady_throughput(rows, skip=5)  # fewer steps than the warm-up: the second half
+    assert t["steps_used"] == [2, 3] and not t["warmup_excluded"]
+    assert scaling.steady_throughput([], skip=1) is None
+
+
+def test_parse_full_eval():
+    text = (
+        "val bits per byte: 1.2345\n(120 windows of 4096 bytes = 491,520 predicted bytes of 1,504,727; "
+        "checkpoint runs/quality/dense at step 400; data: Python standard library (...), 31.5 MB)\n"
+    )
+    assert quality.parse_full_eval(text) == {
+        "bpb": 1.2345, "windows": 120, "predicted_bytes": 491520, "split_bytes": 1504727, "step": 400
+    }  # fmt: skip
+    assert quality.parse_full_eval("error") is None
