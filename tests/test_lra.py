@@ -277,3 +277,44 @@ def test_clear_errors(tmp_path, capsys):
     assert "not a complete checkpoint" in capsys.readouterr().err
     assert main(["lra", "listops", "prepare", "--out", str(tmp_path), "--min-length", "5", "--max-length", "6"]) == 1
     assert "no tree has" in capsys.readouterr().err
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
+    """A run interrupted after its step-4 checkpoint and resumed logs what an uninterrupted run logs."""
+    from h_transformer_1d.apps.lra import train as lra_train
+
+    data = tmp_path / "data"
+    assert main(["lra", "listops", "prepare", "--out", str(data), "--num-train", "40", "--num-val", "8",
+                 "--num-test", "8", "--seed", "2", *SMALL_FLAGS]) == 0  # fmt: skip
+    common = ["--data", str(data), *TINY, "--steps", "7", "--eval-every", "2", "--dropout", "0.2"]
+    assert main(["lra", "listops", "train", "--out", str(tmp_path / "straight"), *common]) == 0
+
+    real = lra_train.train_indices
+
+    def interrupted(n, batch_size, seed, step):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(n, batch_size, seed, step)
+
+    monkeypatch.setattr(lra_train, "train_indices", interrupted)
+    assert main(["lra", "listops", "train", "--out", str(tmp_path / "resumed"), *common]) == 130
+    monkeypatch.setattr(lra_train, "train_indices", real)
+    assert main(["lra", "listops", "train", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+
+    def rows(run):
+        with open(tmp_path / run / "metrics.csv", newline="") as f:
+            return [[r[k] for k in ("step", "examples", "lr", "train_loss", "train_acc", "val_acc")]
+                    for r in csv.DictReader(f)]  # fmt: skip
+
+    assert [r[0] for r in rows("resumed")] == [str(i) for i in range(1, 8)]
+    assert rows("resumed") == rows("straight")
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "resumed")]
+    assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
+    _, a, _ = lra_train.load_checkpoint(tmp_path / "straight")
+    _, b, _ = lra_train.load_checkpoint(tmp_path / "resumed")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resume_needs_a_resumable_checkpoint(tmp_path, capsys):
+    assert main(["lra", "listops", "train", "--out", str(tmp_path / "none"), "--resume"]) == 1
+    assert "no such checkpoint directory" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def command_prepare(args) -> None:
 def command_train(args) -> None:
     cfg = ListOpsConfig(**{name: getattr(args, name) for name in FIELDS})
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))  # the checkpoint remembers its data
-    train(cfg, Path(args.out or f"runs/listops-{cfg.attention}"))
+    train(cfg, Path(args.out or f"runs/listops-{cfg.attention}"), resume=args.resume)
 
 
 def command_evaluate(args) -> None:
@@ -138,6 +138,12 @@ def add_commands(commands) -> None:
         epilog=EXAMPLES,
     )
     p.add_argument("--out", metavar="DIR", help="output directory (default: runs/listops-ATTENTION)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (weights, optimizer, RNG, step) with its "
+        "saved configuration; the other flags are ignored",
+    )
     add_field_flags(p)
     p.set_defaults(run=command_train)
 

@@ -5,8 +5,9 @@ The defaults are LRA's ListOps setting: 4 layers, width 512, 8 heads, feed-forwa
 decay 0.1, a linear warmup over 1,000 steps then decay as 1/sqrt(step) (LRA's
 "constant * linear_warmup * rsqrt_decay" with constant 0.05, i.e. a peak of 0.05/sqrt(1000)).
 
-A run writes to --out: model.safetensors and config.json (at every validation and at the end),
-metrics.csv, curves.png and results.json (the test accuracy of the final model).
+A run writes to --out: model.safetensors, config.json and train_state.* (optimizer, RNG and progress,
+at every validation and at the end), metrics.csv, curves.png and results.json (the test accuracy of
+the final model). `resume=True` continues the run in --out exactly where its last checkpoint stands.
 """
 
 import dataclasses
@@ -221,13 +222,52 @@ def accuracy(model, split: Split, cfg: ListOpsConfig, rt: Runtime, batch_size: i
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-def save_checkpoint(out_dir: Path, cfg: ListOpsConfig, model, step: int) -> None:
-    """model.safetensors, then config.json, each atomically (apps/checkpoint.py); no optimizer state."""
+def save_checkpoint(out_dir: Path, cfg: ListOpsConfig, model, step: int, optimizer=None, progress=None) -> None:
+    """model.safetensors, config.json and, with an optimizer, train_state.safetensors (optimizer and
+    RNG states) and train_state.json (`progress`, param groups), each written atomically."""
     meta = {"format": str(checkpoint.FORMAT), "step": str(step)}
     weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     checkpoint.atomic_write(out_dir / checkpoint.MODEL, safetensors_bytes(weights, metadata=meta))
     record = {"format": checkpoint.FORMAT, "step": step, "task": TASK, "config": dataclasses.asdict(cfg)}
     checkpoint.atomic_write(out_dir / checkpoint.CONFIG, checkpoint.json_bytes(record))
+    if optimizer is None:
+        return
+    state = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{index}.{name}": t.detach().contiguous().cpu()
+        for index, entries in state["state"].items()
+        for name, t in entries.items()
+    }
+    tensors["rng.cpu"] = torch.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    checkpoint.atomic_write(out_dir / checkpoint.STATE_TENSORS, safetensors_bytes(tensors, metadata=meta))
+    record = {"format": checkpoint.FORMAT, "step": step, **(progress or {}), "param_groups": state["param_groups"]}
+    checkpoint.atomic_write(out_dir / checkpoint.STATE_JSON, checkpoint.json_bytes(record))
+
+
+def load_training_state(directory: Path, step: int, num_params: int) -> tuple[dict, dict, dict]:
+    """(optimizer state dict, RNG states, progress) of the checkpoint in `directory` at `step`."""
+    for name in (checkpoint.STATE_TENSORS, checkpoint.STATE_JSON):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} cannot be resumed: missing {name} (written by this version's train)")
+    progress = checkpoint.read_json(directory / checkpoint.STATE_JSON)
+    tensor_step, tensors = checkpoint.read_safetensors(directory / checkpoint.STATE_TENSORS)
+    if {tensor_step, progress["step"]} != {step}:
+        raise CheckpointError(f"{directory} mixes files of different saves: the last save was interrupted")
+    groups = progress.pop("param_groups", None)
+    if not isinstance(groups, list) or sorted(i for g in groups for i in g.get("params", [])) != list(range(num_params)):
+        raise CheckpointError(f"{directory / checkpoint.STATE_JSON}: its optimizer does not fit the model")
+    optimizer, rng = {"state": {}, "param_groups": groups}, {}
+    for key, t in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind == "rng":
+            rng[rest] = t
+        else:
+            index, _, name = rest.partition(".")
+            optimizer["state"].setdefault(int(index), {})[name] = t
+    return optimizer, rng, progress
 
 
 def load_checkpoint(directory: Path) -> tuple[ListOpsConfig, SequenceClassifier, int]:
@@ -266,13 +306,18 @@ def device_name(rt: Runtime) -> str:
     return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
 
 
-def train(cfg: ListOpsConfig, out_dir: Path) -> dict:
-    """Train the recipe into `out_dir`; returns what results.json holds."""
-    validate(cfg)
+def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
+    """Train the recipe into `out_dir`; returns what results.json holds. `resume`: continue the
+    checkpoint in `out_dir` with its own configuration (`cfg` is not used then)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("lra listops train runs in one process; start it without torchrun")
-    if checkpoint.exists(out_dir):
-        raise CheckpointError(f"--out {out_dir} already holds a checkpoint: choose another --out")
+    saved = None
+    if resume:
+        cfg, saved_model, start_step = load_checkpoint(out_dir)
+        saved = (saved_model.state_dict(), start_step)
+    elif checkpoint.exists(out_dir):
+        raise CheckpointError(f"--out {out_dir} already holds a checkpoint: choose another --out, or --resume it")
+    validate(cfg)
     rt = start_runtime(cfg.device, cfg.precision)
     data_dir = Path(cfg.data)
     rt.print(f"reading {data_dir} ...")
@@ -295,8 +340,19 @@ def train(cfg: ListOpsConfig, out_dir: Path) -> dict:
         betas=(0.9, 0.98),
         eps=1e-9,
     )
+    start_step, best, val_acc, elapsed = 0, (-1.0, 0), float("nan"), 0.0  # best: validation accuracy, step
+    if saved is not None:
+        weights, start_step = saved
+        state, rng, progress = load_training_state(out_dir, start_step, len(params))
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state)
+        torch.set_rng_state(rng["cpu"])
+        if rt.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], rt.device)
+        best = (progress.get("best_val_acc", -1.0), progress.get("best_val_step", 0))
+        val_acc, elapsed = progress.get("val_acc", float("nan")), progress.get("elapsed_s", 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out_dir, 0, columns=COLUMNS, scalars=SCALARS)
+    metrics = MetricsLog(out_dir, start_step, columns=COLUMNS, scalars=SCALARS)
     rt.print(
         f"data: {data_dir}: {len(train_set):,} train, {len(val_set):,} validation, {len(test_set):,} test examples"
         + (f" ({truncated:,} truncated to --seq-len {cfg.seq_len})" if truncated else ""),
@@ -304,15 +360,14 @@ def train(cfg: ListOpsConfig, out_dir: Path) -> dict:
         f"{cfg.dim_head}, feed-forward {cfg.dim * cfg.ff_mult}, block {cfg.block_size}, {cfg.attention} attention, "
         f"{cfg.pool} pooling, max length {cfg.seq_len}",
         f"training: {rt.device.type} ({'bf16 autocast' if rt.bf16 else 'fp32'}), batch {cfg.batch_size}, "
-        f"steps 1..{cfg.steps} -> {out_dir}",
+        f"steps {start_step + 1}..{cfg.steps} -> {out_dir}" + (" (resumed)" if start_step else ""),
     )
-    bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)  # fmt: skip
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    best = (-1.0, 0)  # validation accuracy, step
-    val_acc = float("nan")
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    start = time.perf_counter() - elapsed
+    for step in range(start_step + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
@@ -345,7 +400,9 @@ def train(cfg: ListOpsConfig, out_dir: Path) -> dict:
         row["elapsed_s"] = time.perf_counter() - start
         metrics.log(row)
         if "val_acc" in row:
-            save_checkpoint(out_dir, cfg, model, step)
+            progress = {"val_acc": val_acc, "best_val_acc": best[0], "best_val_step": best[1],
+                        "elapsed_s": row["elapsed_s"]}  # fmt: skip
+            save_checkpoint(out_dir, cfg, model, step, optimizer, progress)
             plot_curves(out_dir, train_key="train_acc", val_key="val_acc", label="accuracy")
     bar.close()
     metrics.close()
@@ -361,7 +418,9 @@ def train(cfg: ListOpsConfig, out_dir: Path) -> dict:
         "best_val_step": best[1],
         "parameters": num_params,
         "train_time_s": round(train_time, 1),
-        "train_examples_per_s": round(cfg.steps * cfg.batch_size / train_time, 1),
+        "train_examples_per_s": round((cfg.steps - start_step) * cfg.batch_size / (train_time - elapsed), 1)
+        if train_time > elapsed
+        else None,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
         if rt.device.type == "cuda"
         else None,
