@@ -1,11 +1,15 @@
 """Hierarchical attention in blocked PyTorch: O(N * block_size) work, O(N) memory, any device.
 
-Each level is computed at its own resolution as a batch of small windows (no Python loop over
-blocks), yielding per query a running max ``m``, a sum of weights ``l`` and a weighted sum of values
-``o``. Levels are merged coarse to fine with log-sum-exp arithmetic, so the whole row shares one
-softmax (DESIGN.md section 3) and the merge buffers shrink geometrically with the level.
+Each level is computed at its own resolution as a batch of small windows, yielding per query a
+running max ``m``, a sum of weights ``l`` and a weighted sum of values ``o``. Levels are merged coarse
+to fine with log-sum-exp arithmetic, so the whole row shares one softmax (DESIGN.md section 3).
+
+Without dropout this runs as one autograd node (`_HierarchicalAttention`) that goes through the
+windows chunk by chunk and recomputes the scores in backward, so no score tensor is ever stored;
+with dropout every operation is recorded by autograd (`_blocked_autograd`).
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -125,7 +129,7 @@ def _masked_log(count: torch.Tensor) -> torch.Tensor:
 
 def _attend(q, k, v, count, nr, causal, level, dropout_p) -> Partial:
     """One level: queries q and keys k, v (B,H,M,D) at that level's resolution, counts (B,M)."""
-    offsets = ((-1, 0, 1) if not causal else (-1, 0)) if level == 0 else ((-1, 1) if not causal else (-1,))
+    offsets = _level_offsets(causal, level)
     b, h, m, d = q.shape
     bias = _key_bias(_masked_log(count), nr, offsets)
     allowed = _level_mask(nr, causal, level, q.device)
@@ -169,6 +173,434 @@ def coarse_levels(q0, k0, v0, count, lengths: list[int], causal: bool):
         yield (q_acc if causal else q_acc / denom), k_acc / denom, v_acc / denom, c_acc
 
 
+def _level_offsets(causal: bool, level: int) -> tuple[int, ...]:
+    """Block offsets of a level's key window, relative to the query block."""
+    return ((-1, 0, 1) if not causal else (-1, 0)) if level == 0 else ((-1, 1) if not causal else (-1,))
+
+
+def _blocked_autograd(q0, k0, v0, count, lengths, nr, causal, dropout_p):
+    """Merged softmax state of the fine level, every operation recorded by autograd (dropout)."""
+    top = len(lengths) - 1
+    fine = _attend(q0, k0, v0, count, nr, causal, 0, dropout_p)
+    coarse = [
+        _attend(q_l, k_l, v_l, c_l, nr, causal, level, dropout_p)
+        for level, (q_l, k_l, v_l, c_l) in enumerate(coarse_levels(q0, k0, v0, count, lengths, causal), start=1)
+    ]
+    # merge coarse to fine: every level's state is shared by the whole group below it
+    state = None
+    for level in range(top, 0, -1):
+        part = coarse[level - 1]
+        state = part if state is None else _merge(_upsample(state, lengths[level]), part)
+    return fine if state is None else _merge(_upsample(state, lengths[0]), fine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Without dropout: one autograd node whose scores are made chunk by chunk and never stored.
+#
+# The heads are taken a group at a time (a few MB of fine-level data, so a group's buffers stay in
+# cache and no buffer grows with B*H). In a group, the levels run coarse to fine; a level's window
+# attention goes through its blocks in chunks whose scores fit the core's cache, and its (m, l, o)
+# are merged in place with the coarser state. Kept for backward: the merged row maxima of every level,
+# the fine rows' log-sum-exp and the output. Scores are in base 2 (exp2 has no slow path for -inf or
+# underflowing arguments, where exp is ten to a hundred times slower on CPU).
+#
+# Backward is FlashAttention's with a hierarchy. With lse_i of fine row i, delta_i = dO_i . O_i and M_g
+# the merged max of a coarse row g, the scores of g get dS = exp(S - M_g) * (A_g . v - C_g), where
+# A_g = sum_{i in g} exp(M_g - lse_i) dO_i and C_g the same sum of delta_i (weights <= 1, made level by
+# level as pair sums). The coarse queries, keys and values then pass their gradients down to the fine
+# level through the means (or, causal queries, the first valid position) that made them.
+
+_LOG2E = 1.4426950408889634
+_CHUNK_ELEMENTS_CPU = 1 << 19  # scores per chunk and thread
+_CHUNK_ELEMENTS_GPU = 1 << 26
+_GROUP_BYTES = 1 << 22  # fine-level bytes of one of q, k, v in a group of heads
+
+
+def _chunk_blocks(nr: int, width: int, device) -> int:
+    elements = _CHUNK_ELEMENTS_GPU if device.type != "cpu" else _CHUNK_ELEMENTS_CPU * max(1, torch.get_num_threads())
+    return max(1, elements // (nr * width))
+
+
+def _groups(x: int, m0: int, d: int, elt: int, device) -> list[tuple[int, int]]:
+    """Ranges of the X = B*H heads done together."""
+    size = x if device.type != "cpu" else max(1, min(x, _GROUP_BYTES // max(1, m0 * d * elt)))
+    return [(x0, min(x0 + size, x)) for x0 in range(0, x, size)]
+
+
+def _segments(offsets: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Runs of consecutive offsets as (first offset, number of blocks)."""
+    runs: list[list[int]] = []
+    for off in offsets:
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1][1] += 1
+        else:
+            runs.append([off, 1])
+    return [(a, b) for a, b in runs]
+
+
+class _LevelMeta(NamedTuple):
+    """What a level's masking needs, for all X heads: counts (X, M), biases in base 2."""
+
+    count: torch.Tensor  # (X, M): valid positions per group
+    key_bias: torch.Tensor  # (X*nb, K): log2(count) per window key, -inf for no key
+    mask_bias: torch.Tensor | None  # (R, K): 0 or -inf per (query row, window key); None: all 0
+    offsets: tuple[int, ...]
+
+
+def _level_metas(valid: torch.Tensor, lengths: list[int], nr: int, causal: bool, dtype) -> list[_LevelMeta]:
+    metas = []
+    count = _pad_seq(valid[:, None].to(dtype), lengths[0])[:, 0]
+    for level, length in enumerate(lengths):
+        if level:
+            count = _pair_add(count[:, None], length)[:, 0]
+        offsets = _level_offsets(causal, level)
+        key_bias = _key_bias(torch.log2(count), nr, offsets).reshape(-1, len(offsets) * nr)
+        mask_bias = None
+        if causal or level:
+            allowed = _level_mask(nr, causal, level, valid.device)
+            mask_bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, -math.inf)
+        metas.append(_LevelMeta(count, key_bias, mask_bias, offsets))
+    return metas
+
+
+class _Level(NamedTuple):
+    """One level of a group, flattened to nblk blocks of R positions. Its window is made of segments of
+    adjacent key blocks (all of one width W): the scores of a chunk of n blocks are (segments, n, R, W)."""
+
+    q: torch.Tensor  # (nblk, R, D)
+    k: torch.Tensor  # (nblk*R, D)
+    v: torch.Tensor  # (nblk*R, D)
+    key_bias: torch.Tensor  # (nblk, segments, W)
+    mask_bias: torch.Tensor | None  # (segments, 1, R, W)
+    offsets: tuple[int, ...]
+    segments: list[tuple[int, int]]
+
+
+def _make_level(q, k, v, meta: _LevelMeta, x0: int, x1: int, nr: int) -> _Level:
+    """The level of heads x0 .. x1-1 from its q, k, v (G, 1, M, D)."""
+    d = q.shape[-1]
+    nb = q.shape[2] // nr
+    segments = _segments(meta.offsets)
+    ns = len(segments)
+    key_bias = meta.key_bias[x0 * nb : x1 * nb].view(-1, ns, len(meta.offsets) * nr // ns)
+    mask_bias = None
+    if meta.mask_bias is not None:
+        mask_bias = meta.mask_bias.view(nr, ns, -1).permute(1, 0, 2)[:, None]
+    return _Level(q.reshape(-1, nr, d), k.reshape(-1, d), v.reshape(-1, d), key_bias, mask_bias, meta.offsets, segments)
+
+
+def _window_rows(x: torch.Tensor, i0: int, i1: int, offsets: tuple[int, ...], nr: int) -> tuple[torch.Tensor, int]:
+    """(rows, base): rows holding blocks base, base+1, .. with every window of blocks i0 .. i1-1.
+
+    Inside the sequence these are x itself: a window may reach into the neighbouring head's blocks,
+    whose keys carry a -inf bias. Only the chunks at the two ends of x get a small zero-padded copy.
+    """
+    nblk = x.shape[0] // nr
+    first, last = i0 + offsets[0], i1 + offsets[-1]
+    if first >= 0 and last <= nblk:
+        return x, 0
+    rows = x.new_zeros((last - first) * nr, x.shape[1])
+    lo, hi = max(first, 0), min(last, nblk)
+    rows[(lo - first) * nr : (hi - first) * nr] = x[lo * nr : hi * nr]
+    return rows, first
+
+
+def _chunk_windows(lv: _Level, x: torch.Tensor, i0: int, i1: int, nr: int) -> list[torch.Tensor]:
+    """Per segment, the key (or value) windows of blocks i0 .. i1-1: overlapping (n, W, D) views."""
+    rows, base = _window_rows(x, i0, i1, lv.offsets, nr)
+    d = x.shape[-1]
+    return [
+        rows[(i0 + off - base) * nr :].as_strided((i1 - i0, blocks * nr, d), (nr * d, d, 1))
+        for off, blocks in lv.segments
+    ]
+
+
+def _scores_into(s, lv: _Level, i0: int, scale: float, keys, shift=None) -> None:
+    """s (segments, n, R, W) := base-2 scores log2(e) * scale * q k^T + biases (- shift (n, R)) of the
+    blocks i0 .. i0+n-1."""
+    n = s.shape[1]
+    kb = lv.key_bias[i0 : i0 + n].permute(1, 0, 2)[:, :, None]
+    if shift is not None:
+        torch.sub(kb, shift[None, :, :, None], out=s)
+        if lv.mask_bias is not None:
+            s.add_(lv.mask_bias)
+    elif lv.mask_bias is not None:
+        torch.add(kb, lv.mask_bias, out=s)
+    else:
+        s.copy_(kb)
+    qc = lv.q[i0 : i0 + n]
+    for sj, kw in zip(s, keys):
+        sj.baddbmm_(qc, kw.transpose(1, 2), alpha=scale * _LOG2E)
+
+
+def _row_reduce(op, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """op (torch.amax or torch.sum) of s (segments, n, R, W) over its segments and columns, into out (n, R)."""
+    return op(s[0], -1, out=out) if s.shape[0] == 1 else op(s, (0, 3), out=out)
+
+
+def _window_forward(lv: _Level, nr: int, scale: float, o=None):
+    """Per query row of the level: own max m (base 2; 0 for a row with no key), sum of weights l and
+    weighted sum of values o (written into `o` (nblk, R, D) if given)."""
+    nblk, _, d = lv.q.shape
+    width = len(lv.offsets) * nr
+    ns = len(lv.segments)
+    m, l = lv.q.new_empty(nblk, nr), lv.q.new_empty(nblk, nr)
+    if o is None:
+        o = lv.q.new_empty(nblk, nr, d)
+    step = _chunk_blocks(nr, width, lv.q.device)
+    buf = lv.q.new_empty(ns, min(step, nblk), nr, width // ns)
+    for i0 in range(0, nblk, step):
+        i1 = min(i0 + step, nblk)
+        s = buf[:, : i1 - i0]
+        _scores_into(s, lv, i0, scale, _chunk_windows(lv, lv.k, i0, i1, nr))
+        mc = _row_reduce(torch.amax, s, m[i0:i1])
+        mc.masked_fill_(mc == -math.inf, 0.0)  # rows with no key: all weights become 0
+        s.sub_(mc[None, :, :, None]).exp2_()
+        _row_reduce(torch.sum, s, l[i0:i1])
+        for j, (sj, vw) in enumerate(zip(s, _chunk_windows(lv, lv.v, i0, i1, nr))):
+            o[i0:i1].baddbmm_(sj, vw, beta=1.0 if j else 0.0)
+    return m, l, o
+
+
+def _window_backward(lv: _Level, nr: int, scale: float, ref, do, c=None, out=None, into=None):
+    """Gradients dq (nblk, R, D), dk, dv (nblk*R, D) of one level, and c.
+
+    Weights are exp2(S - ref) for the base-2 row reference `ref` (nblk, R); `do` (nblk, R, D) and `c`
+    (nblk, R) are the sums A and C above: dS = weights * (do . v - c). For the fine level (ref = lse)
+    pass `out` (nblk, R, D) instead of c: c = delta = rowsum(do * out) is made here. `into`: buffers
+    for (dq, dk, dv).
+    """
+    nblk, _, d = lv.q.shape
+    width = len(lv.offsets) * nr
+    ns = len(lv.segments)
+    if out is not None:
+        c = lv.q.new_empty(nblk, nr)
+    if into is None:
+        into = (torch.empty_like(lv.q), lv.q.new_empty(nblk * nr, d), lv.q.new_empty(nblk * nr, d))
+    dq, dk, dv = into
+    # a key block is first written (beta=0) by the largest offset reaching it; zero those it never reaches
+    top = lv.offsets[-1]
+    for t in (dk, dv):
+        t[: max(top, 0) * nr].zero_()
+        t[max(nblk + top, 0) * nr :].zero_()
+    # (segment, block in the segment) of each offset, largest offset first
+    columns = [(j, t, off + t) for j, (off, blocks) in enumerate(lv.segments) for t in range(blocks)][::-1]
+    step = _chunk_blocks(nr, width, lv.q.device)
+    pbuf = lv.q.new_empty(ns, min(step, nblk), nr, width // ns)
+    gbuf = torch.empty_like(pbuf)
+    for i0 in range(0, nblk, step):
+        i1 = min(i0 + step, nblk)
+        n = i1 - i0
+        p, g = pbuf[:, :n], gbuf[:, :n]
+        doc = do[i0:i1]
+        if out is not None:
+            torch.sum(doc * out[i0:i1], -1, out=c[i0:i1])
+        keys = _chunk_windows(lv, lv.k, i0, i1, nr)
+        _scores_into(p, lv, i0, scale, keys, ref[i0:i1])
+        p.exp2_()
+        for gj, vw in zip(g, _chunk_windows(lv, lv.v, i0, i1, nr)):
+            gj.baddbmm_(doc, vw.transpose(1, 2), beta=0.0)
+        g.sub_(c[None, i0:i1, :, None]).mul_(p)  # the gradient of the scores
+        for j, (gj, kw) in enumerate(zip(g, keys)):
+            dq[i0:i1].baddbmm_(gj, kw, beta=1.0 if j else 0.0, alpha=scale)
+        for j, t, off in columns:
+            lo, hi = max(i0, -off), min(i1, nblk - off)  # query blocks whose key block exists
+            if lo >= hi:
+                continue
+            cols, rows = slice(t * nr, (t + 1) * nr), slice((lo + off) * nr, (hi + off) * nr)
+            beta = 0.0 if off == top else 1.0
+            gq, pq = g[j, lo - i0 : hi - i0, :, cols].transpose(1, 2), p[j, lo - i0 : hi - i0, :, cols].transpose(1, 2)
+            dk[rows].view(hi - lo, nr, d).baddbmm_(gq, lv.q[lo:hi], beta=beta, alpha=scale)
+            dv[rows].view(hi - lo, nr, d).baddbmm_(pq, do[lo:hi], beta=beta)
+    return dq, dk, dv, c
+
+
+def _pair_add(x: torch.Tensor, length: int) -> torch.Tensor:
+    """`_pair_sum` for compute-dtype x (G, 1, M, ...), M even: the two strided halves added, zero beyond."""
+    half = x.shape[2] // 2
+    if half == length:
+        return torch.add(x[:, :, 0::2], x[:, :, 1::2])
+    res = x.new_empty(*x.shape[:2], length, *x.shape[3:])
+    torch.add(x[:, :, 0::2], x[:, :, 1::2], out=res[:, :, :half])
+    res[:, :, half:].zero_()
+    return res
+
+
+def _pair_pick(x: torch.Tensor, count: torch.Tensor, length: int) -> torch.Tensor:
+    """`_pair_first` for x (G, 1, M, D), M even: of each pair the left member if its group has a valid
+    position, else the right; zero beyond."""
+    half = x.shape[2] // 2
+    pairs = x.reshape(*x.shape[:2], half, 2, x.shape[3])
+    left = (count.reshape(count.shape[0], 1, half, 2)[..., 0] > 0)[..., None]
+    if half == length:
+        return torch.where(left, pairs[:, :, :, 0], pairs[:, :, :, 1])
+    res = x.new_empty(*x.shape[:2], length, x.shape[3])
+    torch.where(left, pairs[:, :, :, 0], pairs[:, :, :, 1], out=res[:, :, :half])
+    res[:, :, half:].zero_()
+    return res
+
+
+def _pair_weighted_sum(x: torch.Tensor, w: torch.Tensor, length: int) -> torch.Tensor:
+    """(G, L, ...), weights w (G, L/2, 2) -> (G, length, ...): w-weighted sums of aligned pairs, zero beyond."""
+    xs, half = x.shape, x.shape[1] // 2
+    pairs = x.reshape(xs[0], half, 2, *xs[2:])
+    extra = (None,) * (x.dim() - 2)
+    res = x.new_empty(xs[0], length, *xs[2:])
+    res[:, half:].zero_()
+    head = res[:, :half]
+    torch.mul(pairs[:, :, 0], w[(slice(None), slice(None), 0, *extra)], out=head)
+    head.addcmul_(pairs[:, :, 1], w[(slice(None), slice(None), 1, *extra)])
+    return res
+
+
+def _group_levels(q, k, v, metas, x0, x1, nr, causal, masked) -> list[_Level]:
+    """Every level of heads x0 .. x1-1 (q, k, v (G, 1, n, D)), the coarse ones as `coarse_levels` makes them."""
+    lengths = [meta.count.shape[1] for meta in metas]
+    counts = [meta.count[x0:x1] for meta in metas]
+    q, k, v = (_pad_seq(t, lengths[0]) for t in (q, k, v))
+    if masked:
+        q, k, v = (t * counts[0][:, None, :, None] for t in (q, k, v))
+    inputs = [(q, k, v)]
+    for level in range(1, len(lengths)):  # sums of sums, made means below
+        q_acc, k_acc, v_acc = inputs[-1]
+        q_acc = _pair_pick(q_acc, counts[level - 1], lengths[level]) if causal else _pair_add(q_acc, lengths[level])
+        inputs.append((q_acc, _pair_add(k_acc, lengths[level]), _pair_add(v_acc, lengths[level])))
+    for level in range(1, len(lengths)):
+        denom = counts[level].clamp(min=1.0)[:, None, :, None]
+        for t in inputs[level][int(causal) :]:
+            t.div_(denom)
+    return [_make_level(*inputs[lvl], metas[lvl], x0, x1, nr) for lvl in range(len(lengths))]
+
+
+def _group_forward(q, k, v, valid, out, metas, x0, x1, nr, causal, scale, masked) -> list:
+    """Writes the attention of heads x0 .. x1-1 (q, k, v, out (G, 1, n, D), valid (G, n)) into out.
+
+    Returns the merged base-2 row maxima of levels 1.. and, at index 0, the fine rows' log-sum-exp.
+    """
+    g, _, n, d = q.shape
+    levels = _group_levels(q, k, v, metas, x0, x1, nr, causal, masked)
+    maxima: list = [None] * len(levels)
+    state = None
+    for lvl in range(len(levels) - 1, -1, -1):
+        direct = lvl == 0 and metas[0].count.shape[1] == n  # the fine level straight into the output
+        m, l, o = _window_forward(levels.pop(), nr, scale, out.view(-1, nr, d) if direct else None)
+        m, l, o = m.view(g, -1), l.view(g, -1), o.view(g, -1, d)
+        if state is not None:  # merge with the coarser state, shared by both children of a group
+            half = m.shape[1] // 2
+            pm, pl, po = (t[:, :half, None] for t in state)
+            mv, lv, ov = m.view(g, half, 2), l.view(g, half, 2), o.view(g, half, 2, d)
+            mn = torch.maximum(mv, pm)
+            wa, wb = (mv - mn).exp2_(), (pm - mn).exp2_()
+            lv.mul_(wa).addcmul_(pl, wb)
+            ov.mul_(wa[..., None]).addcmul_(po, wb[..., None])
+            mv.copy_(mn)
+        maxima[lvl] = m
+        state = (m, l, o)
+    m, l, o = state
+    o.div_(l.clamp(min=torch.finfo(q.dtype).tiny)[..., None])
+    maxima[0] = torch.where(l > 0, m + torch.log2(l), math.inf)  # lse; a row with no key gets no weight
+    if o.shape[1] != n:
+        out.copy_(o.view(g, 1, -1, d)[:, :, :n])
+    if masked:
+        out.masked_fill_(~valid[:, None, :, None], 0.0)
+    return maxima
+
+
+def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr, causal, scale, masked) -> None:
+    """Writes the gradients of heads x0 .. x1-1 (shapes as in `_group_forward`) into grads = (dq, dk, dv)."""
+    g, _, n, d = q.shape
+    lengths = [meta.count.shape[1] for meta in metas]
+    top = len(lengths) - 1
+    levels = _group_levels(q, k, v, metas, x0, x1, nr, causal, masked)
+    keep = _pad_seq(valid[:, None, :, None], lengths[0])
+    do = _pad_seq(dout, lengths[0])
+    if masked:
+        do = do.masked_fill(~keep, 0.0)
+    do = do.reshape(-1, nr, d)
+    direct = lengths[0] == n  # the fine level's gradients straight into grads
+    into = (grads[0].view(-1, nr, d), grads[1].view(-1, d), grads[2].view(-1, d)) if direct else None
+    out0 = _pad_seq(out, lengths[0]).reshape(-1, nr, d)
+    dq, dk, dv, c = _window_backward(levels[0], nr, scale, maxima[0].view(-1, nr), do, out=out0, into=into)
+    level_grads = [(dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d))]
+    a, c = do.view(g, -1, d), c.view(g, -1)
+    for lvl in range(1, top + 1):
+        half = lengths[lvl - 1] // 2
+        w = (maxima[lvl][:, :half, None] - maxima[lvl - 1].view(g, half, 2)).exp2_()
+        a, c = _pair_weighted_sum(a, w, lengths[lvl]), _pair_weighted_sum(c, w, lengths[lvl])
+        dq, dk, dv, _ = _window_backward(
+            levels[lvl], nr, scale, maxima[lvl].view(-1, nr), a.view(-1, nr, d), c.view(-1, nr)
+        )
+        level_grads.append((dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d)))
+    del a, c, levels
+    # coarse to fine through the coarsening: a mean shares its gradient over the group (padded
+    # positions hold zeros and are cut below); a causal coarse query is its first valid position's
+    counts = [meta.count[x0:x1] for meta in metas]
+    for which in range(3):
+        mean = which > 0 or not causal
+        acc = None
+        for lvl in range(top, -1, -1):
+            grad = level_grads[lvl][which]
+            if lvl > 0 and mean:
+                grad.div_(counts[lvl].clamp(min=1.0)[:, :, None])
+            if acc is not None:
+                half = lengths[lvl] // 2
+                pairs, up = grad.view(g, half, 2, d), acc[:, :half]
+                if mean:
+                    pairs.add_(up[:, :, None])
+                else:
+                    first = (counts[lvl].view(g, half, 2)[..., 0] > 0)[..., None].to(grad.dtype)
+                    pairs[:, :, 0].addcmul_(up, first)
+                    pairs[:, :, 1].addcmul_(up, 1.0 - first)
+            acc = grad
+    for grad, target in zip(level_grads[0], grads):
+        grad = grad.view(g, 1, -1, d)
+        if masked:
+            grad.masked_fill_(~keep, 0.0)
+        if not direct:
+            target.copy_(grad[:, :, :n])
+
+
+class _HierarchicalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, valid, nr, causal, scale, masked):
+        b, h, n, d = q.shape
+        x = b * h
+        lengths = [-(-n // (nr << lv)) * nr for lv in range(num_levels(n, nr) + 1)]  # padded tokens per level
+        qx, kx, vx = (t.reshape(x, 1, n, d) for t in (q, k, v))
+        valid_x = valid.repeat_interleave(h, 0)  # (X, n)
+        metas = _level_metas(valid_x, lengths, nr, causal, q.dtype)
+        out = q.new_empty(b, h, n, d)
+        outx = out.view(x, 1, n, d)
+        maxima = []
+        for x0, x1 in _groups(x, lengths[0], d, q.element_size(), q.device):
+            sl = slice(x0, x1)
+            args = (qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], metas, x0, x1, nr, causal, scale, masked)
+            maxima.append(_group_forward(*args))
+        ctx.save_for_backward(qx, kx, vx, valid_x, out)
+        ctx.maxima = maxima  # intermediates, neither inputs nor outputs
+        ctx.conf = (nr, causal, scale, masked, lengths)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        nr, causal, scale, masked, lengths = ctx.conf
+        qx, kx, vx, valid_x, out = ctx.saved_tensors
+        b, h, n, d = out.shape
+        x = b * h
+        metas = _level_metas(valid_x, lengths, nr, causal, qx.dtype)
+        outx, dout = out.view(x, 1, n, d), dout.reshape(x, 1, n, d)
+        grads = [out.new_empty(b, h, n, d) for _ in range(3)]
+        gradsx = [t.view(x, 1, n, d) for t in grads]
+        for (x0, x1), maxima in zip(_groups(x, lengths[0], d, qx.element_size(), qx.device), ctx.maxima):
+            sl = slice(x0, x1)
+            _group_backward(
+                qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], maxima, dout[sl], [t[sl] for t in gradsx],
+                metas, x0, x1, nr, causal, scale, masked,
+            )  # fmt: skip
+        return (*grads, None, None, None, None, None)
+
+
 def blocked_h_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -181,7 +613,7 @@ def blocked_h_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Hierarchical attention on (B, H, N, D) tensors (inputs assumed validated); returns (B, H, N, D)."""
-    b, h, n, d = q.shape
+    b, _, n, d = q.shape
     nr = block_size
     out_dtype = q.dtype
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -192,25 +624,16 @@ def blocked_h_attention(
     else:
         valid = key_padding_mask.to(device=q.device, dtype=torch.bool)
 
+    if dropout_p == 0.0 and not torch.compiler.is_compiling():
+        out = _HierarchicalAttention.apply(q, k, v, valid, nr, causal, float(scale), key_padding_mask is not None)
+        return out.to(out_dtype)
+
     top = num_levels(n, nr)
     lengths = [-(-n // (nr << lv)) * nr for lv in range(top + 1)]  # padded tokens per level
-
     count = _pad_seq(valid[:, None].to(compute_dtype), lengths[0])[:, 0]  # (B, M0)
     keep = count[:, None, :, None]
     q0, k0, v0 = (_pad_seq(t, lengths[0]) * keep for t in (q * scale, k, v))
-    fine = _attend(q0, k0, v0, count, nr, causal, 0, dropout_p)
-    coarse = [
-        _attend(q_l, k_l, v_l, c_l, nr, causal, level, dropout_p)
-        for level, (q_l, k_l, v_l, c_l) in enumerate(coarse_levels(q0, k0, v0, count, lengths, causal), start=1)
-    ]
-
-    # merge coarse to fine: every level's state is shared by the whole group below it
-    state = None
-    for level in range(top, 0, -1):
-        part = coarse[level - 1]
-        state = part if state is None else _merge(_upsample(state, lengths[level]), part)
-    state = fine if state is None else _merge(_upsample(state, lengths[0]), fine)
-
+    state = _blocked_autograd(q0, k0, v0, count, lengths, nr, causal, dropout_p)
     out = state.o / state.l.clamp(min=torch.finfo(compute_dtype).tiny)[..., None]
     out = out[:, :, :n].masked_fill(~valid[:, None, :, None], 0.0)
     return out.to(out_dtype)
