@@ -222,8 +222,12 @@ def _chunk_blocks(nr: int, width: int, device) -> int:
 
 
 def _groups(x: int, m0: int, d: int, elt: int, device) -> list[tuple[int, int]]:
-    """Ranges of the X = B*H heads done together."""
-    size = x if device.type != "cpu" else max(1, min(x, _GROUP_BYTES // max(1, m0 * d * elt)))
+    """Ranges of the X = B*H heads done together: groups of about _GROUP_BYTES of fine-level data,
+    their number rounded (not rounded up), so a length just past a power of two does not add a group."""
+    if device.type != "cpu":
+        return [(0, x)]
+    count = max(1, min(x, round(x * m0 * d * elt / _GROUP_BYTES)))
+    size = -(-x // count)
     return [(x0, min(x0 + size, x)) for x0 in range(0, x, size)]
 
 
