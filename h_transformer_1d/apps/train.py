@@ -223,6 +223,15 @@ def train(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None = Non
         stop_runtime()
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices and embeddings, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Runtime) -> None:
     validate(cfg, rt.world_size)
     corpus = data.load_corpus(cfg.data)
@@ -253,15 +262,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
     if cfg.compile:
         model.net.compile()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if resume:
         set_optimizer_state_dict(model, optimizer, resume.optimizer, options=StateDictOptions(full_state_dict=True))
         restore_rng(resume.rng, resume.state.get("world_size", 0), cfg, start_step, rt)

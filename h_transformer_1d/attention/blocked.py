@@ -139,30 +139,45 @@ def _attend(q, k, v, count, nr, causal, level, dropout_p) -> Partial:
     )
 
 
-def _pair_sum(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Sum of aligned pairs along dim 2, the input zero-padded to 2 * `length` first.
+def _recorded(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
 
-    Half-precision inputs are summed into float32 without a float32 copy of the input.
-    """
-    x = _pad_seq(x, 2 * length)
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
-    return x.reshape(*x.shape[:2], length, 2, *x.shape[3:]).sum(3, dtype=dtype)
+
+def _pair_sum(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Sums of aligned pairs along dim 2 of x (B, H|1, M, ...), M even, as `length` rows (zero beyond M/2)."""
+    half = x.shape[2] // 2
+    if half == length:
+        return torch.add(x[:, :, 0::2], x[:, :, 1::2])
+    if _recorded(x):  # out= has no autograd: pad a copy instead
+        return _pad_seq(torch.add(x[:, :, 0::2], x[:, :, 1::2]), length)
+    res = x.new_empty(*x.shape[:2], length, *x.shape[3:])
+    torch.add(x[:, :, 0::2], x[:, :, 1::2], out=res[:, :, :half])
+    res[:, :, half:].zero_()
+    return res
 
 
 def _pair_first(x: torch.Tensor, count: torch.Tensor, length: int) -> torch.Tensor:
-    """For each aligned pair along dim 2, the left member if its group has a valid position, else the right."""
-    x = _pad_seq(x, 2 * length)
-    x = x.reshape(*x.shape[:2], length, 2, *x.shape[3:])
-    c = _pad_seq(count[:, None], 2 * length).reshape(count.shape[0], 1, length, 2)
-    return torch.where((c[:, :, :, 0] > 0)[..., None], x[:, :, :, 0], x[:, :, :, 1])
+    """For each aligned pair along dim 2 of x (B, H|1, M, D), M even, the left member if its group has a
+    valid position (count (B, M)), else the right; `length` rows, zero beyond M/2."""
+    half = x.shape[2] // 2
+    pairs = x.reshape(*x.shape[:2], half, 2, x.shape[3])
+    left = (count.reshape(count.shape[0], 1, half, 2)[..., 0] > 0)[..., None]
+    if half == length:
+        return torch.where(left, pairs[:, :, :, 0], pairs[:, :, :, 1])
+    if _recorded(x):
+        return _pad_seq(torch.where(left, pairs[:, :, :, 0], pairs[:, :, :, 1]), length)
+    res = x.new_empty(*x.shape[:2], length, x.shape[3])
+    torch.where(left, pairs[:, :, :, 0], pairs[:, :, :, 1], out=res[:, :, :half])
+    res[:, :, half:].zero_()
+    return res
 
 
 def coarse_levels(q0, k0, v0, count, lengths: list[int], causal: bool):
     """Yield, for levels 1.., the coarse (query, mean key, mean value, count), each (B,H,lengths[l],D).
 
     q0, k0, v0 (B,H,lengths[0],D) hold the fine level with padded content zeroed; count (B,
-    lengths[0]) is 1 for a real token. Coarse queries are means over valid positions, or for the
-    causal variant the first valid position's query; sums of half-precision inputs are float32.
+    lengths[0]) is 1 for a real token, all in the compute dtype. Coarse queries are means over valid
+    positions, or for the causal variant the first valid position's query.
     """
     q_acc, k_acc, v_acc, c_acc = q0, k0, v0, count
     for length in lengths[1:]:
@@ -256,7 +271,7 @@ def _level_metas(valid: torch.Tensor, lengths: list[int], nr: int, causal: bool,
     count = _pad_seq(valid[:, None].to(dtype), lengths[0])[:, 0]
     for level, length in enumerate(lengths):
         if level:
-            count = _pair_add(count[:, None], length)[:, 0]
+            count = _pair_sum(count[:, None], length)[:, 0]
         offsets = _level_offsets(causal, level)
         key_bias = _key_bias(torch.log2(count), nr, offsets).reshape(-1, len(offsets) * nr)
         mask_bias = None
@@ -419,31 +434,6 @@ def _window_backward(lv: _Level, nr: int, scale: float, ref, do, c=None, out=Non
     return dq, dk, dv, c
 
 
-def _pair_add(x: torch.Tensor, length: int) -> torch.Tensor:
-    """`_pair_sum` for compute-dtype x (G, 1, M, ...), M even: the two strided halves added, zero beyond."""
-    half = x.shape[2] // 2
-    if half == length:
-        return torch.add(x[:, :, 0::2], x[:, :, 1::2])
-    res = x.new_empty(*x.shape[:2], length, *x.shape[3:])
-    torch.add(x[:, :, 0::2], x[:, :, 1::2], out=res[:, :, :half])
-    res[:, :, half:].zero_()
-    return res
-
-
-def _pair_pick(x: torch.Tensor, count: torch.Tensor, length: int) -> torch.Tensor:
-    """`_pair_first` for x (G, 1, M, D), M even: of each pair the left member if its group has a valid
-    position, else the right; zero beyond."""
-    half = x.shape[2] // 2
-    pairs = x.reshape(*x.shape[:2], half, 2, x.shape[3])
-    left = (count.reshape(count.shape[0], 1, half, 2)[..., 0] > 0)[..., None]
-    if half == length:
-        return torch.where(left, pairs[:, :, :, 0], pairs[:, :, :, 1])
-    res = x.new_empty(*x.shape[:2], length, x.shape[3])
-    torch.where(left, pairs[:, :, :, 0], pairs[:, :, :, 1], out=res[:, :, :half])
-    res[:, :, half:].zero_()
-    return res
-
-
 def _pair_weighted_sum(x: torch.Tensor, w: torch.Tensor, length: int) -> torch.Tensor:
     """(G, L, ...), weights w (G, L/2, 2) -> (G, length, ...): w-weighted sums of aligned pairs, zero beyond."""
     xs, half = x.shape, x.shape[1] // 2
@@ -467,8 +457,8 @@ def _group_levels(q, k, v, metas, x0, x1, nr, causal, masked) -> list[_Level]:
     inputs = [(q, k, v)]
     for level in range(1, len(lengths)):  # sums of sums, made means below
         q_acc, k_acc, v_acc = inputs[-1]
-        q_acc = _pair_pick(q_acc, counts[level - 1], lengths[level]) if causal else _pair_add(q_acc, lengths[level])
-        inputs.append((q_acc, _pair_add(k_acc, lengths[level]), _pair_add(v_acc, lengths[level])))
+        q_acc = _pair_first(q_acc, counts[level - 1], lengths[level]) if causal else _pair_sum(q_acc, lengths[level])
+        inputs.append((q_acc, _pair_sum(k_acc, lengths[level]), _pair_sum(v_acc, lengths[level])))
     for level in range(1, len(lengths)):
         denom = counts[level].clamp(min=1.0)[:, None, :, None]
         for t in inputs[level][int(causal) :]:

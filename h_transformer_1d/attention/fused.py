@@ -47,12 +47,17 @@ def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
     return (-1, 2, 1) if causal else (-1, 2, 2)
 
 
+def _level_lengths(n: int, nr: int) -> list[int]:
+    """Rows of each level in the packed buffers: its tokens, padded to whole blocks."""
+    return [-(-n // (nr << lv)) * nr for lv in range(num_levels(n, nr) + 1)]
+
+
 class _Layout:
     """Where each level lives in the packed buffers, and the per-block key ranges (device tables)."""
 
     def __init__(self, n: int, nr: int, device):
-        self.top = num_levels(n, nr)
-        self.lengths = [-(-n // (nr << lv)) * nr for lv in range(self.top + 1)]
+        self.lengths = _level_lengths(n, nr)
+        self.top = len(self.lengths) - 1
         self.starts = [0]
         for length in self.lengths[:-1]:
             self.starts.append(self.starts[-1] + length)
@@ -205,9 +210,8 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n):
 
 def _packed_shapes(q: torch.Tensor, nr: int):
     b, h, n, d = q.shape
-    top = num_levels(n, nr)
-    mtot = sum(-(-n // (nr << lv)) * nr for lv in range(top + 1))
-    return b, h, n, d, mtot, -(-n // nr) * nr
+    lengths = _level_lengths(n, nr)
+    return b, h, n, d, sum(lengths), lengths[0]
 
 
 @torch.library.custom_op("h_transformer_1d::hattn_fwd", mutates_args=())

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,11 +27,11 @@ from tqdm import tqdm
 from ...model import HTransformer1D
 from .. import checkpoint
 from ..checkpoint import CheckpointError
-from ..config import ConfigError
+from ..config import ConfigError, _opt
 from ..data import DataError
 from ..metrics import MetricsLog
 from ..plots import plot_curves
-from ..train import Runtime, format_duration, start_runtime
+from ..train import Runtime, decay_groups, format_duration, start_runtime
 from . import listops
 from .model import POOLS, SequenceClassifier
 
@@ -39,10 +39,6 @@ TASK = "listops"
 COLUMNS = ("step", "examples", "lr", "train_loss", "train_acc", "val_acc", "examples_per_s", "elapsed_s")
 SCALARS = ("lr", "train_loss", "train_acc", "val_acc", "examples_per_s")
 RESULTS = "results.json"
-
-
-def _opt(default, help: str, group: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -330,20 +326,12 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg).to(rt.device)
     num_params = sum(p.numel() for p in model.parameters())
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-        eps=1e-9,
-    )
+    groups = decay_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     start_step, best, val_acc, elapsed = 0, (-1.0, 0), float("nan"), 0.0  # best: validation accuracy, step
     if saved is not None:
         weights, start_step = saved
-        state, rng, progress = load_training_state(out_dir, start_step, len(params))
+        state, rng, progress = load_training_state(out_dir, start_step, sum(len(g["params"]) for g in groups))
         model.load_state_dict(weights)
         optimizer.load_state_dict(state)
         torch.set_rng_state(rng["cpu"])
