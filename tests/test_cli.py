@@ -355,3 +355,32 @@ def test_error_exit_has_no_traceback_in_a_subprocess(tmp_path):
     )
     assert out.returncode == 1
     assert "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    from h_transformer_1d.apps import train as train_module
+
+    real = train_module.build_model
+    seen = [0]
+
+    def poisoned(cfg):
+        model = real(cfg)
+
+        def hook(module, args, output):
+            if torch.is_grad_enabled():
+                seen[0] += 1
+                if seen[0] >= 3:
+                    return output * float("nan")
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", poisoned)
+    out = tmp_path / "run"
+    assert train(out, corpus, "--max-steps", "6", "--eval-every", "2") == 1
+    err = capsys.readouterr().err
+    assert "step 3: the training loss is nan (not finite)" in err and "checkpoint of step 2" in err
+    assert "Traceback" not in err
+    saved = checkpoint.load(out, training=True)
+    assert saved.step == 2 and all(torch.isfinite(t).all() for t in saved.model.values())

@@ -21,7 +21,7 @@ from .config import (
 )
 from .data import DataError
 from .lra.cli import add_commands as add_lra_commands
-from .train import evaluate_bpb, generate_text, start_runtime, stop_runtime, train
+from .train import DivergedError, evaluate_bpb, generate_text, start_runtime, stop_runtime, train
 
 PROG = "h-transformer-1d"
 EXAMPLES = """examples:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun, only process 0 reports
     try:
         args.run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, DivergedError) as e:
         if not quiet:
             print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

@@ -33,6 +33,23 @@ from .plots import plot_curves
 LN2 = math.log(2)
 
 
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite. Raised before that step's optimizer update, so no
+    checkpoint ever holds the non-finite weights: the one in --out is the last good state."""
+
+
+def check_finite(loss: float, step: int, out_dir: Path, last_saved: int) -> None:
+    """Stop a run whose loss is not finite, saying what is kept and what to change."""
+    if math.isfinite(loss):
+        return
+    kept = f"{out_dir} keeps the checkpoint of step {last_saved}" if last_saved else f"nothing was saved in {out_dir}"
+    raise DivergedError(
+        f"step {step}: the training loss is {loss} (not finite), so training stopped before the optimizer "
+        f"step; {kept}. Lower --lr, set --grad-clip, or use --precision fp32, and train again (--resume of "
+        f"the same configuration repeats the same steps)"
+    )
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -294,7 +311,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
         dynamic_ncols=True,
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
-    val_bpb = float("nan")
+    val_bpb, last_saved = float("nan"), start_step
     clock = time.perf_counter()
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
@@ -310,11 +327,12 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
                 loss = trained(x) / cfg.grad_accum
             loss.backward()
             step_loss += loss.detach()
+        train_bpb = rt.all_sum(step_loss).item() / rt.world_size / LN2  # the same on every process
+        check_finite(train_bpb, step, out_dir, last_saved)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_bpb = rt.all_sum(step_loss).item() / rt.world_size / LN2
         tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
         tokens_seen += tokens_per_step
         bar.update()
@@ -334,6 +352,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
         if "val_bpb" in row:
             state = {"tokens": row["tokens"], "elapsed_s": row["elapsed_s"], "world_size": rt.world_size}
             save_checkpoint(out_dir, cfg, model, optimizer, rt, step, state)
+            last_saved = step
             if rt.is_main:
                 plot_curves(out_dir)
         if cfg.sample_every and step % cfg.sample_every == 0:
