@@ -228,6 +228,7 @@ def test_classifier_checks_its_arguments():
 def test_recipe_is_lras_configuration():
     cfg = ListOpsConfig()
     assert (cfg.depth, cfg.dim, cfg.heads, cfg.dim * cfg.ff_mult) == (4, 512, 8, 1024)
+    assert cfg.pool == "cls"  # LRA's pooling_mode for ListOps; mean pooling did not learn on the GPU runs
     assert (cfg.batch_size, cfg.steps, cfg.seq_len, cfg.warmup_steps) == (32, 5000, 2000, 1000)
     assert learning_rate(cfg, 1) == pytest.approx(0.05 / 1000**1.5)  # 0.05 * step/warmup * rsqrt(warmup)
     assert learning_rate(cfg, 1000) == pytest.approx(0.05 / 1000**0.5)
@@ -318,3 +319,37 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
 def test_resume_needs_a_resumable_checkpoint(tmp_path, capsys):
     assert main(["lra", "listops", "train", "--out", str(tmp_path / "none"), "--resume"]) == 1
     assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def poison_after(model: torch.nn.Module, calls: int) -> torch.nn.Module:
+    """Make the model's training forward passes return NaN from the `calls`-th one on."""
+    seen = [0]
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled():
+            return output
+        seen[0] += 1
+        return output * float("nan") if seen[0] >= calls else output
+
+    model.register_forward_hook(hook)
+    return model
+
+
+def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from h_transformer_1d.apps.lra import train as lra_train
+
+    data = tmp_path / "data"
+    assert main(["lra", "listops", "prepare", "--out", str(data), "--num-train", "40", "--num-val", "8",
+                 "--num-test", "8", *SMALL_FLAGS]) == 0  # fmt: skip
+    real = lra_train.build_classifier
+    monkeypatch.setattr(lra_train, "build_classifier", lambda cfg: poison_after(real(cfg), calls=3))
+    out = tmp_path / "run"
+    assert main(["lra", "listops", "train", "--data", str(data), "--out", str(out), *TINY, "--steps", "6",
+                 "--eval-every", "2"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "step 3: the training loss is nan (not finite)" in err and "checkpoint of step 2" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(lra_train, "build_classifier", real)
+    _, model, step = lra_train.load_checkpoint(out)
+    assert step == 2 and all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert not (out / "results.json").exists()

@@ -1,4 +1,4 @@
-"""benchmarks/scaling.py and benchmarks/quality.py in their CPU quick modes, and their report code.
+"""benchmarks/scaling.py, quality.py and lra_listops.py in their CPU quick modes, and their report code.
 
 The two scripts start in one fixture, at the same time (most of their time is Python and torch
 starting up in the training processes), and the tests read what they wrote.
@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import lra_listops
 import quality
 import scaling
 
@@ -152,3 +153,37 @@ def test_parse_full_eval():
         "bpb": 1.2345, "windows": 120, "predicted_bytes": 491520, "split_bytes": 1504727, "step": 400
     }  # fmt: skip
     assert quality.parse_full_eval("error") is None
+
+
+def test_lra_listops_quick(tmp_path):
+    """Two variants of the ListOps recipe on tiny data, trained and reported (table, JSON, plot)."""
+    command = [sys.executable, str(BENCH / "lra_listops.py"), "--quick", "--device", "cpu", "--variants", "hier",
+               "dense-mean", "--runs", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "runs" / "data" / "basic_test.tsv").is_file()
+    report = json.loads((tmp_path / "out" / "lra_listops.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert sorted(runs) == ["dense-mean", "hier"]
+    assert runs["hier"]["config"]["pool"] == "cls" and runs["hier"]["config"]["attention"] == "hierarchical"
+    assert runs["dense-mean"]["config"]["pool"] == "mean" and runs["dense-mean"]["config"]["attention"] == "dense"
+    for r in runs.values():
+        assert r["finished"] and 0 <= r["test_accuracy"] <= 1 and [s for s, _ in r["val_curve"]] == [3, 6]
+    md = (tmp_path / "out" / "lra_listops.md").read_text()
+    assert "| hier | `(recipe)` |" in md and "| dense-mean | `--attention dense --pool mean` |" in md
+    assert (tmp_path / "out" / "lra_listops.png").read_bytes().startswith(PNG)
+
+
+def test_lra_listops_report_of_a_stopped_and_a_diverged_run(tmp_path):
+    header = "step,examples,lr,train_loss,train_acc,val_acc,examples_per_s,elapsed_s"
+    for name, rows in {"hier": ["1,32,0.1,2.3,0.1,,10,1", "2,64,0.1,2.2,0.1,0.25,10,2"],
+                       "dense": ["1,32,0.1,2.3,0.1,0.3,10,1", "2,64,0.1,nan,0.1,0.1,10,2"]}.items():  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text("\n".join([header, *rows]) + "\n")
+    report = lra_listops.write_report(tmp_path, tmp_path / "out")
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["hier"]["best_val_accuracy"] == 0.25 and not runs["hier"]["finished"]
+    assert runs["dense"]["first_nonfinite_loss_step"] == 2 and runs["dense"]["best_val_step"] == 1
+    md = (tmp_path / "out" / "lra_listops.md").read_text()
+    assert "unfinished: 2 steps logged" in md and "loss NaN from step 2" in md

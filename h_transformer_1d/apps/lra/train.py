@@ -31,7 +31,7 @@ from ..config import ConfigError, _opt
 from ..data import DataError
 from ..metrics import MetricsLog
 from ..plots import plot_curves
-from ..train import Runtime, decay_groups, format_duration, start_runtime
+from ..train import Runtime, check_finite, decay_groups, format_duration, start_runtime
 from . import listops
 from .model import POOLS, SequenceClassifier
 
@@ -53,7 +53,10 @@ class ListOpsConfig:
     block_size: int = _opt(16, "hierarchical attention block size Nr (a power of two >= 2)", "model")
     seq_len: int = _opt(2000, "longest input in tokens, <cls> included; longer inputs are truncated", "model")
     attention: str = _opt("hierarchical", "attention kind", "model", ("hierarchical", "dense"))
-    pool: str = _opt("mean", "mean of the real tokens' features, or the <cls> token's", "model", POOLS)
+    pool: str = _opt(
+        "cls", "classify from a <cls> token's features (LRA's choice), or from the mean of the real tokens'", "model",
+        POOLS
+    )
     dropout: float = _opt(0.1, "dropout in the feed-forward layers (LRA: 0.1)", "optimization")
     attn_dropout: float = _opt(
         0.0,
@@ -354,7 +357,7 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
                mininterval=1.0 if sys.stderr.isatty() else 30.0)  # fmt: skip
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    start = time.perf_counter() - elapsed
+    start, last_saved = time.perf_counter() - elapsed, start_step
     for step in range(start_step + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         lr = learning_rate(cfg, step)
@@ -367,11 +370,12 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
             logits = model(x.to(rt.device), mask.to(rt.device))  # (B, 10)
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
+        train_loss, train_acc = loss.item(), (logits.argmax(-1) == y).float().mean().item()
+        check_finite(train_loss, step, out_dir, last_saved)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss, train_acc = loss.item(), (logits.argmax(-1) == y).float().mean().item()
         examples_per_s = cfg.batch_size / (time.perf_counter() - t0)
         bar.update()
         bar.set_postfix_str(f"loss {train_loss:.3f}, acc {train_acc:.3f}, {examples_per_s:,.0f} ex/s", refresh=False)
@@ -391,6 +395,7 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
             progress = {"val_acc": val_acc, "best_val_acc": best[0], "best_val_step": best[1],
                         "elapsed_s": row["elapsed_s"]}  # fmt: skip
             save_checkpoint(out_dir, cfg, model, step, optimizer, progress)
+            last_saved = step
             plot_curves(out_dir, train_key="train_acc", val_key="val_acc", label="accuracy")
     bar.close()
     metrics.close()
