@@ -41,6 +41,12 @@ VARIANTS = {
     "dense-mean": (["--attention", "dense", "--pool", "mean"], "dense attention, mean pooling"),
     "hier-mean-block32": (["--pool", "mean", "--block-size", "32"], "mean pooling, Nr = 32"),
     "hier-mean-lr2x": (["--pool", "mean", "--lr", "0.0031623"], "mean pooling, twice the peak learning rate"),
+    # the next runs (not yet measured): a calmer optimizer, longer training, LRA's attention dropout
+    "hier-lr5e-4-clip1": (["--lr", "5e-4", "--grad-clip", "1.0"], "peak lr 5e-4, gradient norm clipped to 1"),
+    "dense-lr5e-4-clip1": (["--attention", "dense", "--lr", "5e-4", "--grad-clip", "1.0"],
+                           "dense, peak lr 5e-4, gradient norm clipped to 1"),
+    "hier-20k-steps": (["--steps", "20000"], "four times the steps"),
+    "hier-attn-dropout": (["--attn-dropout", "0.1"], "LRA's attention dropout 0.1 (the blocked PyTorch path)"),
 }
 DEFAULT_VARIANTS = ["hier", "dense", "hier-seed1", "hier-block32"]
 QUICK = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "64", "--block-size", "4",
