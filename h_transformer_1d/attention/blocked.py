@@ -31,8 +31,13 @@ def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
     n = x.shape[2]
     if n >= length:
         return x[:, :, :length]
-    pad = [0, 0] * (x.dim() - 3) + [0, length - n]
-    return F.pad(x, pad)
+    if _recorded(x):
+        return F.pad(x, [0, 0] * (x.dim() - 3) + [0, length - n])
+    # F.pad fills all of the new tensor, then copies: write the body once and zero only the tail
+    out = x.new_empty(*x.shape[:2], length, *x.shape[3:])
+    out[:, :, :n] = x
+    out[:, :, n:] = 0
+    return out
 
 
 def _shift_blocks(xb: torch.Tensor, offset: int) -> torch.Tensor:
@@ -513,8 +518,11 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
     do = do.reshape(-1, nr, d)
     direct = lengths[0] == n  # the fine level's gradients straight into grads
     into = (grads[0].view(-1, nr, d), grads[1].view(-1, d), grads[2].view(-1, d)) if direct else None
-    out0 = _pad_seq(out, lengths[0]).reshape(-1, nr, d)
-    dq, dk, dv, c = _window_backward(levels[0], nr, scale, maxima[0].view(-1, nr), do, out=out0, into=into)
+    if direct:  # c = rowsum(dout * out) is made chunk by chunk
+        fine = {"out": out.reshape(-1, nr, d)}
+    else:  # made here from the unpadded tensors (out is 0 where masked), then padded: no padded copy of out
+        fine = {"c": _pad_seq(torch.linalg.vecdot(dout, out), lengths[0]).reshape(-1, nr)}
+    dq, dk, dv, c = _window_backward(levels[0], nr, scale, maxima[0].view(-1, nr), do, into=into, **fine)
     level_grads = [(dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d))]
     a, c = do.view(g, -1, d), c.view(g, -1)
     for lvl in range(1, top + 1):
