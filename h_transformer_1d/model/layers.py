@@ -21,7 +21,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, H, N, D) by `positions` (N,) or (B, N)."""
+        """Rotate x (..., N, D) by `positions` (N,), or x (B, H, N, D) by `positions` (B, N)."""
         return apply_rotary(x, positions, self.inv_freq)
 
 
@@ -118,10 +118,11 @@ class HAttention1D(nn.Module):
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
         """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`
         (None: not applied, h_attention applies it)."""
-        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
         if positions is None:
-            return q, k, v
-        return self.rotary(q, positions), self.rotary(k, positions), v
+            return qkv.unbind(0)
+        q, k = self.rotary(qkv[:2], positions).unbind(0)  # q and k in one rotation (positions (N,))
+        return q, k, qkv[2]
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: HierarchicalCache | None = None
