@@ -140,20 +140,19 @@ class HAttention1D(nn.Module):
             raise ValueError(f"x has seq_len {n}, more than max_seq_len={self.max_seq_len}")
         check_key_padding_mask(mask, b, n, name="mask")
         dropout_p = self.dropout if self.training else 0.0
-        if self.attention == "dense" or cache is not None:
+        if self.attention == "dense" or cache is not None:  # rotated here (the cache keeps rotated q, k)
             q, k, v = self.project_qkv(x, torch.arange(n, device=x.device))
-        if self.attention == "dense":
-            out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
-        elif cache is not None:
-            out = h_attention(
-                q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p
-            )  # (B, H, N, dim_head)
+            freqs = None
         else:  # rotary inside h_attention: the Triton kernels rotate on the fly
             q, k, v = self.project_qkv(x, None)
+            freqs = self.rotary.inv_freq
+        if self.attention == "dense":
+            out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
+        else:
             out = h_attention(
                 q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
-                rotary_freqs=self.rotary.inv_freq,
-            )
+                rotary_freqs=freqs,
+            )  # (B, H, N, dim_head)
         if cache is not None:
             cache.prefill(q, k, v, key_padding_mask=mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
