@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
+from scaling import REPO_ROOT as REPO
+from scaling import RESULTS_DIR, child_env, pyplot, write_json, write_text
 
 # name: (flags added to the recipe's defaults, what the variant tests)
 VARIANTS = {
@@ -70,7 +70,7 @@ def run_study(args) -> Path:
     if not (data / "basic_test.tsv").is_file():
         prepare = cli("prepare", "--out", str(data), "--workers", str(os.cpu_count() or 1))
         subprocess.run(prepare + (QUICK_DATA if args.quick else []), check=True, cwd=REPO)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env()
     queues = [[] for _ in args.gpus] if args.gpus else [[]]
     for i, name in enumerate(args.variants):
         queues[i % len(queues)].append(name)
@@ -84,7 +84,7 @@ def run_study(args) -> Path:
     failed = [p for p in commands if p.wait() != 0]
     if failed:
         print(f"{len(failed)} queue(s) failed; see {runs}/*.log", file=sys.stderr)
-    (runs / "study.json").write_text(json.dumps({"variants": args.variants, "quick": args.quick}, indent=1))
+    write_json(runs / "study.json", {"variants": args.variants, "quick": args.quick})
     return runs
 
 
@@ -140,7 +140,7 @@ def write_report(runs: Path, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     devices = sorted({r["device"] for r in found if r["device"]})
     report = {"runs": found, "devices": devices, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (out_dir / "lra_listops.json").write_text(json.dumps(report, indent=1))
+    write_json(out_dir / "lra_listops.json", report)
 
     lines = [
         "# Long Range Arena ListOps: hierarchical vs dense attention",
@@ -176,17 +176,13 @@ def write_report(runs: Path, out_dir: Path) -> dict:
         "![validation accuracy and training loss](lra_listops.png)",
         "",
     ]
-    (out_dir / "lra_listops.md").write_text("\n".join(lines))
+    write_text(out_dir / "lra_listops.md", "\n".join(lines))
     plot(found, out_dir / "lra_listops.png")
     return report
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in runs:
         style = "--" if r["config"].get("attention") == "dense" else "-"
