@@ -77,11 +77,12 @@ def test_kernels_match_reference_small(n, nr, causal, mask_kind, d, dtype):
 
 @pytest.mark.parametrize("n,causal,mask_kind", [(150, False, "gaps"), (200, True, "start"), (77, True, "none")])
 def test_chained_coarsening_launches(monkeypatch, n, causal, mask_kind):
-    """Deep hierarchies coarsen and fold in several launches of LV levels each; LV=2 makes short
-    sequences need several."""
+    """Deep hierarchies coarsen in launches of COARSEN_LV levels and fold in launches of LV levels;
+    1 and 2 make short sequences need several of each."""
     from h_transformer_1d.attention import triton_kernels
 
     monkeypatch.setattr(triton_kernels, "LV", 2)
+    monkeypatch.setattr(triton_kernels, "COARSEN_LV", 1)
     monkeypatch.setattr(fused, "_LAYOUTS", {})
     check_against_reference(n, 16, causal, mask_kind, 16, torch.float32)
 

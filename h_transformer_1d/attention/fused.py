@@ -1,7 +1,8 @@
 """Hierarchical attention through the Triton kernels: launch logic and the autograd custom ops.
 
-Forward (3 launches for N <= 64 * block_size, one more per further 6 levels):
-  1. ``coarsen_kernel`` reads q, k, v once and writes every level into packed buffers;
+Forward (3 launches for N <= 4 * block_size, one more per further 2 levels):
+  1. ``coarsen_kernel`` reads q, k, v once and writes level 0 and two coarse levels into packed
+     buffers; each further launch derives two more levels from the last;
   2. one windowed launch over all coarse levels gives an unnormalised softmax state per coarse query;
   3. the level-0 launch starts each query's online softmax from its ancestors' coarse states, so
      every query ends with one softmax over all levels, and stores one log-sum-exp.
@@ -67,9 +68,9 @@ class _Layout:
         for start, length in zip(self.starts, self.lengths):
             rows += [(start // nr, (start + length) // nr)] * (length // nr)
         table = torch.tensor(rows, dtype=torch.int32).t().contiguous()
-        from .triton_kernels import LV
+        from .triton_kernels import COARSEN_LV, LV
 
-        pad = [0] * (LV + 1)  # coarsen/fold read a few levels past the top (masked off)
+        pad = [0] * (max(LV, COARSEN_LV) + 1)  # coarsen/fold read a few levels past the top (masked off)
         self.lo, self.hi = table[0].to(device), table[1].to(device)
         self.start_t = torch.tensor(self.starts + pad, dtype=torch.int32, device=device)
         self.len_t = torch.tensor(self.lengths + pad, dtype=torch.int32, device=device)
@@ -100,14 +101,12 @@ def _layout(n: int, nr: int, device) -> _Layout:
     return layout
 
 
-def _levels_per_launch(layout: _Layout):
-    """(base, levels) of each chained coarsen/fold launch."""
-    from .triton_kernels import LV
-
+def _levels_per_launch(layout: _Layout, per_launch: int):
+    """(base, levels) of each chained coarsen or fold launch."""
     base = 0
     while True:
-        yield base, LV
-        base += LV
+        yield base, per_launch
+        base += per_launch
         if base >= layout.top:
             return
 
@@ -122,7 +121,7 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
     pf = _alloc(b, layout.mtot, device=dev, dtype=torch.int32)
     has_mask = valid is not None
     packed_strides = (pq.stride(0), pq.stride(1), pq.stride(2)) * 3
-    for base, lvl in _levels_per_launch(layout):
+    for base, lvl in _levels_per_launch(layout, tk.COARSEN_LV):
         raw = base == 0
         if raw:
             srcs, strides = (q, k, v), (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
@@ -135,7 +134,8 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
             layout.start_t, layout.len_t,
             *strides, valid.stride(0) if has_mask else 0,
             h, layout.mtot, n_in, row0, base, layout.top, sc,
-            D=d, LVL=lvl, RAW=raw, HAS_MASK=has_mask, CAUSAL=causal, ROTARY=raw and rot is not None, num_warps=4,
+            D=d, LVL=lvl, RAW=raw, HAS_MASK=has_mask, CAUSAL=causal, ROTARY=raw and rot is not None,
+            num_warps=tk.COARSEN_WARPS,
         )
     return pq, pk, pv, pc, pf
 
@@ -178,7 +178,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n):
     pdo = _alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
     plse = _alloc(b, h, mtot, device=dev, dtype=torch.float32)
     pdel = _alloc(b, h, mtot, device=dev, dtype=torch.float32)
-    for base, lvl in _levels_per_launch(layout):
+    for base, lvl in _levels_per_launch(layout, tk.LV):
         raw = base == 0
         n_in, row0 = (n, 0) if raw else (layout.lengths[base], layout.starts[base])
         tk.fold_kernel[(layout.chunk_grid(base, lvl), b * h)](
