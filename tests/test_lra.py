@@ -176,6 +176,11 @@ def test_batches_pad_truncate_and_add_cls(tmp_path):
     x, mask = split.batch(torch.tensor([1, 0]), seq_len=6, cls=True)
     assert x.shape == (2, 6) and (x[:, 0] == listops.CLS).all() and mask.sum(1).tolist() == [6, 5]
     assert [listops.VOCAB[i] for i in x[0]] == ["<cls>", "[MIN", "1", "2", "3", "4"]
+    x, mask = split.batch(torch.tensor([0, 1, 0]), seq_len=100, cls=True, multiple=16)  # width rounded up
+    assert x.shape == (3, 16) and mask.sum(1).tolist() == [5, 9, 5] and (x[~mask] == listops.PAD).all()
+    assert [listops.VOCAB[i] for i in x[0, :5]] == ["<cls>", "[MAX", "2", "9", "]"]
+    x, mask = split.batch(torch.tensor([1]), seq_len=7, cls=False, multiple=16)  # ... but never past seq_len
+    assert x.shape == (1, 7) and mask.all()
     with pytest.raises(listops.DataError, match="lra listops prepare --out"):
         load_split(tmp_path, "train")
 
@@ -225,14 +230,19 @@ def test_classifier_checks_its_arguments():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_recipe_is_lras_configuration():
+def test_recipe_is_lras_configuration_with_the_studys_optimizer():
     cfg = ListOpsConfig()
     assert (cfg.depth, cfg.dim, cfg.heads, cfg.dim * cfg.ff_mult) == (4, 512, 8, 1024)
     assert cfg.pool == "cls"  # LRA's pooling_mode for ListOps; mean pooling did not learn on the GPU runs
     assert (cfg.batch_size, cfg.steps, cfg.seq_len, cfg.warmup_steps) == (32, 5000, 2000, 1000)
-    assert learning_rate(cfg, 1) == pytest.approx(0.05 / 1000**1.5)  # 0.05 * step/warmup * rsqrt(warmup)
-    assert learning_rate(cfg, 1000) == pytest.approx(0.05 / 1000**0.5)
-    assert learning_rate(cfg, 4000) == pytest.approx(0.05 / 4000**0.5)  # rsqrt decay
+    # the study's best: LRA's schedule shape with a peak of 1.5e-4 and clipping at 1
+    assert (cfg.lr, cfg.grad_clip) == (1.5e-4, 1.0)
+    assert learning_rate(cfg, 1) == pytest.approx(1.5e-4 / 1000) and learning_rate(cfg, 1000) == pytest.approx(1.5e-4)
+    assert learning_rate(cfg, 4000) == pytest.approx(1.5e-4 / 2)  # rsqrt decay
+    lra = ListOpsConfig(lr=0.05 / 1000**0.5, grad_clip=0.0)  # LRA's own optimizer, as the *-lra-lr study runs
+    assert learning_rate(lra, 1) == pytest.approx(0.05 / 1000**1.5)  # 0.05 * step/warmup * rsqrt(warmup)
+    assert learning_rate(lra, 1000) == pytest.approx(0.05 / 1000**0.5)
+    assert learning_rate(lra, 4000) == pytest.approx(0.05 / 4000**0.5)
 
 
 # --- the command ----------------------------------------------------------------------------------
