@@ -158,20 +158,25 @@ def test_parse_full_eval():
 def test_lra_listops_quick(tmp_path):
     """Two variants of the ListOps recipe on tiny data, trained and reported (table, JSON, plot)."""
     command = [sys.executable, str(BENCH / "lra_listops.py"), "--quick", "--device", "cpu", "--variants", "hier",
-               "dense-mean", "--runs", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]  # fmt: skip
+               "dense-mean-lra-lr", "--runs", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "runs" / "data" / "basic_test.tsv").is_file()
     report = json.loads((tmp_path / "out" / "lra_listops.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
-    assert sorted(runs) == ["dense-mean", "hier"]
+    assert sorted(runs) == ["dense-mean-lra-lr", "hier"]
     assert runs["hier"]["config"]["pool"] == "cls" and runs["hier"]["config"]["attention"] == "hierarchical"
-    assert runs["dense-mean"]["config"]["pool"] == "mean" and runs["dense-mean"]["config"]["attention"] == "dense"
+    dense = runs["dense-mean-lra-lr"]["config"]
+    assert dense["pool"] == "mean" and dense["attention"] == "dense" and dense["grad_clip"] == 0
     for r in runs.values():
         assert r["finished"] and 0 <= r["test_accuracy"] <= 1 and [s for s, _ in r["val_curve"]] == [3, 6]
     md = (tmp_path / "out" / "lra_listops.md").read_text()
-    assert "| hier | `(recipe)` |" in md and "| dense-mean | `--attention dense --pool mean` |" in md
+    # the flags column: what each run's config.json changed from the recipe's defaults (--quick shrinks all)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in md.splitlines() if line.startswith("| ")}
+    assert rows["hier"].startswith("`--dim 32 --depth 1 ") and "--attention" not in rows["hier"]
+    assert "--attention dense --pool mean" in rows["dense-mean-lra-lr"]
+    assert "--lr 0.00158114 " in rows["dense-mean-lra-lr"] and "--grad-clip 0`" in rows["dense-mean-lra-lr"]
     assert (tmp_path / "out" / "lra_listops.png").read_bytes().startswith(PNG)
 
 
