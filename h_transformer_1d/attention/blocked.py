@@ -453,10 +453,10 @@ def _pair_weighted_sum(x: torch.Tensor, w: torch.Tensor, length: int) -> torch.T
 
 
 def _group_levels(q, k, v, metas, x0, x1, nr, causal, masked) -> list[_Level]:
-    """Every level of heads x0 .. x1-1 (q, k, v (G, 1, n, D)), the coarse ones as `coarse_levels` makes them."""
+    """Every level of heads x0 .. x1-1 (q, k, v (G, 1, M0, D), zero in the padding), the coarse ones as
+    `coarse_levels` makes them."""
     lengths = [meta.count.shape[1] for meta in metas]
     counts = [meta.count[x0:x1] for meta in metas]
-    q, k, v = (_pad_seq(t, lengths[0]) for t in (q, k, v))
     if masked:
         q, k, v = (t * counts[0][:, None, :, None] for t in (q, k, v))
     inputs = [(q, k, v)]
@@ -472,17 +472,18 @@ def _group_levels(q, k, v, metas, x0, x1, nr, causal, masked) -> list[_Level]:
 
 
 def _group_forward(q, k, v, valid, out, metas, x0, x1, nr, causal, scale, masked) -> list:
-    """Writes the attention of heads x0 .. x1-1 (q, k, v, out (G, 1, n, D), valid (G, n)) into out.
+    """Writes the attention of heads x0 .. x1-1 (q, k, v, out (G, 1, M0, D), valid (G, M0), all padded to
+    whole blocks) into out.
 
     Returns the merged base-2 row maxima of levels 1.. and, at index 0, the fine rows' log-sum-exp.
     """
-    g, _, n, d = q.shape
+    g, _, _, d = q.shape
     levels = _group_levels(q, k, v, metas, x0, x1, nr, causal, masked)
     maxima: list = [None] * len(levels)
     state = None
     for lvl in range(len(levels) - 1, -1, -1):
-        direct = lvl == 0 and metas[0].count.shape[1] == n  # the fine level straight into the output
-        m, l, o = _window_forward(levels.pop(), nr, scale, out.view(-1, nr, d) if direct else None)
+        # the fine level straight into the output
+        m, l, o = _window_forward(levels.pop(), nr, scale, out.view(-1, nr, d) if lvl == 0 else None)
         m, l, o = m.view(g, -1), l.view(g, -1), o.view(g, -1, d)
         if state is not None:  # merge with the coarser state, shared by both children of a group
             half = m.shape[1] // 2
@@ -498,8 +499,6 @@ def _group_forward(q, k, v, valid, out, metas, x0, x1, nr, causal, scale, masked
     m, l, o = state
     o.div_(l.clamp(min=torch.finfo(q.dtype).tiny)[..., None])
     maxima[0] = torch.where(l > 0, m + torch.log2(l), math.inf)  # lse; a row with no key gets no weight
-    if o.shape[1] != n:
-        out.copy_(o.view(g, 1, -1, d)[:, :, :n])
     if masked:
         out.masked_fill_(~valid[:, None, :, None], 0.0)
     return maxima
@@ -507,21 +506,16 @@ def _group_forward(q, k, v, valid, out, metas, x0, x1, nr, causal, scale, masked
 
 def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr, causal, scale, masked) -> None:
     """Writes the gradients of heads x0 .. x1-1 (shapes as in `_group_forward`) into grads = (dq, dk, dv)."""
-    g, _, n, d = q.shape
+    g, _, _, d = q.shape
     lengths = [meta.count.shape[1] for meta in metas]
     top = len(lengths) - 1
     levels = _group_levels(q, k, v, metas, x0, x1, nr, causal, masked)
-    keep = _pad_seq(valid[:, None, :, None], lengths[0])
-    do = _pad_seq(dout, lengths[0])
-    if masked:
-        do = do.masked_fill(~keep, 0.0)
+    keep = valid[:, None, :, None]
+    do = dout.masked_fill(~keep, 0.0) if masked else dout  # dout is zero in the padding
     do = do.reshape(-1, nr, d)
-    direct = lengths[0] == n  # the fine level's gradients straight into grads
-    into = (grads[0].view(-1, nr, d), grads[1].view(-1, d), grads[2].view(-1, d)) if direct else None
-    if direct:  # c = rowsum(dout * out) is made chunk by chunk
-        fine = {"out": out.reshape(-1, nr, d)}
-    else:  # made here from the unpadded tensors (out is 0 where masked), then padded: no padded copy of out
-        fine = {"c": _pad_seq(torch.linalg.vecdot(dout, out), lengths[0]).reshape(-1, nr)}
+    # the fine level's gradients straight into grads; c = rowsum(dout * out) is made chunk by chunk
+    into = (grads[0].view(-1, nr, d), grads[1].view(-1, d), grads[2].view(-1, d))
+    fine = {"out": out.reshape(-1, nr, d)}
     dq, dk, dv, c = _window_backward(levels[0], nr, scale, maxima[0].view(-1, nr), do, into=into, **fine)
     level_grads = [(dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d))]
     a, c = do.view(g, -1, d), c.view(g, -1)
@@ -554,53 +548,51 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
                     pairs[:, :, 0].addcmul_(up, first)
                     pairs[:, :, 1].addcmul_(up, 1.0 - first)
             acc = grad
-    for grad, target in zip(level_grads[0], grads):
-        grad = grad.view(g, 1, -1, d)
-        if masked:
-            grad.masked_fill_(~keep, 0.0)
-        if not direct:
-            target.copy_(grad[:, :, :n])
+    if masked:
+        for grad in level_grads[0]:
+            grad.view(g, 1, -1, d).masked_fill_(~keep, 0.0)
 
 
 class _HierarchicalAttention(torch.autograd.Function):
+    # When N is not a multiple of the block size, q, k, v, the mask and dO are padded once for all heads
+    # (and kept for backward), and the output and gradients are made in padded buffers whose first N
+    # rows are returned: no per-group padding, no copies of results.
     @staticmethod
     def forward(ctx, q, k, v, valid, nr, causal, scale, masked):
         b, h, n, d = q.shape
         x = b * h
         lengths = [-(-n // (nr << lv)) * nr for lv in range(num_levels(n, nr) + 1)]  # padded tokens per level
-        qx, kx, vx = (t.reshape(x, 1, n, d) for t in (q, k, v))
-        valid_x = valid.repeat_interleave(h, 0)  # (X, n)
+        m0 = lengths[0]
+        qx, kx, vx = (_pad_seq(t.reshape(x, 1, n, d), m0) for t in (q, k, v))
+        valid_x = _pad_seq(valid.repeat_interleave(h, 0)[:, None], m0)[:, 0]  # (X, M0), False in the padding
         metas = _level_metas(valid_x, lengths, nr, causal, q.dtype)
-        out = q.new_empty(b, h, n, d)
-        outx = out.view(x, 1, n, d)
+        outx = q.new_empty(x, 1, m0, d)
         maxima = []
-        for x0, x1 in _groups(x, lengths[0], d, q.element_size(), q.device):
+        for x0, x1 in _groups(x, m0, d, q.element_size(), q.device):
             sl = slice(x0, x1)
             args = (qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], metas, x0, x1, nr, causal, scale, masked)
             maxima.append(_group_forward(*args))
-        ctx.save_for_backward(qx, kx, vx, valid_x, out)
+        ctx.save_for_backward(qx, kx, vx, valid_x, outx)
         ctx.maxima = maxima  # intermediates, neither inputs nor outputs
-        ctx.conf = (nr, causal, scale, masked, lengths)
-        return out
+        ctx.conf = (nr, causal, scale, masked, lengths, (b, h, n, d))
+        return outx[:, :, :n].view(b, h, n, d)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        nr, causal, scale, masked, lengths = ctx.conf
-        qx, kx, vx, valid_x, out = ctx.saved_tensors
-        b, h, n, d = out.shape
-        x = b * h
+        nr, causal, scale, masked, lengths, (b, h, n, d) = ctx.conf
+        qx, kx, vx, valid_x, outx = ctx.saved_tensors
+        x, m0 = b * h, lengths[0]
         metas = _level_metas(valid_x, lengths, nr, causal, qx.dtype)
-        outx, dout = out.view(x, 1, n, d), dout.reshape(x, 1, n, d)
-        grads = [out.new_empty(b, h, n, d) for _ in range(3)]
-        gradsx = [t.view(x, 1, n, d) for t in grads]
-        for (x0, x1), maxima in zip(_groups(x, lengths[0], d, qx.element_size(), qx.device), ctx.maxima):
+        dout = _pad_seq(dout.reshape(x, 1, n, d), m0)
+        gradsx = [outx.new_empty(x, 1, m0, d) for _ in range(3)]
+        for (x0, x1), maxima in zip(_groups(x, m0, d, qx.element_size(), qx.device), ctx.maxima):
             sl = slice(x0, x1)
             _group_backward(
                 qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], maxima, dout[sl], [t[sl] for t in gradsx],
                 metas, x0, x1, nr, causal, scale, masked,
             )  # fmt: skip
-        return (*grads, None, None, None, None, None)
+        return (*(t[:, :, :n].view(b, h, n, d) for t in gradsx), None, None, None, None, None)
 
 
 def blocked_h_attention(
