@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import length_ratios
 import lra_listops
 import quality
 import scaling
@@ -192,3 +193,28 @@ def test_lra_listops_report_of_a_stopped_and_a_diverged_run(tmp_path):
     assert runs["dense"]["first_nonfinite_loss_step"] == 2 and runs["dense"]["best_val_step"] == 1
     md = (tmp_path / "out" / "lra_listops.md").read_text()
     assert "unfinished: 2 steps logged" in md and "loss NaN from step 2" in md
+
+
+def test_length_ratios_quick(tmp_path):
+    """The paired length benchmark on small lengths: every pair measured in alternation, report written."""
+    command = [sys.executable, str(BENCH / "length_ratios.py"), "--quick", "--rounds", "2", "--out-dir", str(tmp_path)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "length_ratios.json").read_text())
+    assert [(r["impl"], r["n_a"], r["n_b"], r["causal"]) for r in data["results"]] == [
+        (impl, a, b, causal) for impl, a, b, _ in length_ratios.QUICK_PAIRS for causal in (False, True)
+    ]
+    for r in data["results"]:
+        assert len(r["times_a"]) == len(r["times_b"]) == 2 and min(r["times_a"] + r["times_b"]) > 0
+        assert r["ratio_of_minimums"] == pytest.approx(min(r["times_b"]) / min(r["times_a"]))
+        assert ("meets_target" in r) == (r["target"] is not None)
+    md = (tmp_path / "length_ratios.md").read_text()
+    assert "| ours | 257 / 256 | no |" in md and "(context)" in md
+    assert (tmp_path / "length_ratios.png").read_bytes().startswith(PNG)
+
+
+def test_length_ratios_rejects_bad_rounds(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "length_ratios.py"), "--rounds", "0", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "--rounds must be a positive integer, got 0" in done.stderr
