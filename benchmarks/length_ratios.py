@@ -1,6 +1,6 @@
 """How the CPU cost of h_attention grows with N, measured in pairs so that a noisy machine cancels out.
 
-    python benchmarks/length_ratios.py            # about 3 minutes on 2 cores
+    python benchmarks/length_ratios.py            # about 2 minutes on 2 cores
     python benchmarks/length_ratios.py --quick    # smoke run
 
 The exact-attention issue's targets are ratios of two lengths' forward+backward times of the attention

@@ -229,14 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                    help=f"runs to train (default: {' '.join(DEFAULT_VARIANTS)})")  # fmt: skip
-    p.add_argument("--runs", default="runs/lra_listops", help="directory of the runs (default: %(default)s)")
+    p.add_argument("--runs", help="directory of the runs (default: runs/lra_listops; --quick: runs/lra_listops_quick)")
     p.add_argument("--data", help="ListOps files to use (default: generate them into --runs/data)")
     p.add_argument("--gpus", nargs="+", type=int, help="GPU ids; one queue of runs per GPU, all at once")
     p.add_argument("--device", help="passed to train as --device (default: the recipe's auto)")
     p.add_argument("--quick", action="store_true", help="tiny data and model, 6 steps (a smoke test)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the runs in --runs")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the report goes (default: %(default)s)")
+    p.add_argument("--out-dir", help="where the report goes (default: benchmarks/results; --quick: .../results/quick)")
     args = p.parse_args(argv)
+    args.runs = args.runs or ("runs/lra_listops_quick" if args.quick else "runs/lra_listops")
+    args.out_dir = args.out_dir or str(RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
     runs = Path(args.runs) if args.report_only else run_study(args)
     if not runs.is_dir():
         p.error(f"--runs {runs}: no such directory")

@@ -528,8 +528,9 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
         )
         level_grads.append((dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d)))
     del a, c, levels
-    # coarse to fine through the coarsening: a mean shares its gradient over the group (padded
-    # positions hold zeros and are cut below); a causal coarse query is its first valid position's
+    # coarse to fine through the coarsening: a mean shares its gradient over the group (positions past
+    # N get a share too, but the caller returns only the first N rows; masked positions are zeroed
+    # below); a causal coarse query is its first valid position's
     counts = [meta.count[x0:x1] for meta in metas]
     for which in range(3):
         mean = which > 0 or not causal

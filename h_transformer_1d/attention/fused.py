@@ -1,12 +1,13 @@
 """Hierarchical attention through the Triton kernels: launch logic and the autograd custom ops.
 
-Forward (3 launches for N <= 4 * block_size, one more per further 2 levels):
+Forward (3 launches for 2 * block_size < N <= 8 * block_size, 2 below, one more per further 2 levels):
   1. ``coarsen_kernel`` reads q, k, v once and writes level 0 and two coarse levels into packed
      buffers; each further launch derives two more levels from the last;
   2. one windowed launch over all coarse levels gives an unnormalised softmax state per coarse query;
   3. the level-0 launch starts each query's online softmax from its ancestors' coarse states, so
      every query ends with one softmax over all levels, and stores one log-sum-exp.
-Backward (5 launches, plus one per further 6 levels): ``fold_kernel`` folds each coarse group's
+Backward (6 launches for 2 * block_size < N <= 128 * block_size, 4 below, one more per further 6
+levels): ``fold_kernel`` folds each coarse group's
 rows (``dObar = sum_i 2^(ref - lse_i) dO_i``, ``Dbar`` likewise, ``ref = min_i lse_i``: every coarse
 weight of the group is <= 2^-ref, so nothing overflows); the windowed backward kernels run on level 0
 and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients back to the tokens

@@ -130,9 +130,9 @@ def add_commands(commands) -> None:
 
     p = actions.add_parser(
         "train",
-        help="train a classifier (LRA's configuration by default)",
+        help="train a classifier (LRA's configuration with the study's learning rate by default)",
         formatter_class=formatter,
-        description="Train the ListOps classifier; every flag defaults to LRA's configuration. Writes to --out: "
+        description="Train the ListOps classifier; every flag defaults to LRA's configuration except the study's peak lr 1.5e-4 and clipping at 1. Writes to --out: "
         "model.safetensors and config.json (at every validation and at the end), metrics.csv, curves.png "
         "(train and validation accuracy) and results.json (test accuracy of the final model, time, memory).",
         epilog=EXAMPLES,
