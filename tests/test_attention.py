@@ -243,3 +243,20 @@ def test_rotary_freqs_equal_rotating_q_and_k_first(impl):
                            impl=impl)
     assert torch.equal(got, expected)
     assert rel_err(got, h_attention(q, k, v, block_size=4, causal=True, impl=impl)) > 1e-3  # it does rotate
+
+
+@pytest.mark.parametrize("n", [300, 320])  # the blocked path cuts a padded result to N rows, or not
+def test_output_is_an_ordinary_tensor(n):
+    """The output may be modified in place (no "view created inside a custom Function" error); after
+    that, backward through it refuses, as for any tensor autograd saved, rather than return wrong
+    gradients."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=gen, requires_grad=True) for _ in range(3))
+    out = h_attention(q, k, v, block_size=16)
+    expected = out.detach() + 1.0
+    out.add_(1.0)
+    assert torch.equal(out.detach(), expected)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert torch.equal(h_attention(q, k, v, block_size=16).add_(1.0), expected)

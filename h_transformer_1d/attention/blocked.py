@@ -555,9 +555,10 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
 
 
 class _HierarchicalAttention(torch.autograd.Function):
-    # When N is not a multiple of the block size, q, k, v, the mask and dO are padded once for all heads
-    # (and kept for backward), and the output and gradients are made in padded buffers whose first N
-    # rows are returned: no per-group padding, no copies of results.
+    # When N is not a multiple of the block size, q, k, v and the mask are padded once for all heads
+    # (and kept for backward); the output (B, H, M0, D) is made whole, padded, and the caller keeps
+    # its first N rows (so dO arrives padded with zeros); the gradients are made in padded buffers
+    # whose first N rows are returned: no per-group padding, no copies of results.
     @staticmethod
     def forward(ctx, q, k, v, valid, nr, causal, scale, masked):
         b, h, n, d = q.shape
@@ -567,25 +568,27 @@ class _HierarchicalAttention(torch.autograd.Function):
         qx, kx, vx = (_pad_seq(t.reshape(x, 1, n, d), m0) for t in (q, k, v))
         valid_x = _pad_seq(valid.repeat_interleave(h, 0)[:, None], m0)[:, 0]  # (X, M0), False in the padding
         metas = _level_metas(valid_x, lengths, nr, causal, q.dtype)
-        outx = q.new_empty(x, 1, m0, d)
+        out = q.new_empty(b, h, m0, d)
+        outx = out.view(x, 1, m0, d)
         maxima = []
         for x0, x1 in _groups(x, m0, d, q.element_size(), q.device):
             sl = slice(x0, x1)
             args = (qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], metas, x0, x1, nr, causal, scale, masked)
             maxima.append(_group_forward(*args))
-        ctx.save_for_backward(qx, kx, vx, valid_x, outx)
+        ctx.save_for_backward(qx, kx, vx, valid_x, out)
         ctx.maxima = maxima  # intermediates, neither inputs nor outputs
         ctx.conf = (nr, causal, scale, masked, lengths, (b, h, n, d))
-        return outx[:, :, :n].view(b, h, n, d)
+        return out  # the caller cuts it to N rows: an output that is no view of another tensor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         nr, causal, scale, masked, lengths, (b, h, n, d) = ctx.conf
-        qx, kx, vx, valid_x, outx = ctx.saved_tensors
+        qx, kx, vx, valid_x, out = ctx.saved_tensors
         x, m0 = b * h, lengths[0]
+        outx = out.view(x, 1, m0, d)
         metas = _level_metas(valid_x, lengths, nr, causal, qx.dtype)
-        dout = _pad_seq(dout.reshape(x, 1, n, d), m0)
+        dout = dout.reshape(x, 1, m0, d)  # zero past N: the gradient of the caller's cut
         gradsx = [outx.new_empty(x, 1, m0, d) for _ in range(3)]
         for (x0, x1), maxima in zip(_groups(x, m0, d, qx.element_size(), qx.device), ctx.maxima):
             sl = slice(x0, x1)
@@ -621,7 +624,7 @@ def blocked_h_attention(
 
     if dropout_p == 0.0 and not torch.compiler.is_compiling():
         out = _HierarchicalAttention.apply(q, k, v, valid, nr, causal, float(scale), key_padding_mask is not None)
-        return out.to(out_dtype)
+        return out[:, :, :n].to(out_dtype) if out.shape[2] != n else out.to(out_dtype)
 
     top = num_levels(n, nr)
     lengths = [-(-n // (nr << lv)) * nr for lv in range(top + 1)]  # padded tokens per level
