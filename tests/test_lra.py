@@ -363,3 +363,13 @@ def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tm
     _, model, step = lra_train.load_checkpoint(out)
     assert step == 2 and all(torch.isfinite(t).all() for t in model.state_dict().values())
     assert not (out / "results.json").exists()
+
+
+def test_batches_of_empty_examples_keep_the_cls_token(tmp_path):
+    (tmp_path / "basic_val.tsv").write_text("Source\tTarget\n[MIN 1 ]\t1\n")
+    split = load_split(tmp_path, "val")
+    empty = type(split)(split.tokens[:0], torch.tensor([0, 0]), torch.tensor([1]))  # one example, no tokens
+    for multiple in (1, 128):
+        x, mask = empty.batch(torch.tensor([0]), seq_len=200, cls=True, multiple=multiple)
+        assert x[:, 0].tolist() == [listops.CLS] and mask.sum().item() == 1
+        assert x.shape[1] == (1 if multiple == 1 else 128) and (x[:, 1:] == listops.PAD).all()

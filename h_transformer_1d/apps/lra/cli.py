@@ -46,7 +46,7 @@ def command_evaluate(args) -> None:
     cfg, model, step = load_checkpoint(directory)
     rt = start_runtime(args.device, args.precision)
     data_dir = Path(args.data or cfg.data)
-    split = load_split(data_dir, args.split)
+    split = load_split(data_dir, args.split).to(rt.device)
     result = accuracy(model.to(rt.device), split, cfg, rt, args.batch_size or cfg.batch_size, progress=True)
     print(f"{args.split} accuracy: {result:.4f}")
     print(f"({len(split):,} examples of {data_dir}; checkpoint {directory} at step {step}, {cfg.attention} attention)")

@@ -181,11 +181,12 @@ class Split:
         width = min(-(-longest // multiple) * multiple, seq_len) - cls
         pos = torch.arange(width, device=begin.device)
         mask = pos < lengths[:, None]
-        ids = self.tokens[(begin[:, None] + pos).clamp(max=len(self.tokens) - 1)].long()
+        tokens = self.tokens if len(self.tokens) else self.tokens.new_zeros(1)  # something to gather from
+        ids = tokens[(begin[:, None] + pos).clamp(max=len(tokens) - 1)].long()
         x = torch.where(mask, ids, listops.PAD)
         if cls:
-            x = torch.cat((torch.full_like(x[:, :1], listops.CLS), x), 1)
-            mask = torch.cat((torch.ones_like(mask[:, :1]), mask), 1)
+            x = torch.cat((x.new_full((len(x), 1), listops.CLS), x), 1)
+            mask = torch.cat((mask.new_ones((len(mask), 1)), mask), 1)
         return x, mask
 
 
