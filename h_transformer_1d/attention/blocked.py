@@ -558,7 +558,8 @@ class _HierarchicalAttention(torch.autograd.Function):
     # When N is not a multiple of the block size, q, k, v and the mask are padded once for all heads
     # (and kept for backward); the output (B, H, M0, D) is made whole, padded, and the caller keeps
     # its first N rows (so dO arrives padded with zeros); the gradients are made in padded buffers
-    # whose first N rows are returned: no per-group padding, no copies of results.
+    # whose first N rows are returned: no per-group padding, no copies of results here (autograd still
+    # copies a gradient view into a leaf tensor's .grad).
     @staticmethod
     def forward(ctx, q, k, v, valid, nr, causal, scale, masked):
         b, h, n, d = q.shape
@@ -610,7 +611,10 @@ def blocked_h_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Hierarchical attention on (B, H, N, D) tensors (inputs assumed validated); returns (B, H, N, D)."""
+    """Hierarchical attention on (B, H, N, D) tensors (inputs assumed validated); returns (B, H, N, D).
+
+    When N is not a multiple of the block size, the float32/float64 result is the first N rows of a
+    padded buffer: not contiguous (use .reshape rather than .view on it)."""
     b, _, n, d = q.shape
     nr = block_size
     out_dtype = q.dtype

@@ -90,7 +90,9 @@ _LAYOUTS: dict = {}
 
 def _layout(n: int, nr: int, device) -> _Layout:
     """Cached per shape: building the tables is a host-to-device copy, which would stall the queue."""
-    key = (n, nr, str(device))
+    from .triton_kernels import COARSEN_LV, LV
+
+    key = (n, nr, str(device), LV, COARSEN_LV)  # the tables are padded for the launches' level counts
     layout = _LAYOUTS.get(key)
     if layout is None or torch.compiler.is_compiling():
         layout = _Layout(n, nr, device)
