@@ -157,15 +157,16 @@ def write_report(data: dict, out_dir: Path) -> None:
     ]
     write_text(out_dir / "length_ratios.md", "\n".join(lines))
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = []
     for i, r in enumerate(data["results"]):
         label = f"{r['impl']} {r['n_b']}/{r['n_a']}{' causal' if r['causal'] else ''}"
         ax.plot([i] * len(r["per_round_ratios"]), r["per_round_ratios"], "o", alpha=0.5)
         ax.plot([i - 0.3, i + 0.3], [r["median_round_ratio"]] * 2, "k-")
         if r["target"] is not None:
             ax.plot([i - 0.4, i + 0.4], [r["target"]] * 2, "r--")
-        ax.text(i, ax.get_ylim()[0], label, rotation=20, ha="right", va="top", fontsize=8)
-    ax.set_xticks([])
+        labels.append(label)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set(ylabel="time(longer) / time(shorter), per round", title="paired length ratios (black: median, red: target)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -202,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     results = [summarize(m, targets[(m["impl"], m["n_a"], m["n_b"])]) for m in measured]
     env = collect_env(args.threads)
     env["git_revision"] = git_revision()
-    command = "python benchmarks/length_ratios.py" + (" --quick" if args.quick else "") + (
-        f" --rounds {args.rounds}" if args.rounds else "")  # fmt: skip
+    command = "python benchmarks/length_ratios.py" + "".join(
+        f" {flag} {value}" for flag, value in (("--rounds", args.rounds), ("--threads", args.threads),
+                                                ("--out-dir", args.out_dir)) if value is not None
+    ) + (" --quick" if args.quick else "")  # fmt: skip
     data = {"command": command, "env": env, "rounds": rounds, "busy_cores_before": busy,
             "wall_s": round(time.time() - start, 1), "results": results}  # fmt: skip
     write_report(data, out_dir)

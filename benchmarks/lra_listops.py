@@ -33,6 +33,8 @@ from pathlib import Path
 from scaling import REPO_ROOT as REPO
 from scaling import RESULTS_DIR, child_env, pyplot, write_json, write_text
 
+sys.path.insert(0, str(REPO))  # the report reads the recipe's defaults from the package
+
 LRA_LR = ["--lr", str(0.05 / math.sqrt(1000)), "--grad-clip", "0"]  # LRA's optimizer: peak 0.05 / sqrt(1000), no clipping
 
 # name: (flags added to the recipe's defaults, what the variant tests)
