@@ -218,3 +218,22 @@ def test_length_ratios_rejects_bad_rounds(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH / "length_ratios.py"), "--rounds", "0", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and "--rounds must be a positive integer, got 0" in done.stderr
+
+
+def test_coarsen_kernel_quick(tmp_path):
+    """The coarsening micro-benchmark on the CPU interpreter: both settings run the package's launch
+    code and write the same packed buffers; table, JSON and plot written."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    command = [sys.executable, str(BENCH / "coarsen_kernel.py"), "--quick", "--device", "cpu", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "coarsen_kernel.json").read_text())
+    rows = data["rows"]
+    assert [(r["levels_per_launch"], r["warps"]) for r in rows] == [(6, 4), (2, 1)]
+    assert rows[0]["same_as_first"] is None and rows[1]["same_as_first"] is True
+    assert rows[1]["launches"] == 2 and rows[0]["launches"] == 1  # N=200, block 16: 3 coarse levels
+    md = (tmp_path / "coarsen_kernel.md").read_text()
+    assert "| 2 | 2 | 200 | 16 | yes | 2 | 1 | 2 |" in md
+    assert (tmp_path / "coarsen_kernel.png").read_bytes().startswith(PNG)
