@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from scaling import REPO_ROOT as REPO
-from scaling import RESULTS_DIR, child_env, pyplot, write_json, write_text
+from scaling import RESULTS_DIR, child_env, pyplot, save_figure, write_json, write_text
 
 sys.path.insert(0, str(REPO))  # the report reads the recipe's defaults from the package
 
@@ -208,7 +208,7 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(15, 5))
     colors = plt.get_cmap("tab20")
     for i, r in enumerate(runs):
-        style = dict(ls="--" if r["config"].get("attention") == "dense" else "-", color=colors(i % 20))
+        style = {"ls": "--" if r["config"].get("attention") == "dense" else "-", "color": colors(i % 20)}
         if r["val_curve"]:
             acc.plot(*zip(*r["val_curve"]), marker=".", label=r["name"], **style)
         finite = [(s, v) for s, v in r["train_loss_curve"] if math.isfinite(v)]
@@ -221,10 +221,8 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.legend(*acc.get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.83, 1))
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

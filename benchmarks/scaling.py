@@ -368,6 +368,15 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure atomically (a temporary file, then rename) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    fig.clf()
+    os.replace(tmp, path)
+
+
 def pyplot():
     import matplotlib
 

@@ -161,7 +161,7 @@ def test_lra_listops_quick(tmp_path):
     command = [sys.executable, str(BENCH / "lra_listops.py"), "--quick", "--device", "cpu", "--variants", "hier",
                "dense-mean-lra-lr", "--runs", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "runs" / "data" / "basic_test.tsv").is_file()
     report = json.loads((tmp_path / "out" / "lra_listops.json").read_text())
@@ -198,7 +198,7 @@ def test_lra_listops_report_of_a_stopped_and_a_diverged_run(tmp_path):
 def test_length_ratios_quick(tmp_path):
     """The paired length benchmark on small lengths: every pair measured in alternation, report written."""
     command = [sys.executable, str(BENCH / "length_ratios.py"), "--quick", "--rounds", "2", "--out-dir", str(tmp_path)]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "length_ratios.json").read_text())
@@ -215,7 +215,7 @@ def test_length_ratios_quick(tmp_path):
 
 
 def test_length_ratios_rejects_bad_rounds(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH / "length_ratios.py"), "--rounds", "0", "--out-dir", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(BENCH / "length_ratios.py"), "--rounds", "0", "--out-dir", str(tmp_path)], check=False,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and "--rounds must be a positive integer, got 0" in done.stderr
 
@@ -227,7 +227,7 @@ def test_coarsen_kernel_quick(tmp_path):
     pytest.importorskip("numpy")
     command = [sys.executable, str(BENCH / "coarsen_kernel.py"), "--quick", "--device", "cpu", "--out-dir", str(tmp_path)]
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "coarsen_kernel.json").read_text())
     rows = data["rows"]
