@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .reference import num_levels
+from .reference import level_lengths
 
 
 class Partial(NamedTuple):
@@ -515,8 +515,8 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
     do = do.reshape(-1, nr, d)
     # the fine level's gradients straight into grads; c = rowsum(dout * out) is made chunk by chunk
     into = (grads[0].view(-1, nr, d), grads[1].view(-1, d), grads[2].view(-1, d))
-    fine = {"out": out.reshape(-1, nr, d)}
-    dq, dk, dv, c = _window_backward(levels[0], nr, scale, maxima[0].view(-1, nr), do, into=into, **fine)
+    fine_out = out.reshape(-1, nr, d)
+    dq, dk, dv, c = _window_backward(levels[0], nr, scale, maxima[0].view(-1, nr), do, out=fine_out, into=into)
     level_grads = [(dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d))]
     a, c = do.view(g, -1, d), c.view(g, -1)
     for lvl in range(1, top + 1):
@@ -564,7 +564,7 @@ class _HierarchicalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, valid, nr, causal, scale, masked):
         b, h, n, d = q.shape
         x = b * h
-        lengths = [-(-n // (nr << lv)) * nr for lv in range(num_levels(n, nr) + 1)]  # padded tokens per level
+        lengths = level_lengths(n, nr)  # padded tokens per level
         m0 = lengths[0]
         qx, kx, vx = (_pad_seq(t.reshape(x, 1, n, d), m0) for t in (q, k, v))
         valid_x = _pad_seq(valid.repeat_interleave(h, 0)[:, None], m0)[:, 0]  # (X, M0), False in the padding
@@ -630,8 +630,7 @@ def blocked_h_attention(
         out = _HierarchicalAttention.apply(q, k, v, valid, nr, causal, float(scale), key_padding_mask is not None)
         return out[:, :, :n].to(out_dtype) if out.shape[2] != n else out.to(out_dtype)
 
-    top = num_levels(n, nr)
-    lengths = [-(-n // (nr << lv)) * nr for lv in range(top + 1)]  # padded tokens per level
+    lengths = level_lengths(n, nr)  # padded tokens per level
     count = _pad_seq(valid[:, None].to(compute_dtype), lengths[0])[:, 0]  # (B, M0)
     keep = count[:, None, :, None]
     q0, k0, v0 = (_pad_seq(t, lengths[0]) * keep for t in (q * scale, k, v))

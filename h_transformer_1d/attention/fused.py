@@ -16,7 +16,7 @@ and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients b
 
 import torch
 
-from .reference import num_levels
+from .reference import level_lengths
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -49,16 +49,11 @@ def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
     return (-1, 2, 1) if causal else (-1, 2, 2)
 
 
-def _level_lengths(n: int, nr: int) -> list[int]:
-    """Rows of each level in the packed buffers: its tokens, padded to whole blocks."""
-    return [-(-n // (nr << lv)) * nr for lv in range(num_levels(n, nr) + 1)]
-
-
 class _Layout:
     """Where each level lives in the packed buffers, and the per-block key ranges (device tables)."""
 
     def __init__(self, n: int, nr: int, device):
-        self.lengths = _level_lengths(n, nr)
+        self.lengths = level_lengths(n, nr)  # rows of each level in the packed buffers
         self.top = len(self.lengths) - 1
         self.starts = [0]
         for length in self.lengths[:-1]:
@@ -213,7 +208,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n):
 
 def _packed_shapes(q: torch.Tensor, nr: int):
     b, h, n, d = q.shape
-    lengths = _level_lengths(n, nr)
+    lengths = level_lengths(n, nr)
     return b, h, n, d, sum(lengths), lengths[0]
 
 

@@ -16,6 +16,11 @@ def num_levels(seq_len: int, block_size: int) -> int:
     return level
 
 
+def level_lengths(seq_len: int, block_size: int) -> list[int]:
+    """Rows of each level 0 .. num_levels when every level is padded to whole blocks."""
+    return [-(-seq_len // (block_size << lv)) * block_size for lv in range(num_levels(seq_len, block_size) + 1)]
+
+
 def covering_level(seq_len: int, block_size: int, device=None) -> torch.Tensor:
     """(N, N) long: the level at which key j is covered for query i (non-causal map of DESIGN.md)."""
     pos = torch.arange(seq_len, device=device)
