@@ -108,7 +108,6 @@ def write_report(data: dict, out_dir: Path) -> None:
         ax.set(title=f"B {b}, N {n:,}, block {nr}", ylabel="ms")
     fig.tight_layout()
     save_figure(fig, out_dir / "coarsen_kernel.png")
-    plt.close(fig)
     write_json(out_dir / "coarsen_kernel.json", data)
 
 

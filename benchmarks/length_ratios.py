@@ -172,7 +172,6 @@ def write_report(data: dict, out_dir: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out_dir / "length_ratios.png")
-    plt.close(fig)
     write_json(out_dir / "length_ratios.json", data)
 
 

@@ -222,7 +222,6 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.legend(*acc.get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.83, 1))
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -373,7 +373,7 @@ def save_figure(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     fig.savefig(tmp, dpi=110)
-    fig.clf()
+    pyplot().close(fig)
     os.replace(tmp, path)
 
 
