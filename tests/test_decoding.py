@@ -1,4 +1,6 @@
-"""Incremental decoding with the hierarchical cache against the parallel forward."""
+"""Incremental decoding with the hierarchical cache against the parallel forward: the eager cache
+(HierarchicalCache, decode_step) and the fixed-shape one (StaticHierarchicalCache, StaticDecoder),
+whose CUDA graph replay is tested on a GPU (skipped without CUDA)."""
 
 import math
 
@@ -8,10 +10,12 @@ import torch
 from h_transformer_1d import AutoregressiveWrapper, HTransformer1D
 from h_transformer_1d.attention import hierarchical_attention_reference
 from h_transformer_1d.attention.blocked import blocked_h_attention
-from h_transformer_1d.attention.incremental import HierarchicalCache
-from h_transformer_1d.model.cache import DecodingCache, decode_step, prefill
+from h_transformer_1d.attention.incremental import HierarchicalCache, StaticHierarchicalCache
+from h_transformer_1d.model import cache as cache_module
+from h_transformer_1d.model.cache import DecodingCache, StaticDecoder, decode_step, prefill
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 SMALL_MODEL = {
@@ -30,36 +34,48 @@ def small_model(dtype=torch.float64, **kw):
     return HTransformer1D(**{**SMALL_MODEL, **kw}).to(dtype).eval()
 
 
-def decode_all(model, tokens, mask, prompt_len):
-    """Logits (B, N, V) of every position: the prefill's, then one decode step per later position."""
+def decode_all(model, tokens, mask, prompt_len, static=False, **static_options):
+    """Logits (B, N, V) of every position: the prefill's, then one decode step per later position
+    (`static`: through a StaticDecoder made after the prefill, with `static_options`)."""
     logits, cache = prefill(model, tokens[:, :prompt_len], None if mask is None else mask[:, :prompt_len])
-    steps = [decode_step(model, cache, tokens[:, t]) for t in range(prompt_len, tokens.shape[1])]
+    later = range(prompt_len, tokens.shape[1])
+    if static:
+        decoder = StaticDecoder(model, cache, tokens.shape[1], **static_options)
+        steps = [decoder.step(tokens[:, t]).clone() for t in later]  # clone: the next step overwrites it
+    else:
+        steps = [decode_step(model, cache, tokens[:, t]) for t in later]
     return torch.cat([logits, torch.stack(steps, 1)], 1) if steps else logits
 
 
-def step_all(q, k, v, mask, prompt_len, block_size):
+def step_all(q, k, v, mask, prompt_len, block_size, static=False):
+    """Outputs of positions prompt_len.. stepped after a prefill of the rest (`static`: through a
+    StaticHierarchicalCache made from it), and the cache."""
     cache = HierarchicalCache(block_size)
-    p = prompt_len
+    p, n = prompt_len, q.shape[2]
     cache.prefill(q[:, :, :p], k[:, :, :p], v[:, :, :p], None if mask is None else mask[:, :p])
-    outs = [cache.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(p, q.shape[2])]
+    if static:
+        cache = StaticHierarchicalCache(cache, capacity=n)
+        return torch.stack([cache.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(p, n)], 2), cache
+    outs = [cache.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(p, n)]
     return torch.cat(outs, 2), cache
 
 
 # ---------------------------------------------------------------- the attention cache alone
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("block_size", [2, 4, 8])
 @pytest.mark.parametrize("prompt_len", [0, 1, 5, 37, 64])
-def test_steps_match_parallel_attention(block_size, prompt_len):
+def test_steps_match_parallel_attention(block_size, prompt_len, static):
     b, h, n, d = 2, 2, 300, 8
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
     mask = torch.ones(b, n, dtype=torch.bool)
     mask[1, : min(prompt_len, 3)] = False  # left padding; decoded positions are always real
     mask[0, 1 : prompt_len // 2] = False  # gaps inside the prompt
     mask[0, 0] = True
-    out, _ = step_all(q, k, v, mask, prompt_len, block_size)
+    out, _ = step_all(q, k, v, mask, prompt_len, block_size, static)
     full = blocked_h_attention(q, k, v, block_size=block_size, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(out, full[:, :, prompt_len:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, full[:, :, prompt_len:], rtol=0, atol=1e-11)
 
 
 def test_steps_match_reference_definition():
@@ -70,15 +86,16 @@ def test_steps_match_reference_definition():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
-def test_prompt_row_without_real_tokens():
+@pytest.mark.parametrize("static", [False, True])
+def test_prompt_row_without_real_tokens(static):
     """A row all padding in the prompt: its coarse queries come from the first decoded position."""
     b, h, n, d, p = 2, 1, 200, 4, 70
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
     mask = torch.ones(b, n, dtype=torch.bool)
     mask[1, :p] = False
-    out, _ = step_all(q, k, v, mask, p, 4)
+    out, _ = step_all(q, k, v, mask, p, 4, static)
     full = blocked_h_attention(q, k, v, block_size=4, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(out, full[:, :, p:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, full[:, :, p:], rtol=0, atol=1e-11)
 
 
 def stored_slots_bound(t: int, nr: int) -> float:
@@ -118,25 +135,29 @@ def test_cache_memory_is_logarithmic():
         (torch.float32, True, False),
     ],
 )
-def test_decoded_logits_equal_full_forward(dtype, reversible, shift):
+@pytest.mark.parametrize("static", [False, True])
+def test_decoded_logits_equal_full_forward(dtype, reversible, shift, static):
     model = small_model(dtype, reversible=reversible, shift_tokens=shift)
     tokens = torch.randint(0, 29, (1, 330))
     with torch.no_grad():
         full = model(tokens)
         for prompt_len in (1, 5, 37):
-            torch.testing.assert_close(decode_all(model, tokens, None, prompt_len), full, rtol=0, atol=TOLERANCE[dtype])
+            decoded = decode_all(model, tokens, None, prompt_len, static)
+            torch.testing.assert_close(decoded, full, rtol=0, atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("reversible,shift", [(False, True), (True, True), (True, False)])
-def test_batch_with_left_padded_prompts(reversible, shift):
+def test_batch_with_left_padded_prompts(reversible, shift, static):
     model = small_model(reversible=reversible, shift_tokens=shift)
     n, prompt_len = 200, 45
-    tokens = torch.randint(0, 29, (2, n))
-    mask = torch.ones(2, n, dtype=torch.bool)
-    mask[0, :7] = False  # prompts of 38 and 45 real tokens
+    tokens = torch.randint(0, 29, (3, n))
+    mask = torch.ones(3, n, dtype=torch.bool)
+    mask[0, :7] = False
+    mask[2, :40] = False  # prompts of 38, 45 and 5 real tokens
     with torch.no_grad():
         full = model(tokens, mask=mask)
-        decoded = decode_all(model, tokens, mask, prompt_len)
+        decoded = decode_all(model, tokens, mask, prompt_len, static)
     torch.testing.assert_close(decoded[mask], full[mask], rtol=0, atol=1e-9)
 
 
@@ -245,3 +266,111 @@ def test_generate_checks_mask():
         wrapper.generate(prompt, 3, mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="every prompt row"):
         wrapper.generate(prompt, 3, mask=torch.tensor([[True] * 5, [False] * 5]))
+
+
+# ---------------------------------------------------------------- fixed-shape decoding (StaticDecoder)
+
+
+@pytest.mark.parametrize("capacity", [9, 64, 1000, 4096])
+def test_static_state_is_logarithmic(capacity):
+    b, h, d, nr = 2, 3, 4, 4
+    cache = HierarchicalCache(nr)
+    cache.prefill(*(torch.randn(b, h, 8, d) for _ in range(3)))
+    static = StaticHierarchicalCache(cache, capacity)
+    levels = max(1, int(math.log2((capacity - 1) // nr)) + 1)  # levels with keys at position capacity - 1
+    assert static.levels == levels
+    assert static.ring.shape == (levels * 2 * nr, b, h, 2 * d + 1)
+    assert static.queries.shape == (levels, b, h, d)
+    stored = sum(t.numel() for t in static.state_tensors())
+    assert stored == levels * (2 * nr * b * h * (2 * d + 1) + b * h * d + b) + 1
+    if capacity == 4096:
+        assert stored < capacity * b * h * 2 * d / 20  # a dense KV cache of that many positions is 20x larger
+
+
+def test_static_cache_checks_its_source():
+    cache = HierarchicalCache(4)
+    with pytest.raises(ValueError, match="prefill it first"):
+        StaticHierarchicalCache(cache, 10)
+    cache.prefill(*(torch.randn(1, 1, 6, 4) for _ in range(3)))
+    with pytest.raises(ValueError, match="capacity"):
+        StaticHierarchicalCache(cache, 6)
+    cache.step(*(torch.randn(1, 1, 1, 4) for _ in range(3)))
+    with pytest.raises(ValueError, match="right after its prefill"):
+        StaticHierarchicalCache(cache, 20)
+
+
+def test_static_decoder_greedy_tokens_equal_generate():
+    wrapper = AutoregressiveWrapper(small_model(torch.float32, shift_tokens=True))
+    prompt = torch.randint(0, 29, (2, 23))
+    expected = wrapper.generate(prompt, 150, temperature=0.0)
+    with torch.no_grad():
+        logits, cache = prefill(wrapper.net, prompt)
+        decoder = StaticDecoder(wrapper.net, cache, 23 + 150)
+        out = [logits[:, -1].argmax(-1)]
+        for _ in range(149):
+            out.append(decoder.step(out[-1]).argmax(-1))
+    assert torch.equal(torch.stack(out, 1), expected)
+
+
+def test_static_decoder_checks_its_input(monkeypatch):
+    model = small_model()
+    with torch.no_grad():
+        _, cache = prefill(model, torch.randint(0, 29, (2, 9)))
+        with pytest.raises(ValueError, match="capacity"):
+            StaticDecoder(model, cache, 9)
+        with pytest.raises(ValueError, match="filled by prefill"):
+            StaticDecoder(model, DecodingCache(model), 20)
+        decoder = StaticDecoder(model, cache, 11)
+        with pytest.raises(ValueError, match="tokens must have shape"):
+            decoder.step(torch.zeros(3, dtype=torch.long))
+        decoder.step(torch.zeros(2, dtype=torch.long))
+        decoder.step(torch.zeros(2, dtype=torch.long))
+        with pytest.raises(ValueError, match="capacity"):
+            decoder.step(torch.zeros(2, dtype=torch.long))
+        _, cache = prefill(model, torch.randint(0, 29, (2, 9)))
+        monkeypatch.setattr(cache_module, "_torch_version", lambda: (2, 11))
+        with pytest.raises(ValueError, match=r"compile=True on the CPU needs torch >= 2\.13"):
+            StaticDecoder(model, cache, 20, compile=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="graph=True needs a model on a CUDA device"):
+            StaticDecoder(model, cache, 20, graph=True)
+        with pytest.raises(ValueError, match="cuda_graph=True"):
+            AutoregressiveWrapper(model).generate(torch.randint(0, 29, (2, 9)), 4, cuda_graph=True)
+
+
+@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+def test_compiled_static_decoder_equals_full_forward():
+    """The step through torch.compile (inductor's CPU code here) computes the same logits."""
+    model = small_model(torch.float32, shift_tokens=True)
+    tokens = torch.randint(0, 29, (2, 120))
+    with torch.no_grad():
+        decoded = decode_all(model, tokens, None, 50, static=True, compile=True)
+        torch.testing.assert_close(decoded, model(tokens), rtol=0, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("shift,reversible,compile", [(False, False, False), (True, True, False), (True, False, True)])
+def test_graph_decoder_equals_eager_steps(shift, reversible, compile):
+    """On a GPU, at realistic sizes: the CUDA graph replay (of the compiled step too) against decode_step."""
+    torch.manual_seed(0)
+    config = {"num_tokens": 256, "dim": 128, "depth": 2, "max_seq_len": 8192, "heads": 4, "dim_head": 32}
+    model = HTransformer1D(**config, causal=True, block_size=64, shift_tokens=shift, reversible=reversible)
+    model = model.cuda().eval()
+    n, prompt_len = 3000, 1500
+    tokens = torch.randint(0, 256, (2, n), device="cuda")
+    mask = torch.ones(2, n, dtype=torch.bool, device="cuda")
+    mask[1, :300] = False
+    with torch.no_grad():
+        eager = decode_all(model, tokens, mask, prompt_len)
+        graphed = decode_all(model, tokens, mask, prompt_len, static=True, graph=True, compile=compile)
+    torch.testing.assert_close(graphed[:, prompt_len:], eager[:, prompt_len:], rtol=0, atol=1e-4)
+
+
+@cuda
+def test_generate_with_and_without_cuda_graph():
+    torch.manual_seed(0)
+    wrapper = AutoregressiveWrapper(small_model(torch.float32, shift_tokens=True).cuda())
+    prompt = torch.randint(0, 29, (2, 23), device="cuda")
+    graphed = wrapper.generate(prompt, 300, temperature=0.0)
+    assert torch.equal(graphed, wrapper.generate(prompt, 300, temperature=0.0, cuda_graph=False))
+    assert torch.equal(graphed, wrapper.generate(prompt, 300, temperature=0.0, use_cache=False))

@@ -14,6 +14,8 @@ children, added when the second child completes: the same pairwise sums, in the 
 blocked forward's coarsening, so decoding reproduces it to rounding of the matmuls.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from .blocked import Partial, _merge, _window_partial
@@ -221,3 +223,133 @@ class HierarchicalCache:
         if self._prompt_queries is not None:
             kept += [t for pair in self._prompt_queries for t in pair]
         return kept
+
+
+class StepPlan(NamedTuple):
+    """Rows of a `StaticHierarchicalCache` ring that one step reads and writes, and its masks."""
+
+    rows: torch.Tensor  # (levels,) the position's group per level
+    sibling_rows: torch.Tensor  # (levels - 1,) the group before it, per level but the last
+    complete: torch.Tensor  # (levels,) bool: the group ends at this position
+    starts: torch.Tensor  # (levels,) bool: the group begins at this position
+    keys: torch.Tensor  # (levels, 2 * block_size) bool: the slots that are keys of this position
+
+
+class StaticHierarchicalCache:
+    """The same decoding state with fixed shapes: every step is one tensor program, whatever the position.
+
+    ``HierarchicalCache.step`` branches in Python on the position (which levels start a group, which
+    groups complete, how many levels exist) and issues a few hundred small operations; on a GPU that
+    is launch-bound. Here the position is a device tensor and every level up to the one that
+    `capacity` positions need is always present: the slots of a level live in one ring tensor
+    (levels x 2 * block_size slots x B x H x (k, v, count)), appended groups are written with
+    `index_copy_` under a mask, and one softmax runs over every level's slots at once, slots that are
+    no keys of the position being masked out by their count or their place. The step has no host
+    synchronisation and no shape that depends on the position, so it can be captured in a CUDA graph
+    and replayed (model/cache.py, `StaticDecoder`).
+
+    Differences to `HierarchicalCache`, all to rounding: a completed group's sums are k plus the left
+    siblings of every level below, summed in that order (the same pairs as the blocked coarsening,
+    associated from the fine end); every level's softmax state is recomputed at every step instead of
+    once per group; the levels are merged by one softmax instead of pairwise, coarse to fine.
+    """
+
+    def __init__(self, cache: HierarchicalCache, capacity: int):
+        """From a freshly prefilled (or empty) `cache`, room for positions up to `capacity - 1`."""
+        if cache.length and cache._prompt_queries is None:
+            raise ValueError("a StaticHierarchicalCache is made from a cache right after its prefill, before any step")
+        if not cache.levels:
+            raise ValueError("the cache is empty: prefill it first (an empty prompt is fine)")
+        if capacity <= cache.length:
+            raise ValueError(f"capacity must exceed the prompt's {cache.length} positions, got {capacity}")
+        nr = self.block_size = cache.block_size
+        self.scale = cache.scale
+        self.capacity = capacity
+        levels = _top_level(capacity - 1, nr) + 1
+        first = cache.levels[0]
+        b, h, _, d = first.k_sum.shape
+        dtype, device = first.k_sum.dtype, first.k_sum.device
+        self.levels, self.dim_head = levels, d
+        ring = torch.zeros(levels, 2 * nr, b, h, 2 * d + 1, dtype=dtype, device=device)
+        for level, kept in enumerate(cache.levels[:levels]):
+            used = kept.count.shape[1]
+            ring[level, :used, :, :, :d] = kept.k_sum.permute(2, 0, 1, 3)
+            ring[level, :used, :, :, d : 2 * d] = kept.v_sum.permute(2, 0, 1, 3)
+            ring[level, :used, :, :, 2 * d] = kept.count.t()[:, :, None]
+        self.ring = ring.flatten(0, 1)  # (levels * 2 * nr, B, H, 2D + 1): level l's slot s at row l * 2nr + s
+        # per level, the (scaled) query of the current group's first real position, and the rows that
+        # have none yet (the next step's query is theirs); level 0's is the stepped position's own
+        self.queries = torch.zeros(levels, b, h, d, dtype=dtype, device=device)
+        self.missing = torch.ones(levels, b, dtype=torch.bool, device=device)
+        for level, (query, missing) in enumerate(cache._prompt_queries or [], 1):
+            if level < levels:
+                self.queries[level] = query
+                self.missing[level] = missing
+        self.position = torch.tensor(cache.length, dtype=torch.int64, device=device)
+        self._level = torch.arange(levels, device=device)
+        self._slot = torch.arange(2 * nr, device=device)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step changes (in place)."""
+        return [self.ring, self.queries, self.missing, self.position]
+
+    def plan(self) -> StepPlan:
+        """Where the step at `self.position` reads and writes: the same for every layer of a model
+        (equal block size and capacity, equal position), so a decoder computes it once per token."""
+        nr = self.block_size
+        t, lv = self.position, self._level
+        group = t >> lv  # (levels,) the position's group per level
+        base = lv * (2 * nr)
+        below = (1 << lv) - 1
+        # keys per level: level 0 the fine positions of blocks c - 1 and c up to t; level l >= 1 the
+        # groups of block c - 1 (its first half when the group sits in the first half of block c)
+        block = group // nr  # c per level
+        start = ((block + 1) * nr) % (2 * nr)  # ring slot of block c - 1's first group (operands >= 0 throughout)
+        width = torch.where(group % nr >= nr // 2, nr, nr // 2)
+        width = torch.where(block >= 1, width, 0)
+        coarse = (self._slot[None] - start[:, None] + 2 * nr) % (2 * nr) < width[:, None]  # (levels, 2nr)
+        fine_position = t - (t - self._slot + 2 * nr) % (2 * nr)  # the latest position <= t in each level-0 slot
+        fine = fine_position >= ((block[0] - 1) * nr).clamp(min=0)
+        return StepPlan(
+            rows=base + group % (2 * nr),
+            sibling_rows=base[:-1] + (group[:-1] + 2 * nr - 1) % (2 * nr),
+            complete=((t + 1) & below) == 0,  # level l's group completes at t: (t + 1) % 2**l == 0
+            starts=(t & below) == 0,  # level l's group starts at t: t % 2**l == 0
+            keys=torch.cat([fine[None], coarse[1:]]),
+        )
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None) -> torch.Tensor:
+        """Attend from position `self.position`: q, k, v (B, H, D) -> output (B, H, D); appends it as a key
+        and advances the position. `plan`: `self.plan()` (made here when None).
+
+        Only tensor operations on device: no check that the position is below `capacity` (the caller
+        counts steps, see `StaticDecoder`)."""
+        nr, d, levels = self.block_size, self.dim_head, self.levels
+        dtype = self.ring.dtype
+        scale = d**-0.5 if self.scale is None else self.scale
+        if plan is None:
+            plan = self.plan()
+
+        # append: a completed level-l group's sums are k plus the left sibling at every level below (all
+        # of them complete at t too); other levels keep their row
+        new = torch.cat([k.to(dtype), v.to(dtype), torch.ones_like(k[..., :1], dtype=dtype)], -1)  # (B, H, 2D+1)
+        sums = torch.cat([new[None], self.ring.index_select(0, plan.sibling_rows)]).cumsum(0)  # (levels, B, H, 2D+1)
+        kept = self.ring.index_select(0, plan.rows)
+        self.ring.index_copy_(0, plan.rows, torch.where(plan.complete[:, None, None, None], sums, kept))
+
+        # queries: a level whose group starts at t, or a row without one yet, takes q
+        query = q.to(dtype) * scale
+        take = plan.starts[:, None] | self.missing  # (levels, B)
+        self.queries.copy_(torch.where(take[..., None, None], query[None], self.queries))
+        self.missing.fill_(False)
+
+        # one softmax over every level's keys; a slot that is no key of t has weight count * 0 = 0
+        ring = self.ring.view(levels, 2 * nr, *self.ring.shape[1:])
+        count = ring[..., 2 * d] * plan.keys[:, :, None, None]  # (levels, 2nr, B, H)
+        denom = count.clamp(min=1.0)[..., None]
+        keys, values = ring[..., :d] / denom, ring[..., d : 2 * d] / denom
+        scores = torch.einsum("lbhd,lsbhd->bhls", self.queries, keys) + torch.log(count).permute(2, 3, 0, 1)
+        weights = torch.softmax(scores.flatten(2), -1)  # (B, H, levels * 2nr)
+        out = torch.einsum("bhx,xbhd->bhd", weights, values.flatten(0, 1))
+        self.position.add_(1)
+        return out.to(q.dtype)

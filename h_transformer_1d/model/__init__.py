@@ -1,7 +1,7 @@
 """The model: attention layers, the HTransformer1D stack and the autoregressive wrapper."""
 
 from .autoregressive import AutoregressiveWrapper
-from .cache import DecodingCache, decode_step, prefill
+from .cache import DecodingCache, StaticDecoder, decode_step, prefill
 from .layers import CausalHAttention1D, HAttention1D
 from .transformer import HTransformer1D
 
@@ -11,6 +11,7 @@ __all__ = [
     "CausalHAttention1D",
     "AutoregressiveWrapper",
     "DecodingCache",
+    "StaticDecoder",
     "prefill",
     "decode_step",
 ]

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attention.incremental import HierarchicalCache
+from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache
+from ..attention.rotary import rotary_angles, rotate
 from .layers import HAttention1D
+from .transformer import SequentialSequence
 
 
 @dataclass
@@ -66,3 +68,132 @@ def decode_step(model: nn.Module, cache: DecodingCache, tokens: torch.Tensor) ->
     if cache.length == 0:
         raise ValueError("decode_step needs a cache filled by prefill")
     return model(tokens[:, None], cache=cache)[:, 0]
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+class StaticDecoder:
+    """Decoding steps of fixed shape after a prefill, replayed as one CUDA graph per token on GPUs.
+
+    ``decoder = StaticDecoder(model, cache, capacity)`` takes a `DecodingCache` right after `prefill`
+    and room for positions up to ``capacity - 1``; ``decoder.step(tokens)`` then does what
+    `decode_step` does, with the logits equal to float rounding. Each attention layer keeps a
+    `StaticHierarchicalCache` (attention/incremental.py); the token-shift features, the position and
+    the input token live in fixed buffers, so a step is the same tensor program at every position.
+    With `graph` (default: on CUDA) that program is captured once and each step is one graph replay:
+    a GPU step costs a few microseconds of CPU instead of several hundred kernel launches from Python.
+    With `compile` the step goes through `torch.compile` first (fewer, fused kernels in the graph; the
+    first step pays the compilation). The returned logits are a buffer that the next step overwrites.
+    """
+
+    def __init__(
+        self, model: nn.Module, cache: DecodingCache, capacity: int, graph: bool | None = None, compile: bool = False
+    ):
+        if not isinstance(cache, DecodingCache) or cache.length == 0:
+            raise ValueError("StaticDecoder needs a DecodingCache filled by prefill")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= cache.length:
+            raise ValueError(f"capacity must be an int above the prompt length {cache.length}, got {capacity!r}")
+        self.model = model
+        self.length = cache.length
+        self.capacity = capacity
+        self.reversible = not isinstance(model.layers, SequentialSequence)
+        device = model.token_emb.weight.device
+        first = cache.blocks[0][0].attention
+        batch = first.levels[0].k_sum.shape[0]
+        self.attention = [StaticHierarchicalCache(f.attention, capacity) for f, _ in cache.blocks]
+        # per sublayer with token shift, the normed features of the last position (B, dim)
+        self.previous = [[None if s.previous is None else s.previous.clone() for s in pair] for pair in cache.blocks]
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.graph = device.type == "cuda" if graph is None else graph
+        if self.graph and device.type != "cuda":
+            raise ValueError(f"graph=True needs a model on a CUDA device, this one is on {device}")
+        if compile and device.type == "cpu" and _torch_version() < (2, 13):
+            raise ValueError(
+                "compile=True on the CPU needs torch >= 2.13: inductor's CPU code for this step gave wrong logits"
+                f" with torch 2.11 (this is {torch.__version__}); use compile=False, or decode_step on the CPU"
+            )
+        self._graph = None
+        self.logits: torch.Tensor | None = None
+        # compile: the step through torch.compile (inductor fuses its small operations into few kernels;
+        # the first step compiles, tens of seconds), then captured like the eager one
+        self._run = torch.compile(self._forward, fullgraph=True, dynamic=False) if compile else self._forward
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of decoding state (a step changes them in place)."""
+        kept = [t for state in self.attention for t in state.state_tensors()]
+        return kept + [t for pair in self.previous for t in pair if t is not None]
+
+    def _sublayer(self, pre, x: torch.Tensor, i: int, which: int, shared) -> torch.Tensor:
+        """One pre-norm sublayer on the current position's features x (B, dim); `shared`: the step's
+        plan and rotary cos and sin, the same for every layer."""
+        y = pre.norm(x)
+        previous = self.previous[i][which]
+        if pre.shift:  # causal token shift: the first chunk of features comes from the previous position
+            cut = previous.tensor_split(2, dim=-1)[0].shape[-1]
+            shifted = torch.cat([previous[:, :cut], y[:, cut:]], -1)
+            previous.copy_(y)
+            y = shifted
+        if which == 1:
+            return pre.fn(y)
+        plan, cos, sin = shared
+        layer = pre.fn
+        qkv = layer.to_qkv(y).unflatten(-1, (3, layer.heads, layer.dim_head))  # (B, 3, H, D)
+        qk = rotate(qkv[:, :2], cos, sin)  # rotary at the position being decoded
+        out = self.attention[i].step(qk[:, 0], qk[:, 1], qkv[:, 2], plan)  # (B, H, D)
+        return layer.to_out(out.flatten(1))
+
+    def _forward(self) -> torch.Tensor:
+        first = self.attention[0]
+        layer = self.model.layers.blocks[0].f.fn
+        dtype = torch.float64 if layer.to_qkv.weight.dtype == torch.float64 else torch.float32
+        shared = (first.plan(), *rotary_angles(first.position, layer.rotary.inv_freq, dtype))
+        h = self.model.token_emb(self.tokens)  # (B, dim)
+        blocks = self.model.layers.blocks
+        if self.reversible:
+            y1, y2 = h, h
+            for i, block in enumerate(blocks):
+                y1 = y1 + self._sublayer(block.f, y2, i, 0, shared)
+                y2 = y2 + self._sublayer(block.g, y1, i, 1, shared)
+            h = (y1 + y2) / 2
+        else:
+            for i, block in enumerate(blocks):
+                h = h + self._sublayer(block.f, h, i, 0, shared)
+                h = h + self._sublayer(block.g, h, i, 1, shared)
+        return self.model.to_logits(h)  # (B, num_tokens)
+
+    def _capture(self) -> None:
+        """Record the step in a CUDA graph. The warm-up runs (needed before a capture) change the state,
+        so it is saved before and restored after."""
+        saved = [t.clone() for t in self.stored_tensors()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        for kept, value in zip(self.stored_tensors(), saved):
+            kept.copy_(value)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self.logits = self._run()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per sequence, `tokens` (B,), at position `self.length`; its logits (B, num_tokens)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.shape != self.tokens.shape:
+            got = getattr(tokens, "shape", tokens)
+            raise ValueError(f"tokens must have shape {tuple(self.tokens.shape)}, got {got}")
+        if self.length >= self.capacity:
+            raise ValueError(f"the decoder holds {self.capacity} positions (its capacity), all used")
+        self.tokens.copy_(tokens)
+        if not self.graph:
+            self.logits = self._run()
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        self.length += 1
+        return self.logits
