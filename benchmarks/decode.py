@@ -3,8 +3,12 @@
 Model (all three paths): causal HTransformer1D(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64,
 block_size=128), float32, batch 1, max_seq_len = the largest context. For a context of L tokens:
 
-- cached: this package's `prefill` of the L-token prompt (timed on its own), then `decode_step` one
-  token at a time, each step timed (greedy, the argmax fed back), after a few untimed steps;
+- cached: this package's `prefill` of the L-token prompt (timed on its own), then one token at a time
+  the way `generate` does it, each step timed (greedy, the argmax fed back), after a few untimed
+  steps: on the CPU `decode_step` (the eager cache), on CUDA `StaticDecoder` replaying a CUDA graph
+  (`--step` picks another);
+- eager, compiled (CUDA, for comparison): the cached path with `decode_step`, and with
+  `StaticDecoder(compile=True)` (torch.compile'd step in a CUDA graph; compiled before the timing);
 - uncached: this package's `AutoregressiveWrapper.generate(prompt, k, use_cache=False)`, which runs the
   full forward over the context for every token: per token = total / k;
 - 0.1.9: the h-transformer-1d 0.1.9 package's `AutoregressiveWrapper.generate(prompt, k)` (it also
@@ -21,7 +25,7 @@ rotary-embedding-torch`).
 Run from the repository root:
 
     python benchmarks/decode.py                   # CPU, contexts 1k..64k -> benchmarks/results/decode_cpu.*
-    python benchmarks/decode.py --device cuda     # -> benchmarks/results/decode_cuda.*
+    python benchmarks/decode.py --device cuda     # -> benchmarks/results/decode_cuda.* (also eager, compiled)
     python benchmarks/decode.py --quick           # smoke run: 1k and 2k, few tokens
 
 Contention: the worker records which share of all CPUs other processes used during the timed part;
@@ -54,7 +58,21 @@ RESULTS_DIR = BENCH_DIR / "results"
 MODEL = {"num_tokens": 256, "dim": 256, "depth": 4, "heads": 4, "dim_head": 64, "block_size": 128}
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 IMPLS = ["cached", "uncached", "legacy"]
-LABEL = {"cached": "cached (this package)", "uncached": "uncached (this package)", "legacy": "0.1.9 generate"}
+STEP_IMPLS = ["eager", "compiled"]  # other cached step paths, for comparison on CUDA
+CACHED = ["cached", *STEP_IMPLS]
+LABEL = {
+    "cached": "cached (this package)",
+    "uncached": "uncached (this package)",
+    "legacy": "0.1.9 generate",
+    "eager": "cached, eager steps",
+    "compiled": "cached, compiled step",
+}
+STEP_LABEL = {
+    "eager": "eager steps (`decode_step`)",
+    "graph": "one CUDA graph replay per step (`StaticDecoder`, what `generate` uses on CUDA)",
+    "static": "fixed-shape steps without a graph (`StaticDecoder(graph=False)`)",
+    "compiled": "one CUDA graph replay per step of the torch.compile'd step (`StaticDecoder(compile=True)`)",
+}
 RESULT_TAG = "DECODE_RESULT_JSON:"
 WARM_CONTEXT = 512  # a short run of the same code first: allocator, kernels, lazy initialisation
 CONTENDED = 0.15  # other processes' CPU share above which a number is marked
@@ -131,10 +149,13 @@ def _build(impl: str, max_context: int, device):
     return AutoregressiveWrapper(model)
 
 
-def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device) -> dict:
+def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device, step_kind: str) -> dict:
+    """`step_kind` "eager": `decode_step` (HierarchicalCache, Python per level); "graph": `StaticDecoder`
+    replaying a CUDA graph per token (what `generate` uses on CUDA); "static": StaticDecoder, no graph;
+    "compiled": StaticDecoder(compile=True) in a CUDA graph (compiles at its first step, untimed)."""
     import torch
 
-    from h_transformer_1d.model.cache import decode_step, prefill
+    from h_transformer_1d.model.cache import StaticDecoder, decode_step, prefill
 
     meter = ContentionMeter()
 
@@ -142,6 +163,11 @@ def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device) -> dic
         _sync(device)
         start = time.perf_counter()
         logits, cache = prefill(wrapper.net, prompt_tokens)
+        decoder = None
+        if step_kind != "eager":
+            capacity = prompt_tokens.shape[1] + steps + 1
+            graph = step_kind in ("graph", "compiled")
+            decoder = StaticDecoder(wrapper.net, cache, capacity, graph=graph, compile=step_kind == "compiled")
         _sync(device)
         prefill_seconds = time.perf_counter() - start
         nxt = logits[:, -1].argmax(-1)
@@ -149,17 +175,20 @@ def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device) -> dic
             if step == warm_steps:
                 meter.start()
             start = time.perf_counter()
-            nxt = decode_step(wrapper.net, cache, nxt).argmax(-1)
+            if decoder is None:
+                nxt = decode_step(wrapper.net, cache, nxt).argmax(-1)
+            else:
+                nxt = decoder.step(nxt).argmax(-1)
             _sync(device)
             if times is not None and step >= warm_steps:
                 times.append(time.perf_counter() - start)
-        return prefill_seconds, cache
+        return prefill_seconds, cache if decoder is None else decoder
 
     with torch.no_grad():
         run(prompt[:, :WARM_CONTEXT], warm_steps + 4)
         times: list[float] = []
-        prefill_seconds, cache = run(prompt, warm_steps + tokens, times)
-    stored = sum(t.numel() * t.element_size() for t in cache.stored_tensors())
+        prefill_seconds, state = run(prompt, warm_steps + tokens, times)
+    stored = sum(t.numel() * t.element_size() for t in state.stored_tensors())
     ms = sorted(t * 1e3 for t in times)
     return {
         "other_cpu_share": meter.stop(),
@@ -170,7 +199,8 @@ def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device) -> dic
         "tokens": len(ms),
         "prefill_s": prefill_seconds,
         "cache_bytes": stored,
-        "positions_after": cache.length,
+        "positions_after": state.length,
+        "step": step_kind,
     }
 
 
@@ -199,8 +229,8 @@ def worker(spec: dict) -> dict:
     wrapper = _build(spec["impl"], spec["max_context"], device)
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, MODEL["num_tokens"], (1, spec["context"]), generator=generator).to(device)
-    if spec["impl"] == "cached":
-        result = measure_cached(wrapper, prompt, spec["tokens"], spec["warm_steps"], device)
+    if spec["impl"] in CACHED:
+        result = measure_cached(wrapper, prompt, spec["tokens"], spec["warm_steps"], device, spec["step"])
     else:
         result = measure_recompute(spec["impl"], wrapper, prompt, spec["tokens"], device)
     if device.type == "cuda":
@@ -311,6 +341,12 @@ def ratios(results: dict, contexts: list[int]) -> dict:
         out[f"speedup_over_{impl}"] = {
             str(c): ms(impl, c) / ms("cached", c) for c in contexts if ms(impl, c) and ms("cached", c)
         }
+    for step in STEP_IMPLS:  # the other step paths, where measured
+        if ms(step, lo) and ms(step, hi):
+            out[f"{step}_longest_over_shortest"] = ms(step, hi) / ms(step, lo)
+        out[f"{step}_speedup_over_legacy"] = {
+            str(c): ms("legacy", c) / ms(step, c) for c in contexts if ms("legacy", c) and ms(step, c)
+        }
     return out
 
 
@@ -334,7 +370,10 @@ def write_markdown(path: Path, config: dict, env: dict, results: dict, key: dict
         f"- {env['date']}, git {env['git']}"
         + (f"; disturbed entries re-measured {env['retried_contended']}" if "retried_contended" in env else ""),
         (
-            f"- cached: {config['tokens']} timed decode steps per context after {config['warm_steps']} untimed ones;"
+            f"- cached: {config['tokens']} timed decode steps per context after {config['warm_steps']} untimed ones,"
+            f" {STEP_LABEL[config.get('step', 'eager')]}"
+            + "".join(f"; {LABEL[step]}: {STEP_LABEL[step]}" for step in STEP_IMPLS if results.get(step))
+            + ";"
             f" recomputing paths: k tokens per generate call (column k), budget {config['budget']:.0f} s each"
         ),
         "",
@@ -352,6 +391,17 @@ def write_markdown(path: Path, config: dict, env: dict, results: dict, key: dict
             if int(c) == 8192 or (impl == "uncached" and int(c) in (lo, hi)):
                 verdict = f" (target >= {target}: {'met' if s >= target else 'NOT met'})" if target else ""
                 lines.append(f"- cached vs {LABEL[impl]} at {int(c):,} context: **{s:,.0f}x** faster{verdict}")
+    for step in STEP_IMPLS:
+        if f"{step}_longest_over_shortest" in key:
+            r = key[f"{step}_longest_over_shortest"]
+            lines.append(f"- {LABEL[step]}: per-token time at {hi:,} over {lo:,} tokens of context: **{r:.2f}x**")
+        for c, s in key.get(f"{step}_speedup_over_legacy", {}).items():
+            if int(c) == 8192:
+                lines.append(
+                    f"- {LABEL[step]} vs 0.1.9 generate at 8,192 context: **{s:,.0f}x** faster"
+                    f" (target >= 100: {'met' if s >= 100 else 'NOT met'})"
+                )
+    steps = [step for step in STEP_IMPLS if results.get(step)]
     lines += [
         "",
         "## Per-token time (ms)",
@@ -359,8 +409,9 @@ def write_markdown(path: Path, config: dict, env: dict, results: dict, key: dict
         (
             "| context | cached mean | cached median | cached max | cached tok/s | prefill s | cache MiB |"
             " dense KV MiB | uncached | k | 0.1.9 | k | vs uncached | vs 0.1.9 |"
+            + "".join(f" {LABEL[step]} | {step} vs 0.1.9 |" for step in steps)
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(steps),
     ]
     for c in contexts:
         cached = results["cached"].get(str(c))
@@ -384,6 +435,9 @@ def write_markdown(path: Path, config: dict, env: dict, results: dict, key: dict
         for impl in ("uncached", "legacy"):
             s = key[f"speedup_over_{impl}"].get(str(c))
             row.append(f"{s:,.0f}x" if s else "-")
+        for step in steps:
+            s = key.get(f"{step}_speedup_over_legacy", {}).get(str(c))
+            row += [fmt_ms(results[step].get(str(c))), f"{s:,.0f}x" if s else "-"]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
@@ -405,8 +459,9 @@ def plot(path: Path, config: dict, env: dict, results: dict) -> None:
 
     contexts = config["contexts"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    for impl, style in (("cached", "o-"), ("uncached", "s-"), ("legacy", "^-")):
-        points = [(c, r) for c in contexts if (r := results[impl].get(str(c))) and "ms_per_token" in r]
+    styles = (("cached", "o-"), ("eager", "v--"), ("compiled", "D--"), ("uncached", "s-"), ("legacy", "^-"))
+    for impl, style in styles:
+        points = [(c, r) for c in contexts if (r := results.get(impl, {}).get(str(c))) and "ms_per_token" in r]
         if not points:
             continue
         xs = [c for c, _ in points]
@@ -438,7 +493,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
-    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS + STEP_IMPLS,
+        help="default: cached, uncached, legacy; on cuda also eager (decode_step) and compiled (StaticDecoder(compile=True))",
+    )
     parser.add_argument("--tokens", type=int, default=256, help="timed decode steps per context (cached)")
     parser.add_argument("--warm-steps", type=int, default=8, help="untimed decode steps after the prefill")
     parser.add_argument("--recompute-tokens", type=int, default=4, help="at most k tokens per recomputing run")
@@ -452,12 +512,21 @@ def main() -> None:
     parser.add_argument(
         "--retry-contended", action="store_true", help="re-measure only the marked entries of the last results"
     )
+    parser.add_argument(
+        "--step",
+        default="auto",
+        choices=["auto", "eager", "graph", "static", "compiled"],
+        help="cached path: eager decode_step, StaticDecoder as a CUDA graph, or StaticDecoder without one"
+        " (auto: what generate uses, graph on cuda and eager on cpu)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    if args.impls is None:
+        args.impls = IMPLS + (STEP_IMPLS if args.device == "cuda" else [])
     if args.quick:
         args.contexts, args.tokens, args.recompute_tokens = [1024, 2048], 32, 1
 
@@ -472,6 +541,7 @@ def main() -> None:
         "budget": args.budget,
         "max_token_seconds": args.max_token_seconds,
         "threads": args.threads,
+        "step": args.step if args.step != "auto" else ("graph" if args.device == "cuda" else "eager"),
     }
     stem = args.out_dir / (f"decode_{args.device}" + ("_quick" if args.quick else ""))
     timeout = 600 + 3 * args.budget + 4 * args.max_token_seconds
@@ -485,6 +555,7 @@ def main() -> None:
             "threads": config["threads"],
             "warm_steps": config["warm_steps"],
             "tokens": tokens,
+            "step": impl if impl in STEP_IMPLS else config.get("step", "eager"),
         }
 
     def measure(spec: dict) -> dict:
@@ -505,16 +576,16 @@ def main() -> None:
         previous = json.loads(stem.with_suffix(".json").read_text())
         config, results, env = previous["config"], previous["results"], previous["environment"]
         contexts = config["contexts"]
-        todo = [(impl, int(c), r) for impl in IMPLS for c, r in results[impl].items() if disturbance(r) > CONTENDED]
+        todo = [(impl, int(c), r) for impl, rs in results.items() for c, r in rs.items() if disturbance(r) > CONTENDED]
         for impl, context, old in tqdm(todo, desc="re-measuring contended"):
-            tokens = config["tokens"] if impl == "cached" else old.get("tokens", 1)
+            tokens = config["tokens"] if impl in CACHED else old.get("tokens", 1)
             result = measure(spec_for(impl, context, tokens))
             if disturbance(result) < disturbance(old):
                 results[impl][str(context)] = result
             tqdm.write(f"{impl:>9} {context:>6}: {fmt_ms(results[impl][str(context)])} ms/token")
         env["retried_contended"] = datetime.datetime.now().isoformat(timespec="seconds")
     else:
-        results: dict[str, dict[str, dict]] = {impl: {} for impl in IMPLS}
+        results: dict[str, dict[str, dict]] = {impl: {} for impl in IMPLS + [i for i in args.impls if i not in IMPLS]}
         if "legacy" in args.impls and (error := ensure_legacy()):
             results["legacy"] = {str(c): {"error": f"0.1.9 not installed: {error}"} for c in contexts}
             args.impls = [i for i in args.impls if i != "legacy"]
@@ -523,7 +594,7 @@ def main() -> None:
         for impl, context in progress:
             progress.set_postfix_str(f"{impl} {context}")
             tokens = args.tokens
-            if impl != "cached":
+            if impl not in CACHED:
                 # per token grows a bit faster than linearly with the context; extrapolate from the last one
                 done = [(c, r) for c, r in results[impl].items() if "ms_per_token" in r]
                 last_ms, last_context = (done[-1][1]["ms_per_token"], int(done[-1][0])) if done else (0.0, context)
