@@ -11,7 +11,8 @@ Side by side in one run, on one card (bf16 autocast, batch 1):
     blocks the kernels compute (DESIGN.md section 1), from the kernels' own CUDA time (profiler)
     and end to end;
   * the seed README model (12 layers, dim 512, 8,000 tokens, shift_tokens) training tokens/s and
-    peak memory, reversible and not.
+    peak memory, reversible and not, and ours (not reversible) through torch.compile, default mode
+    and mode="reduce-overhead" (CUDA graphs).
 The 0.1.9 package shares our import name, so it runs in a separate worker process whose PYTHONPATH
 holds only its install (--legacy-site). Writes benchmarks/results/attention_gpu.{md,json,png}.
 """
@@ -140,7 +141,9 @@ def bench_core(causal: bool, n: int) -> dict:
     }
 
 
-def bench_model(impl: str, reversible: bool, steps: int = 6) -> dict:
+def bench_model(impl: str, reversible: bool, steps: int = 6, compile_mode: str | None = None) -> dict:
+    """Training tokens/s and peak memory of the seed model; `compile_mode`: the model through
+    torch.compile with that mode ("default", or "reduce-overhead": CUDA graphs), warmed up first."""
     torch.manual_seed(0)
     kw = dict(num_tokens=256, dim=512, depth=12, max_seq_len=8192, heads=8, dim_head=64, block_size=128,
               reversible=reversible, shift_tokens=True)
@@ -154,27 +157,35 @@ def bench_model(impl: str, reversible: bool, steps: int = 6) -> dict:
         model = HTransformer1D(**kw)
     model = model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    run = model if compile_mode is None else torch.compile(model, mode=compile_mode)
     x = torch.randint(0, 256, (1, 8000), device="cuda")
     target = torch.randint(0, 256, (1, 8000), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(x)
+            logits = run(x)
         loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     try:
-        step()
+        for _ in range(1 if compile_mode is None else 4):  # compiling, then recording graphs
+            step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         ms, _ = timed(step, steps)
         return {"tokens_per_s": 8000 / (ms / 1e3), "step_ms": ms, "peak_mib": torch.cuda.max_memory_allocated() / 2**20}
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
+    except Exception as error:  # a compile mode that fails is reported in its row, the run goes on
+        if compile_mode is None:
+            raise
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
     finally:
-        del model, opt
+        del model, opt, run
+        if compile_mode is not None:
+            torch._dynamo.reset()  # drops the compiled graphs (and their CUDA graph memory pools)
         torch.cuda.empty_cache()
 
 
@@ -197,6 +208,12 @@ def worker(impl_set: str, quick: bool) -> dict:
                 row = {"impl": impl, "reversible": reversible, **bench_model(impl, reversible)}
                 print(json.dumps(row), flush=True)
                 out["model"].append(row)
+            if impl == "ours" and not quick:
+                for mode in ("default", "reduce-overhead"):
+                    row = {"impl": f"ours, torch.compile {mode}", "reversible": False}
+                    row.update(bench_model(impl, False, compile_mode=mode))
+                    print(json.dumps(row), flush=True)
+                    out["model"].append(row)
     if impl_set == "ours":
         for causal in (False, True):
             for n in ([4096, 16384] if quick else [4096, 16384, 65536, 131072]):
