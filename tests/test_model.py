@@ -135,6 +135,39 @@ def test_reversible_gradients_equal_plain_autograd(causal):
         assert rel_err(reversible_grads[name], p.grad) <= 1e-10, name
 
 
+def test_reversible_backward_recomputes_under_the_forwards_autocast():
+    """The layers recomputed in the backward run at the autocast precision of the forward (autocast is
+    thread-local and off where the autograd engine runs the backward), with gradients equal to the
+    plain two-stream computation's under the same autocast."""
+    torch.manual_seed(2)
+    model = tiny_model(causal=True, reversible=True, shift_tokens=True, depth=2).float()
+    x = torch.randint(0, 32, (2, 40))
+    seen = []
+    hooks = [
+        block.f.fn.to_qkv.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+        for block in model.layers.blocks
+    ]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().pow(2).mean()
+    forward_dtypes = list(seen)
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert forward_dtypes == [torch.bfloat16] * 2
+    assert seen[2:] == [torch.bfloat16] * 2  # the recomputations in the backward
+    reversible_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.token_emb(x)
+        x1, x2 = h, h
+        for block in model.layers.blocks:
+            x1, x2 = block(x1, x2)
+        loss = model.to_logits((x1 + x2) / 2).float().pow(2).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert rel_err(reversible_grads[name], p.grad) <= 0.05, name  # bf16 reconstruction of the inputs
+
+
 def test_small_model_learns_a_repeating_sequence():
     torch.manual_seed(0)
     model = HTransformer1D(num_tokens=16, dim=32, depth=2, max_seq_len=64, causal=True, heads=2, dim_head=16,

@@ -71,14 +71,20 @@ class _ReversibleFunction(torch.autograd.Function):
             for block in blocks:
                 x1, x2 = block.forward_no_grad(x1, x2, mask)
         ctx.blocks, ctx.mask = blocks, mask
+        # autocast is thread-local and off where the autograd engine runs the backward: the layers
+        # recomputed there must run at the precision of this forward (as torch.utils.checkpoint does)
+        device = x1.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(x1, x2)
         return x1, x2
 
     @staticmethod
     def backward(ctx, dy1, dy2):
         y1, y2 = ctx.saved_tensors
-        for block in reversed(ctx.blocks):
-            y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, ctx.mask)
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for block in reversed(ctx.blocks):
+                y1, y2, dy1, dy2 = block.backward_pass(y1, y2, dy1, dy2, ctx.mask)
         return dy1, dy2, None, None
 
 
