@@ -4,6 +4,7 @@ whose CUDA graph replay is tested on a GPU (skipped without CUDA)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,7 +76,7 @@ def test_steps_match_parallel_attention(block_size, prompt_len, static):
     mask[0, 0] = True
     out, _ = step_all(q, k, v, mask, prompt_len, block_size, static)
     full = blocked_h_attention(q, k, v, block_size=block_size, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(out, full[:, :, prompt_len:], rtol=0, atol=1e-11)
+    torch.testing.assert_close(out, full[:, :, prompt_len:], rtol=0, atol=1e-12)
 
 
 def test_steps_match_reference_definition():
@@ -95,7 +96,7 @@ def test_prompt_row_without_real_tokens(static):
     mask[1, :p] = False
     out, _ = step_all(q, k, v, mask, p, 4, static)
     full = blocked_h_attention(q, k, v, block_size=4, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(out, full[:, :, p:], rtol=0, atol=1e-11)
+    torch.testing.assert_close(out, full[:, :, p:], rtol=0, atol=1e-12)
 
 
 def stored_slots_bound(t: int, nr: int) -> float:
@@ -161,13 +162,14 @@ def test_batch_with_left_padded_prompts(reversible, shift, static):
     torch.testing.assert_close(decoded[mask], full[mask], rtol=0, atol=1e-9)
 
 
-def test_decoding_runs_past_max_seq_len():
+@pytest.mark.parametrize("static", [False, True])
+def test_decoding_runs_past_max_seq_len(static):
     short = small_model(max_seq_len=64, shift_tokens=True)
     long = small_model(max_seq_len=256, shift_tokens=True)
     long.load_state_dict(short.state_dict())
     tokens = torch.randint(0, 29, (2, 200))
     with torch.no_grad():
-        torch.testing.assert_close(decode_all(short, tokens, None, 50), long(tokens), rtol=0, atol=1e-9)
+        torch.testing.assert_close(decode_all(short, tokens, None, 50, static), long(tokens), rtol=0, atol=1e-9)
 
 
 def test_model_cache_memory_is_logarithmic():
@@ -283,6 +285,8 @@ def test_static_state_is_logarithmic(capacity):
     assert static.queries.shape == (levels, b, h, d)
     stored = sum(t.numel() for t in static.state_tensors())
     assert stored == levels * (2 * nr * b * h * (2 * d + 1) + b * h * d + b) + 1
+    # within the eager cache's bound on kept groups (two blocks a level), plus a query per level
+    assert stored <= stored_slots_bound(capacity, nr) * b * h * (2 * d + 1) + levels * (b * h * d + b) + 1
     if capacity == 4096:
         assert stored < capacity * b * h * 2 * d / 20  # a dense KV cache of that many positions is 20x larger
 
@@ -292,8 +296,16 @@ def test_static_cache_checks_its_source():
     with pytest.raises(ValueError, match="prefill it first"):
         StaticHierarchicalCache(cache, 10)
     cache.prefill(*(torch.randn(1, 1, 6, 4) for _ in range(3)))
+    for capacity in (6, 10.0, True, "12"):
+        with pytest.raises(ValueError, match="capacity must be an int above the prompt length 6"):
+            StaticHierarchicalCache(cache, capacity)
+    static = StaticHierarchicalCache(cache, np.int64(8))
+    with pytest.raises(ValueError, match="shape"):
+        static.step(*(torch.randn(1, 1, 1, 4) for _ in range(3)))  # the eager cache's (B, H, 1, D)
+    static.step(*(torch.randn(1, 1, 4) for _ in range(3)))
+    static.step(*(torch.randn(1, 1, 4) for _ in range(3)))
     with pytest.raises(ValueError, match="capacity"):
-        StaticHierarchicalCache(cache, 6)
+        static.step(*(torch.randn(1, 1, 4) for _ in range(3)))
     cache.step(*(torch.randn(1, 1, 1, 4) for _ in range(3)))
     with pytest.raises(ValueError, match="right after its prefill"):
         StaticHierarchicalCache(cache, 20)
@@ -323,6 +335,8 @@ def test_static_decoder_checks_its_input(monkeypatch):
         decoder = StaticDecoder(model, cache, 11)
         with pytest.raises(ValueError, match="tokens must have shape"):
             decoder.step(torch.zeros(3, dtype=torch.long))
+        with pytest.raises(TypeError, match="integer token ids"):
+            decoder.step(torch.tensor([3.7, 1.2]))
         decoder.step(torch.zeros(2, dtype=torch.long))
         decoder.step(torch.zeros(2, dtype=torch.long))
         with pytest.raises(ValueError, match="capacity"):
@@ -348,6 +362,21 @@ def test_compiled_static_decoder_equals_full_forward():
         torch.testing.assert_close(decoded, model(tokens), rtol=0, atol=1e-4)
 
 
+@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+def test_compiled_static_decoder_falls_back_past_the_recompile_limit():
+    """A new state shape per decoder recompiles; once torch gives up, the step runs uncompiled."""
+    model = small_model(torch.float32)
+    tokens = torch.randint(0, 29, (1, 80))
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        torch._dynamo.reset()
+        full = model(tokens)
+        decode_all(model, tokens[:, :20], None, 10, static=True, compile=True)  # 2 levels: compiles
+        with pytest.warns(UserWarning, match="stepping without it"):
+            decoded = decode_all(model, tokens, None, 10, static=True, compile=True)  # 5 levels
+        torch._dynamo.reset()
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-4)
+
+
 @cuda
 @pytest.mark.parametrize("shift,reversible,compile", [(False, False, False), (True, True, False), (True, False, True)])
 def test_graph_decoder_equals_eager_steps(shift, reversible, compile):
@@ -367,10 +396,16 @@ def test_graph_decoder_equals_eager_steps(shift, reversible, compile):
 
 
 @cuda
-def test_generate_with_and_without_cuda_graph():
+def test_generate_with_and_without_cuda_graph(monkeypatch):
     torch.manual_seed(0)
     wrapper = AutoregressiveWrapper(small_model(torch.float32, shift_tokens=True).cuda())
     prompt = torch.randint(0, 29, (2, 23), device="cuda")
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
     graphed = wrapper.generate(prompt, 300, temperature=0.0)
+    assert len(replays) == 299  # every step after the first token was a graph replay
+    short = wrapper.generate(prompt, 10, temperature=0.0)  # too few tokens to pay for a capture: eager
+    assert torch.equal(short, graphed[:, :10]) and len(replays) == 299
     assert torch.equal(graphed, wrapper.generate(prompt, 300, temperature=0.0, cuda_graph=False))
     assert torch.equal(graphed, wrapper.generate(prompt, 300, temperature=0.0, use_cache=False))

@@ -14,6 +14,7 @@ children, added when the second child completes: the same pairwise sums, in the 
 blocked forward's coarsening, so decoding reproduces it to rounding of the matmuls.
 """
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -225,6 +226,17 @@ class HierarchicalCache:
         return kept
 
 
+def check_capacity(capacity, length: int) -> int:
+    """`capacity` as an int, which must exceed the `length` positions already held."""
+    try:
+        value = operator.index(capacity)
+    except TypeError:
+        value = None
+    if value is None or isinstance(capacity, bool) or value <= length:
+        raise ValueError(f"capacity must be an int above the prompt length {length}, got {capacity!r}")
+    return value
+
+
 class StepPlan(NamedTuple):
     """Rows of a `StaticHierarchicalCache` ring that one step reads and writes, and its masks."""
 
@@ -248,6 +260,10 @@ class StaticHierarchicalCache:
     synchronisation and no shape that depends on the position, so it can be captured in a CUDA graph
     and replayed (model/cache.py, `StaticDecoder`).
 
+    A step's work is that of ``levels * 2 * block_size`` keys, levels being those that `capacity`
+    needs: logarithmic in the capacity and the same at every position, where `HierarchicalCache`
+    does only the levels whose group changes (constant amortised work).
+
     Differences to `HierarchicalCache`, all to rounding: a completed group's sums are k plus the left
     siblings of every level below, summed in that order (the same pairs as the blocked coarsening,
     associated from the fine end); every level's softmax state is recomputed at every step instead of
@@ -260,11 +276,11 @@ class StaticHierarchicalCache:
             raise ValueError("a StaticHierarchicalCache is made from a cache right after its prefill, before any step")
         if not cache.levels:
             raise ValueError("the cache is empty: prefill it first (an empty prompt is fine)")
-        if capacity <= cache.length:
-            raise ValueError(f"capacity must exceed the prompt's {cache.length} positions, got {capacity}")
+        capacity = check_capacity(capacity, cache.length)
         nr = self.block_size = cache.block_size
         self.scale = cache.scale
         self.capacity = capacity
+        self.length = cache.length  # positions held, counted on the host (the device has `position`)
         levels = _top_level(capacity - 1, nr) + 1
         first = cache.levels[0]
         b, h, _, d = first.k_sum.shape
@@ -322,8 +338,22 @@ class StaticHierarchicalCache:
         """Attend from position `self.position`: q, k, v (B, H, D) -> output (B, H, D); appends it as a key
         and advances the position. `plan`: `self.plan()` (made here when None).
 
-        Only tensor operations on device: no check that the position is below `capacity` (the caller
-        counts steps, see `StaticDecoder`)."""
+        Checks the inputs and counts the steps against `capacity` on the host, then `advance`."""
+        shape = self.queries.shape[1:]
+        if q.shape != shape or k.shape != shape or v.shape != shape:
+            raise ValueError(
+                f"step takes q, k, v of shape (batch, heads, dim_head) = {tuple(shape)}, got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        if self.length >= self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions (its capacity), all used")
+        self.length += 1
+        return self.advance(q, k, v, plan)
+
+    def advance(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None) -> torch.Tensor:
+        """`step` without checks or the host-side count: only tensor operations on device, which a CUDA
+        graph or torch.compile can take whole. The caller keeps the position below `capacity`
+        (`StaticDecoder` counts its steps); past it, the output is wrong without an error."""
         nr, d, levels = self.block_size, self.dim_head, self.levels
         dtype = self.ring.dtype
         scale = d**-0.5 if self.scale is None else self.scale

@@ -7,6 +7,8 @@ from torch import nn
 from ..attention.interface import check_key_padding_mask
 from .cache import StaticDecoder, decode_step, prefill, supports_decoding_cache
 
+GRAPH_MIN_TOKENS = 16  # generate(cuda_graph=None) captures a CUDA graph when asked for more tokens
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top k and outside the smallest set of mass >= top_p."""
@@ -94,7 +96,9 @@ class AutoregressiveWrapper(nn.Module):
         `use_cache=False` recomputes the forward over the last `max_seq_len` tokens for every token.
         On CUDA the cached steps run as one CUDA graph replay per token (`StaticDecoder`): a step costs
         a few microseconds of CPU instead of hundreds of kernel launches. `cuda_graph=False` steps
-        eagerly (same tokens; logits equal to float rounding); the default is on for CUDA inputs.
+        eagerly (same tokens; logits equal to float rounding); the default (None) uses the graph for
+        CUDA prompts when more than `GRAPH_MIN_TOKENS` tokens are asked for (the capture costs about
+        as much as a few eager steps: two warm-up steps and the recording).
 
         `mask` (B, T) or (T,) bool marks the real prompt tokens (True). Each row's real tokens are
         moved to the end of the row, in order (right padding becomes left padding), so that every
@@ -123,7 +127,7 @@ class AutoregressiveWrapper(nn.Module):
                 "cuda_graph=True needs use_cache=True, a causal hierarchical model and a prompt on a CUDA device"
                 f" (use_cache={use_cache}, prompt on {tokens.device})"
             )
-        graph = cached and tokens.is_cuda if cuda_graph is None else cuda_graph
+        graph = cached and tokens.is_cuda and seq_len > GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
         decoder = None
         was_training = self.net.training
         self.net.eval()

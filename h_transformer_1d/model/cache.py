@@ -5,12 +5,13 @@ feeds one token per sequence through every layer at a cost that does not grow wi
 (DESIGN.md section 2). The logits equal the full forward's on the whole sequence, to float rounding.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache
+from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, check_capacity
 from ..attention.rotary import rotary_angles, rotate
 from .layers import HAttention1D
 from .transformer import SequentialSequence
@@ -86,7 +87,13 @@ class StaticDecoder:
     With `graph` (default: on CUDA) that program is captured once and each step is one graph replay:
     a GPU step costs a few microseconds of CPU instead of several hundred kernel launches from Python.
     With `compile` the step goes through `torch.compile` first (fewer, fused kernels in the graph; the
-    first step pays the compilation). The returned logits are a buffer that the next step overwrites.
+    first step pays the compilation, once per shape of the state; past torch's recompile limit the
+    step falls back to the uncompiled one, with a warning).
+
+    Tokens must be integer ids in [0, num_tokens): checking their range would need a host
+    synchronisation per step, so it is not done (out-of-range ids fail inside the embedding, on a GPU
+    as a device-side assert). `step` returns the logits in a buffer that the next step overwrites (with
+    `graph`) or in a new tensor; copy them to keep them.
     """
 
     def __init__(
@@ -94,8 +101,7 @@ class StaticDecoder:
     ):
         if not isinstance(cache, DecodingCache) or cache.length == 0:
             raise ValueError("StaticDecoder needs a DecodingCache filled by prefill")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= cache.length:
-            raise ValueError(f"capacity must be an int above the prompt length {cache.length}, got {capacity!r}")
+        capacity = check_capacity(capacity, cache.length)
         self.model = model
         self.length = cache.length
         self.capacity = capacity
@@ -117,8 +123,8 @@ class StaticDecoder:
             )
         self._graph = None
         self.logits: torch.Tensor | None = None
-        # compile: the step through torch.compile (inductor fuses its small operations into few kernels;
-        # the first step compiles, tens of seconds), then captured like the eager one
+        # compile: the step through torch.compile (inductor fuses its small operations into few kernels),
+        # then captured like the eager one
         self._run = torch.compile(self._forward, fullgraph=True, dynamic=False) if compile else self._forward
 
     def stored_tensors(self) -> list[torch.Tensor]:
@@ -142,7 +148,7 @@ class StaticDecoder:
         layer = pre.fn
         qkv = layer.to_qkv(y).unflatten(-1, (3, layer.heads, layer.dim_head))  # (B, 3, H, D)
         qk = rotate(qkv[:, :2], cos, sin)  # rotary at the position being decoded
-        out = self.attention[i].step(qk[:, 0], qk[:, 1], qkv[:, 2], plan)  # (B, H, D)
+        out = self.attention[i].advance(qk[:, 0], qk[:, 1], qkv[:, 2], plan)  # (B, H, D)
         return layer.to_out(out.flatten(1))
 
     def _forward(self) -> torch.Tensor:
@@ -168,17 +174,34 @@ class StaticDecoder:
         """Record the step in a CUDA graph. The warm-up runs (needed before a capture) change the state,
         so it is saved before and restored after."""
         saved = [t.clone() for t in self.stored_tensors()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(stream)
-        for kept, value in zip(self.stored_tensors(), saved):
-            kept.copy_(value)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self.logits = self._run()
+        device = self.tokens.device
+        with torch.cuda.device(device):  # the model's GPU, whichever is current
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._compiled_or_eager()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            for kept, value in zip(self.stored_tensors(), saved):
+                kept.copy_(value)
+            self._graph = torch.cuda.CUDAGraph()
+            # a capture stream on this device: torch's default one is made on whichever device
+            # captured first in the process
+            with torch.cuda.graph(self._graph, stream=torch.cuda.Stream(device)):
+                self.logits = self._run()
+
+    def _compiled_or_eager(self) -> torch.Tensor:
+        """One step through `self._run`; past torch.compile's recompile limit (a new shape of the state
+        for each of many decoders), the uncompiled step from then on. A failed compilation runs nothing,
+        so the state is untouched when the fallback runs."""
+        if self._run is self._forward:
+            return self._forward()
+        try:
+            return self._run()
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            warnings.warn(f"StaticDecoder: torch.compile gave up ({error}); stepping without it", stacklevel=3)
+            self._run = self._forward
+            return self._run()
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -186,11 +209,13 @@ class StaticDecoder:
         if not isinstance(tokens, torch.Tensor) or tokens.shape != self.tokens.shape:
             got = getattr(tokens, "shape", tokens)
             raise ValueError(f"tokens must have shape {tuple(self.tokens.shape)}, got {got}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
         if self.length >= self.capacity:
             raise ValueError(f"the decoder holds {self.capacity} positions (its capacity), all used")
         self.tokens.copy_(tokens)
         if not self.graph:
-            self.logits = self._run()
+            self.logits = self._compiled_or_eager()
         else:
             if self._graph is None:
                 self._capture()
