@@ -12,6 +12,9 @@ Per level the cache keeps a ring of the last two blocks of groups, as sums of k 
 valid positions (group g in slot ``g % (2 * block_size)``). A group's sums are the sums of its two
 children, added when the second child completes: the same pairwise sums, in the same order, as the
 blocked forward's coarsening, so decoding reproduces it to rounding of the matmuls.
+
+`StaticHierarchicalCache` keeps the same state in fixed-shape tensors and steps without Python
+branches on the position, for CUDA graphs (see its docstring).
 """
 
 import operator
@@ -256,9 +259,9 @@ class StaticHierarchicalCache:
     `capacity` positions need is always present: the slots of a level live in one ring tensor
     (levels x 2 * block_size slots x B x H x (k, v, count)), appended groups are written with
     `index_copy_` under a mask, and one softmax runs over every level's slots at once, slots that are
-    no keys of the position being masked out by their count or their place. The step has no host
-    synchronisation and no shape that depends on the position, so it can be captured in a CUDA graph
-    and replayed (model/cache.py, `StaticDecoder`).
+    no keys of the position being masked out by their count or their place. `advance` (the step
+    without its host-side checks) has no host synchronisation and no shape that depends on the
+    position, so it can be captured in a CUDA graph and replayed (model/cache.py, `StaticDecoder`).
 
     A step's work is that of ``levels * 2 * block_size`` keys, levels being those that `capacity`
     needs: logarithmic in the capacity and the same at every position, where `HierarchicalCache`
