@@ -198,7 +198,7 @@ class StaticDecoder:
             return self._forward()
         try:
             return self._run()
-        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+        except getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ()) as error:  # the class is newer than 2.4
             warnings.warn(f"StaticDecoder: torch.compile gave up ({error}); stepping without it", stacklevel=3)
             self._run = self._forward
             return self._run()
