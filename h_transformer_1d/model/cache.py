@@ -13,7 +13,7 @@ from torch import nn
 
 from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, check_capacity
 from ..attention.rotary import rotary_angles, rotate
-from .layers import HAttention1D
+from .layers import HAttention1D, shift_tokens
 from .transformer import SequentialSequence
 
 
@@ -137,9 +137,8 @@ class StaticDecoder:
         plan and rotary cos and sin, the same for every layer."""
         y = pre.norm(x)
         previous = self.previous[i][which]
-        if pre.shift:  # causal token shift: the first chunk of features comes from the previous position
-            cut = previous.tensor_split(2, dim=-1)[0].shape[-1]
-            shifted = torch.cat([previous[:, :cut], y[:, cut:]], -1)
+        if pre.shift:  # the layers' token shift, from the previous position's buffer (updated in place)
+            shifted = shift_tokens(y[:, None], None, pre.causal, previous=previous)[:, 0]
             previous.copy_(y)
             y = shifted
         if which == 1:
