@@ -5,10 +5,12 @@ block_size=128), float32, batch 1, max_seq_len = the largest context. For a cont
 
 - cached: this package's `prefill` of the L-token prompt (timed on its own), then one token at a time
   the way `generate` does it, each step timed (greedy, the argmax fed back), after a few untimed
-  steps: on the CPU `decode_step` (the eager cache), on CUDA `StaticDecoder` replaying a CUDA graph
-  (`--step` picks another);
-- eager, compiled (CUDA, for comparison): the cached path with `decode_step`, and with
-  `StaticDecoder(compile=True)` (torch.compile'd step in a CUDA graph; compiled before the timing);
+  steps: on the CPU `decode_step` (the eager cache), on CUDA `StaticDecoder` replaying a CUDA graph,
+  each attention layer's step two Triton launches (`--step` picks another);
+- eager, pytorch, compiled (CUDA, for comparison): the cached path with `decode_step`, with
+  `StaticDecoder(kernel=False)` (the attention step in PyTorch operations, in a CUDA graph), and
+  with `StaticDecoder(compile=True)` (torch.compile'd step with the Triton attention step, in a CUDA
+  graph; compiled before the timing);
 - uncached: this package's `AutoregressiveWrapper.generate(prompt, k, use_cache=False)`, which runs the
   full forward over the context for every token: per token = total / k;
 - 0.1.9: the h-transformer-1d 0.1.9 package's `AutoregressiveWrapper.generate(prompt, k)` (it also
@@ -58,18 +60,20 @@ RESULTS_DIR = BENCH_DIR / "results"
 MODEL = {"num_tokens": 256, "dim": 256, "depth": 4, "heads": 4, "dim_head": 64, "block_size": 128}
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 IMPLS = ["cached", "uncached", "legacy"]
-STEP_IMPLS = ["eager", "compiled"]  # other cached step paths, for comparison on CUDA
+STEP_IMPLS = ["eager", "pytorch", "compiled"]  # other cached step paths, for comparison on CUDA
 CACHED = ["cached", *STEP_IMPLS]
 LABEL = {
     "cached": "cached (this package)",
     "uncached": "uncached (this package)",
     "legacy": "0.1.9 generate",
     "eager": "cached, eager steps",
+    "pytorch": "cached, PyTorch step",
     "compiled": "cached, compiled step",
 }
 STEP_LABEL = {
     "eager": "eager steps (`decode_step`)",
-    "graph": "one CUDA graph replay per step (`StaticDecoder`, what `generate` uses on CUDA)",
+    "graph": "one CUDA graph replay per step, Triton attention steps (`StaticDecoder`, what `generate` uses on CUDA)",
+    "pytorch": "one CUDA graph replay per step, attention steps in PyTorch operations (`StaticDecoder(kernel=False)`)",
     "static": "fixed-shape steps without a graph (`StaticDecoder(graph=False)`)",
     "compiled": "one CUDA graph replay per step of the torch.compile'd step (`StaticDecoder(compile=True)`)",
 }
@@ -152,7 +156,8 @@ def _build(impl: str, max_context: int, device):
 def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device, step_kind: str) -> dict:
     """`step_kind` "eager": `decode_step` (HierarchicalCache, Python per level); "graph": `StaticDecoder`
     replaying a CUDA graph per token (what `generate` uses on CUDA); "static": StaticDecoder, no graph;
-    "compiled": StaticDecoder(compile=True) in a CUDA graph (compiles at its first step, untimed)."""
+    "pytorch": StaticDecoder(kernel=False) in a CUDA graph; "compiled": StaticDecoder(compile=True) in a
+    CUDA graph (compiles at its first step, untimed)."""
     import torch
 
     from h_transformer_1d.model.cache import StaticDecoder, decode_step, prefill
@@ -168,8 +173,10 @@ def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device, step_k
         decoder = None  # made after the prefill's timing; the graph is captured in the first, untimed step
         if step_kind != "eager":
             capacity = prompt_tokens.shape[1] + steps + 1
-            graph = step_kind in ("graph", "compiled")
-            decoder = StaticDecoder(wrapper.net, cache, capacity, graph=graph, compile=step_kind == "compiled")
+            graph = step_kind in ("graph", "pytorch", "compiled")
+            kernel = False if step_kind == "pytorch" else None
+            compile = step_kind == "compiled"
+            decoder = StaticDecoder(wrapper.net, cache, capacity, graph=graph, compile=compile, kernel=kernel)
         nxt = logits[:, -1].argmax(-1)
         for step in range(steps):
             if step == warm_steps:
@@ -459,7 +466,14 @@ def plot(path: Path, config: dict, env: dict, results: dict) -> None:
 
     contexts = config["contexts"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    styles = (("cached", "o-"), ("eager", "v--"), ("compiled", "D--"), ("uncached", "s-"), ("legacy", "^-"))
+    styles = (
+        ("cached", "o-"),
+        ("eager", "v--"),
+        ("pytorch", "P--"),
+        ("compiled", "D--"),
+        ("uncached", "s-"),
+        ("legacy", "^-"),
+    )
     for impl, style in styles:
         points = [(c, r) for c in contexts if (r := results.get(impl, {}).get(str(c))) and "ms_per_token" in r]
         if not points:
@@ -497,7 +511,8 @@ def main() -> None:
         "--impls",
         nargs="+",
         choices=IMPLS + STEP_IMPLS,
-        help="default: cached, uncached, legacy; on cuda also eager (decode_step) and compiled (StaticDecoder(compile=True))",
+        help="default: cached, uncached, legacy; on cuda also eager (decode_step), pytorch (StaticDecoder(kernel=False))"
+        " and compiled (StaticDecoder(compile=True))",
     )
     parser.add_argument("--tokens", type=int, default=256, help="timed decode steps per context (cached)")
     parser.add_argument("--warm-steps", type=int, default=8, help="untimed decode steps after the prefill")
@@ -515,7 +530,7 @@ def main() -> None:
     parser.add_argument(
         "--step",
         default="auto",
-        choices=["auto", "eager", "graph", "static", "compiled"],
+        choices=["auto", "eager", "graph", "static", "pytorch", "compiled"],
         help="cached path: eager decode_step, StaticDecoder as a CUDA graph, or StaticDecoder without one"
         " (auto: what generate uses, graph on cuda and eager on cpu)",
     )
@@ -525,8 +540,11 @@ def main() -> None:
     if args.worker:
         print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    if args.device == "cpu" and (args.step in ("graph", "compiled") or "compiled" in (args.impls or [])):
-        parser.error("--step graph / compiled and --impls compiled need --device cuda (CUDA graphs)")
+    graphs = ("graph", "pytorch", "compiled")
+    if args.device == "cpu" and (args.step in graphs or {"pytorch", "compiled"} & set(args.impls or [])):
+        parser.error(
+            "--step graph / pytorch / compiled and --impls pytorch / compiled need --device cuda (CUDA graphs)"
+        )
     if args.impls is None:
         args.impls = IMPLS + (STEP_IMPLS if args.device == "cuda" else [])
     if args.quick:

@@ -17,6 +17,7 @@ from h_transformer_1d.model.cache import DecodingCache, StaticDecoder, decode_st
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton step: compiled, or interpreted on the CPU
 
 
 SMALL_MODEL = {
@@ -48,14 +49,14 @@ def decode_all(model, tokens, mask, prompt_len, static=False, **static_options):
     return torch.cat([logits, torch.stack(steps, 1)], 1) if steps else logits
 
 
-def step_all(q, k, v, mask, prompt_len, block_size, static=False):
+def step_all(q, k, v, mask, prompt_len, block_size, static=False, kernel=None):
     """Outputs of positions prompt_len.. stepped after a prefill of the rest (`static`: through a
-    StaticHierarchicalCache made from it), and the cache."""
+    StaticHierarchicalCache made from it, with `kernel`), and the cache."""
     cache = HierarchicalCache(block_size)
     p, n = prompt_len, q.shape[2]
     cache.prefill(q[:, :, :p], k[:, :, :p], v[:, :, :p], None if mask is None else mask[:, :p])
     if static:
-        cache = StaticHierarchicalCache(cache, capacity=n)
+        cache = StaticHierarchicalCache(cache, capacity=n, kernel=kernel)
         return torch.stack([cache.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(p, n)], 2), cache
     outs = [cache.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]) for t in range(p, n)]
     return torch.cat(outs, 2), cache
@@ -273,6 +274,62 @@ def test_generate_checks_mask():
 # ---------------------------------------------------------------- fixed-shape decoding (StaticDecoder)
 
 
+# ---------------------------------------------------------------- the Triton step (interpreter on the CPU)
+
+
+@pytest.mark.parametrize(
+    "dtype,block_size,prompt_len,padding",
+    [
+        (torch.float64, 2, 0, "none"),
+        (torch.float64, 4, 13, "left"),
+        (torch.float64, 4, 9, "whole row"),  # a prompt row without real tokens: queries come later
+        (torch.float32, 8, 21, "left"),
+    ],
+)
+def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, padding):
+    """The two-launch step against the parallel forward, and its state against the PyTorch step's."""
+    pytest.importorskip("triton")
+    b, h, n, d = 2, 2, 75, 8
+    generator = torch.Generator().manual_seed(block_size + prompt_len)
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, : {"none": 0, "left": 5, "whole row": prompt_len}[padding]] = False
+    mask = None if padding == "none" else mask
+    inputs = [x.to(DEVICE, dtype) for x in (q, k, v)]
+    mask_in = None if mask is None else mask.to(DEVICE)
+    got, state = step_all(*inputs, mask_in, prompt_len, block_size, static=True, kernel=True)
+    assert state.kernel and state.position.item() == n and not state.missing.any()
+    full = blocked_h_attention(q, k, v, block_size=block_size, causal=True, key_padding_mask=mask)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.cpu().double(), full[:, :, prompt_len:], rtol=0, atol=atol)
+    _, expected = step_all(*inputs, mask_in, prompt_len, block_size, static=True, kernel=False)
+    for name in ("ring", "queries"):
+        torch.testing.assert_close(getattr(state, name), getattr(expected, name), rtol=0, atol=atol, msg=name)
+
+
+def test_kernel_decoder_equals_full_forward():
+    pytest.importorskip("triton")
+    model = small_model(torch.float64, reversible=True, shift_tokens=True).to(DEVICE)
+    tokens = torch.randint(0, 29, (2, 56), device=DEVICE)
+    mask = torch.ones(2, 56, dtype=torch.bool, device=DEVICE)
+    mask[1, :6] = False
+    with torch.no_grad():
+        full = model(tokens, mask=mask)
+        decoded = decode_all(model, tokens, mask, 20, static=True, kernel=True)
+    torch.testing.assert_close(decoded[mask], full[mask], rtol=0, atol=1e-9)
+
+
+def test_kernel_option_is_checked(monkeypatch):
+    cache = HierarchicalCache(4)
+    cache.prefill(*(torch.randn(1, 1, 6, 4) for _ in range(3)))
+    with pytest.raises(TypeError, match="kernel must be True, False or None"):
+        StaticHierarchicalCache(cache, 10, kernel="yes")
+    assert not StaticHierarchicalCache(cache, 10).kernel  # the default: CUDA only
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="kernel=True needs triton and a state on CUDA"):
+        StaticHierarchicalCache(cache, 10, kernel=True)
+
+
 @pytest.mark.parametrize("capacity", [9, 64, 1000, 4096])
 def test_static_state_is_logarithmic(capacity):
     b, h, d, nr = 2, 3, 4, 4
@@ -378,9 +435,11 @@ def test_compiled_static_decoder_falls_back_past_the_recompile_limit():
 
 
 @cuda
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("shift,reversible,compile", [(False, False, False), (True, True, False), (True, False, True)])
-def test_graph_decoder_equals_eager_steps(shift, reversible, compile):
-    """On a GPU, at realistic sizes: the CUDA graph replay (of the compiled step too) against decode_step."""
+def test_graph_decoder_equals_eager_steps(shift, reversible, compile, kernel):
+    """On a GPU, at realistic sizes: the CUDA graph replay (of the compiled step too, with the Triton
+    step or the PyTorch one) against decode_step."""
     torch.manual_seed(0)
     config = {"num_tokens": 256, "dim": 128, "depth": 2, "max_seq_len": 8192, "heads": 4, "dim_head": 32}
     model = HTransformer1D(**config, causal=True, block_size=64, shift_tokens=shift, reversible=reversible)
@@ -391,7 +450,7 @@ def test_graph_decoder_equals_eager_steps(shift, reversible, compile):
     mask[1, :300] = False
     with torch.no_grad():
         eager = decode_all(model, tokens, mask, prompt_len)
-        graphed = decode_all(model, tokens, mask, prompt_len, static=True, graph=True, compile=compile)
+        graphed = decode_all(model, tokens, mask, prompt_len, static=True, graph=True, compile=compile, kernel=kernel)
     torch.testing.assert_close(graphed[:, prompt_len:], eager[:, prompt_len:], rtol=0, atol=1e-4)
 
 

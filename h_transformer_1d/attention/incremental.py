@@ -14,7 +14,8 @@ children, added when the second child completes: the same pairwise sums, in the 
 blocked forward's coarsening, so decoding reproduces it to rounding of the matmuls.
 
 `StaticHierarchicalCache` keeps the same state in fixed-shape tensors and steps without Python
-branches on the position, for CUDA graphs (see its docstring).
+branches on the position, for CUDA graphs (see its docstring); on a GPU its step is two Triton
+launches (decode_kernels.py).
 """
 
 import operator
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from .blocked import Partial, _merge, _window_partial
-from .interface import check_block_size, check_key_padding_mask
+from .interface import _triton_usable, check_block_size, check_key_padding_mask
 
 
 class _Level:
@@ -271,9 +272,13 @@ class StaticHierarchicalCache:
     siblings of every level below, summed in that order (the same pairs as the blocked coarsening,
     associated from the fine end); every level's softmax state is recomputed at every step instead of
     once per group; the levels are merged by one softmax instead of pairwise, coarse to fine.
+
+    `kernel`: step through the Triton kernels of decode_kernels.py (two launches per step instead of
+    about thirty PyTorch operations). None (default): on CUDA with float32 sums; True: wherever
+    Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1), float32 or float64; False: PyTorch.
     """
 
-    def __init__(self, cache: HierarchicalCache, capacity: int):
+    def __init__(self, cache: HierarchicalCache, capacity: int, kernel: bool | None = None):
         """From a freshly prefilled (or empty) `cache`, room for positions up to `capacity - 1`."""
         if cache.length and cache._prompt_queries is None:
             raise ValueError("a StaticHierarchicalCache is made from a cache right after its prefill, before any step")
@@ -307,6 +312,31 @@ class StaticHierarchicalCache:
         self.position = torch.tensor(cache.length, dtype=torch.int64, device=device)
         self._level = torch.arange(levels, device=device)
         self._slot = torch.arange(2 * nr, device=device)
+        self.kernel = self._choose_kernel(kernel)
+        if self.kernel:
+            from .decode_kernels import static_step
+
+            self._kernel_step = static_step
+
+    def _choose_kernel(self, kernel: bool | None) -> bool:
+        if kernel is not None and not isinstance(kernel, bool):
+            raise TypeError(f"kernel must be True, False or None, got {kernel!r}")
+        if kernel is False:
+            return False
+        usable = _triton_usable(self.ring)
+        if usable:
+            from . import decode_kernels
+
+            usable = decode_kernels.supports(self.ring, self.dim_head)
+        if kernel is None:
+            return usable and self.ring.is_cuda and self.ring.dtype == torch.float32
+        if not usable:
+            raise ValueError(
+                "kernel=True needs triton and a state on CUDA (or TRITON_INTERPRET=1 on the CPU), with float32 or "
+                f"float64 sums and dim_head <= 256; this one is {self.ring.dtype} on {self.ring.device}, "
+                f"dim_head {self.dim_head}"
+            )
+        return True
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step changes (in place)."""
@@ -357,6 +387,8 @@ class StaticHierarchicalCache:
         """`step` without checks or the host-side count: only tensor operations on device, which a CUDA
         graph or torch.compile can take whole. The caller keeps the position below `capacity`
         (`StaticDecoder` counts its steps); past it, the output is wrong without an error."""
+        if self.kernel:  # the same step in two Triton launches (`plan` is not needed)
+            return self._kernel_step(self, q, k, v)
         nr, d, levels = self.block_size, self.dim_head, self.levels
         dtype = self.ring.dtype
         scale = d**-0.5 if self.scale is None else self.scale

@@ -88,7 +88,8 @@ class StaticDecoder:
     a GPU step costs a few microseconds of CPU instead of several hundred kernel launches from Python.
     With `compile` the step goes through `torch.compile` first (fewer, fused kernels in the graph; the
     first step pays the compilation, once per shape of the state; past torch's recompile limit the
-    step falls back to the uncompiled one, with a warning).
+    step falls back to the uncompiled one, with a warning). `kernel`: each attention layer's step
+    through two Triton launches (`StaticHierarchicalCache`'s option; default: on CUDA in float32).
 
     Tokens must be integer ids in [0, num_tokens): checking their range would need a host
     synchronisation per step, so it is not done (out-of-range ids fail inside the embedding, on a GPU
@@ -97,7 +98,13 @@ class StaticDecoder:
     """
 
     def __init__(
-        self, model: nn.Module, cache: DecodingCache, capacity: int, graph: bool | None = None, compile: bool = False
+        self,
+        model: nn.Module,
+        cache: DecodingCache,
+        capacity: int,
+        graph: bool | None = None,
+        compile: bool = False,
+        kernel: bool | None = None,
     ):
         if not isinstance(cache, DecodingCache) or cache.length == 0:
             raise ValueError("StaticDecoder needs a DecodingCache filled by prefill")
@@ -109,7 +116,7 @@ class StaticDecoder:
         device = model.token_emb.weight.device
         first = cache.blocks[0][0].attention
         batch = first.levels[0].k_sum.shape[0]
-        self.attention = [StaticHierarchicalCache(f.attention, capacity) for f, _ in cache.blocks]
+        self.attention = [StaticHierarchicalCache(f.attention, capacity, kernel) for f, _ in cache.blocks]
         # per sublayer with token shift, the normed features of the last position (B, dim)
         self.previous = [[None if s.previous is None else s.previous.clone() for s in pair] for pair in cache.blocks]
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -154,7 +161,8 @@ class StaticDecoder:
         first = self.attention[0]
         layer = self.model.layers.blocks[0].f.fn
         dtype = torch.float64 if layer.to_qkv.weight.dtype == torch.float64 else torch.float32
-        shared = (first.plan(), *rotary_angles(first.position, layer.rotary.inv_freq, dtype))
+        plan = None if first.kernel else first.plan()  # the kernels find their slots themselves
+        shared = (plan, *rotary_angles(first.position, layer.rotary.inv_freq, dtype))
         h = self.model.token_emb(self.tokens)  # (B, dim)
         blocks = self.model.layers.blocks
         if self.reversible:
