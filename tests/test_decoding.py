@@ -278,18 +278,21 @@ def test_generate_checks_mask():
 
 
 @pytest.mark.parametrize(
-    "dtype,block_size,prompt_len,padding",
+    "dtype,block_size,prompt_len,padding,d,chunk",
     [
-        (torch.float64, 2, 0, "none"),
-        (torch.float64, 4, 13, "left"),
-        (torch.float64, 4, 9, "whole row"),  # a prompt row without real tokens: queries come later
-        (torch.float32, 8, 21, "left"),
+        (torch.float64, 2, 0, "none", 8, 64),
+        (torch.float64, 4, 13, "left", 8, 4),  # two chunks of ring slots per level program
+        (torch.float64, 4, 9, "whole row", 6, 64),  # a prompt row without real tokens; dim_head 6
+        (torch.float32, 8, 21, "left", 8, 4),  # four chunks
     ],
 )
-def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, padding):
+def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, padding, d, chunk, monkeypatch):
     """The two-launch step against the parallel forward, and its state against the PyTorch step's."""
     pytest.importorskip("triton")
-    b, h, n, d = 2, 2, 75, 8
+    from h_transformer_1d.attention import decode_kernels
+
+    monkeypatch.setattr(decode_kernels, "CHUNK", chunk)  # slots per iteration (64 on a GPU)
+    b, h, n = 2, 2, 75
     generator = torch.Generator().manual_seed(block_size + prompt_len)
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
     mask = torch.ones(b, n, dtype=torch.bool)
