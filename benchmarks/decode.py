@@ -16,6 +16,11 @@ block_size=128), float32, batch 1, max_seq_len = the largest context. For a cont
 - 0.1.9: the h-transformer-1d 0.1.9 package's `AutoregressiveWrapper.generate(prompt, k)` (it also
   recomputes everything per token, padding to the next power of two): per token = total / k.
 
+A recomputing measurement is warmed up first with one untimed token: on CUDA at the measured context
+itself (kernel selection, allocator growth and lazy initialisation at that shape stay out of the
+timing), on the CPU at 512 tokens (there a token at long context takes seconds, and first-call costs
+are small beside it). k is at most `--recompute-tokens` (default 16 on CUDA, 4 on the CPU).
+
 The recomputing paths are slow at long contexts: k is cut to fit `--budget` seconds per
 measurement, from an estimate based on the previous context, and a context whose estimated time for
 one token exceeds `--max-token-seconds` is skipped (marked in the table). Every measurement runs in
@@ -216,7 +221,7 @@ def measure_recompute(impl: str, wrapper, prompt, tokens: int, device) -> dict:
 
     kwargs = {"use_cache": False, "temperature": 0.0} if impl == "uncached" else {}
     with torch.no_grad():
-        wrapper.generate(prompt[:, :WARM_CONTEXT], 1, **kwargs)
+        wrapper.generate(prompt if device.type == "cuda" else prompt[:, :WARM_CONTEXT], 1, **kwargs)
         _sync(device)
         meter = ContentionMeter()
         meter.start()
@@ -382,6 +387,7 @@ def write_markdown(path: Path, config: dict, env: dict, results: dict, key: dict
             + "".join(f"; {LABEL[step]}: {STEP_LABEL[step]}" for step in STEP_IMPLS if results.get(step))
             + ";"
             f" recomputing paths: k tokens per generate call (column k), budget {config['budget']:.0f} s each"
+            + (f", after {config['recompute_warmup']} (untimed)" if "recompute_warmup" in config else "")
         ),
         "",
         "## Key numbers",
@@ -516,7 +522,9 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=256, help="timed decode steps per context (cached)")
     parser.add_argument("--warm-steps", type=int, default=8, help="untimed decode steps after the prefill")
-    parser.add_argument("--recompute-tokens", type=int, default=4, help="at most k tokens per recomputing run")
+    parser.add_argument(
+        "--recompute-tokens", type=int, help="at most k tokens per recomputing run (default: 16 on cuda, 4 on cpu)"
+    )
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per recomputing measurement")
     parser.add_argument("--max-token-seconds", type=float, default=60.0, help="skip when one token takes longer")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
@@ -547,6 +555,8 @@ def main() -> None:
         )
     if args.impls is None:
         args.impls = IMPLS + (STEP_IMPLS if args.device == "cuda" else [])
+    if args.recompute_tokens is None:
+        args.recompute_tokens = 16 if args.device == "cuda" else 4
     if args.quick:
         args.contexts, args.tokens, args.recompute_tokens = [1024, 2048], 32, 1
 
@@ -558,6 +568,7 @@ def main() -> None:
         "tokens": args.tokens,
         "warm_steps": args.warm_steps,
         "recompute_tokens": args.recompute_tokens,
+        "recompute_warmup": "one token at the context" if args.device == "cuda" else f"one token at {WARM_CONTEXT}",
         "budget": args.budget,
         "max_token_seconds": args.max_token_seconds,
         "threads": args.threads,

@@ -65,8 +65,6 @@ def decode_level_kernel(
     t = tl.load(POS)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    # (a block mask and a scalar condition are combined with tl.where: `&` of the two gives int32 in
-    # Triton's interpreter, which it then refuses as a mask)
     ring = RING + b * s_rb + h * s_rh
     below = (1 << lv) - 1
     group = t >> lv
@@ -84,6 +82,8 @@ def decode_level_kernel(
         v_sum += tl.load(sibling + D + dd, mask=dmask, other=0.0)
         c_sum += tl.load(sibling + 2 * D + tl.arange(0, 1))
     row = ring + (lv * 2 * NR + slot) * s_rr
+    # (a block mask and a scalar condition are combined with tl.where: `&` of the two gives int32 in
+    # Triton's interpreter, which it then refuses as a mask)
     tl.store(row + dd, k_sum, mask=tl.where(complete, dmask, False))
     tl.store(row + D + dd, v_sum, mask=tl.where(complete, dmask, False))
     tl.store(row + 2 * D + tl.arange(0, 1), c_sum, mask=tl.where(complete, tl.full([1], 1, tl.int1), False))
