@@ -67,6 +67,7 @@ CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 IMPLS = ["cached", "uncached", "legacy"]
 STEP_IMPLS = ["eager", "pytorch", "compiled"]  # other cached step paths, for comparison on CUDA
 CACHED = ["cached", *STEP_IMPLS]
+GRAPH_STEPS = ("graph", "pytorch", "compiled")  # cached step kinds that replay a CUDA graph
 LABEL = {
     "cached": "cached (this package)",
     "uncached": "uncached (this package)",
@@ -178,7 +179,7 @@ def measure_cached(wrapper, prompt, tokens: int, warm_steps: int, device, step_k
         decoder = None  # made after the prefill's timing; the graph is captured in the first, untimed step
         if step_kind != "eager":
             capacity = prompt_tokens.shape[1] + steps + 1
-            graph = step_kind in ("graph", "pytorch", "compiled")
+            graph = step_kind in GRAPH_STEPS
             kernel = False if step_kind == "pytorch" else None
             compile = step_kind == "compiled"
             decoder = StaticDecoder(wrapper.net, cache, capacity, graph=graph, compile=compile, kernel=kernel)
@@ -548,8 +549,7 @@ def main() -> None:
     if args.worker:
         print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    graphs = ("graph", "pytorch", "compiled")
-    if args.device == "cpu" and (args.step in graphs or {"pytorch", "compiled"} & set(args.impls or [])):
+    if args.device == "cpu" and (args.step in GRAPH_STEPS or set(GRAPH_STEPS) & set(args.impls or [])):
         parser.error(
             "--step graph / pytorch / compiled and --impls pytorch / compiled need --device cuda (CUDA graphs)"
         )

@@ -271,9 +271,6 @@ def test_generate_checks_mask():
         wrapper.generate(prompt, 3, mask=torch.tensor([[True] * 5, [False] * 5]))
 
 
-# ---------------------------------------------------------------- fixed-shape decoding (StaticDecoder)
-
-
 # ---------------------------------------------------------------- the Triton step (interpreter on the CPU)
 
 
@@ -331,6 +328,9 @@ def test_kernel_option_is_checked(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="kernel=True needs triton and a state on CUDA"):
         StaticHierarchicalCache(cache, 10, kernel=True)
+
+
+# ---------------------------------------------------------------- fixed-shape decoding (StaticDecoder)
 
 
 @pytest.mark.parametrize("capacity", [9, 64, 1000, 4096])

@@ -312,31 +312,33 @@ class StaticHierarchicalCache:
         self.position = torch.tensor(cache.length, dtype=torch.int64, device=device)
         self._level = torch.arange(levels, device=device)
         self._slot = torch.arange(2 * nr, device=device)
-        self.kernel = self._choose_kernel(kernel)
-        if self.kernel:
-            from .decode_kernels import static_step
+        self._kernel_step = self._choose_kernel(kernel)
+        self.kernel = self._kernel_step is not None
 
-            self._kernel_step = static_step
-
-    def _choose_kernel(self, kernel: bool | None) -> bool:
+    def _choose_kernel(self, kernel: bool | None):
+        """decode_kernels.static_step where the step goes through the Triton kernels, else None."""
         if kernel is not None and not isinstance(kernel, bool):
             raise TypeError(f"kernel must be True, False or None, got {kernel!r}")
         if kernel is False:
-            return False
+            return None
         usable = _triton_usable(self.ring)
         if usable:
             from . import decode_kernels
 
             usable = decode_kernels.supports(self.ring, self.dim_head)
-        if kernel is None:
-            return usable and self.ring.is_cuda and self.ring.dtype == torch.float32
-        if not usable:
+        if kernel and not usable:
             raise ValueError(
                 "kernel=True needs triton and a state on CUDA (or TRITON_INTERPRET=1 on the CPU), with float32 or "
                 f"float64 sums and dim_head <= 256; this one is {self.ring.dtype} on {self.ring.device}, "
                 f"dim_head {self.dim_head}"
             )
-        return True
+        if kernel is None:
+            usable = usable and self.ring.is_cuda and self.ring.dtype == torch.float32
+        if not usable:
+            return None
+        from .decode_kernels import static_step
+
+        return static_step
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step changes (in place)."""
