@@ -288,7 +288,7 @@ def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, pa
     pytest.importorskip("triton")
     from h_transformer_1d.attention import decode_kernels
 
-    monkeypatch.setattr(decode_kernels, "CHUNK", chunk)  # slots per iteration (64 on a GPU)
+    monkeypatch.setattr(decode_kernels, "CHUNK", chunk)  # ring slots per level program (64 on a GPU)
     b, h, n = 2, 2, 75
     generator = torch.Generator().manual_seed(block_size + prompt_len)
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
@@ -305,6 +305,23 @@ def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, pa
     _, expected = step_all(*inputs, mask_in, prompt_len, block_size, static=True, kernel=False)
     for name in ("ring", "queries"):
         torch.testing.assert_close(getattr(state, name), getattr(expected, name), rtol=0, atol=atol, msg=name)
+
+
+def test_kernel_takes_q_k_v_of_different_layouts():
+    """q, k and v with three different (batch, head) strides, as the model hands them over: no copies,
+    each read through its own strides."""
+    pytest.importorskip("triton")
+    b, h, n, d, p = 3, 2, 40, 8, 7
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(b, n, 3, h, d, dtype=torch.float64, generator=generator)
+    q = qkv[:, :, 0].transpose(1, 2)  # (b, h, n, d): a view of the packed projection
+    k = qkv[:, :, 1].transpose(1, 2).contiguous()
+    v = torch.randn(n, b, h, d, dtype=torch.float64, generator=generator).permute(1, 2, 0, 3)
+    inputs = [x.to(DEVICE) for x in (q, k, v)]
+    assert len({x.stride() for x in inputs}) == 3
+    got, _ = step_all(*inputs, None, p, 4, static=True, kernel=True)
+    full = blocked_h_attention(q, k, v, block_size=4, causal=True)
+    torch.testing.assert_close(got.cpu(), full[:, :, p:], rtol=0, atol=1e-12)
 
 
 def test_kernel_decoder_equals_full_forward():
