@@ -27,6 +27,7 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 CHUNK = 64  # ring slots per program of the level launch
+LEVEL_WARPS = 4  # warps per program of the level launch (Triton's default)
 
 
 @triton.jit
@@ -237,6 +238,7 @@ def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         BLOCK_L=block_l,
         CHUNK=chunk,
         CHUNKS=chunks,
+        num_warps=LEVEL_WARPS,
     )
     tensors = (m, s, acc, out, missing, cache.position)
     strides = (*out.stride()[:2], *missing.stride())
