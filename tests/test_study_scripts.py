@@ -1,4 +1,5 @@
-"""benchmarks/scaling.py, quality.py and lra_listops.py in their CPU quick modes, and their report code.
+"""benchmarks/scaling.py, quality.py and lra_listops.py in their CPU quick modes, and their report code
+(and decode.py's handling of repeated measurements).
 
 The two scripts start in one fixture, at the same time (most of their time is Python and torch
 starting up in the training processes), and the tests read what they wrote.
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import decode
 import length_ratios
 import lra_listops
 import quality
@@ -225,7 +227,15 @@ def test_coarsen_kernel_quick(tmp_path):
     code and write the same packed buffers; table, JSON and plot written."""
     pytest.importorskip("triton")
     pytest.importorskip("numpy")
-    command = [sys.executable, str(BENCH / "coarsen_kernel.py"), "--quick", "--device", "cpu", "--out-dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(BENCH / "coarsen_kernel.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path),
+    ]
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -237,3 +247,18 @@ def test_coarsen_kernel_quick(tmp_path):
     md = (tmp_path / "coarsen_kernel.md").read_text()
     assert "| 2 | 2 | 200 | 16 | yes | 2 | 1 | 2 |" in md
     assert (tmp_path / "coarsen_kernel.png").read_bytes().startswith(PNG)
+
+
+def test_decode_repeats_keep_the_median_and_show_the_range():
+    runs = [
+        {"ms_per_token": 30.2, "tokens": 16},
+        {"error": "timed out"},
+        {"ms_per_token": 14.0},
+        {"ms_per_token": 21.1},
+    ]
+    kept = decode.median_of(runs)
+    assert kept["ms_per_token"] == 21.1 and kept["repeats_ms"] == [14.0, 21.1, 30.2]
+    assert decode.fmt_ms(kept) == "21.10 (14.0-30.2)"
+    assert decode.fmt_ms({"ms_per_token": 21.1, "repeats_ms": [21.1]}) == "21.10"  # one run: no range
+    assert decode.median_of([{"error": "a"}, {"error": "b"}]) == {"error": "a"}
+    assert decode.median_of([{"ms_per_token": 2.0}, {"ms_per_token": 1.0}])["ms_per_token"] == 1.0  # lower middle
