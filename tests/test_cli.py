@@ -15,6 +15,8 @@ from h_transformer_1d.apps import checkpoint, data
 from h_transformer_1d.apps.cli import build_parser, main
 from h_transformer_1d.apps.config import FIELDS, PRESETS, ConfigError, build_model, flag, resolve
 from h_transformer_1d.apps.train import learning_rate
+from h_transformer_1d.model import cache as cache_module
+from h_transformer_1d.model.cache import StaticDecoder
 
 TINY = [
     "--dim",
@@ -253,6 +255,22 @@ def test_evaluate_and_generate(trained, capsys):
     assert 0 < bpb < 9
     assert main(["generate", "--checkpoint", str(trained), "--prompt", "def ", "--length", "20"]) == 0
     assert len(capsys.readouterr().out) > 0
+
+
+@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+def test_generate_with_compile(trained, capsys, monkeypatch):
+    made = []
+    init = StaticDecoder.__init__
+    monkeypatch.setattr(StaticDecoder, "__init__", lambda self, *a, **kw: made.append(kw) or init(self, *a, **kw))
+    args = ["generate", "--checkpoint", str(trained), "--prompt", "def ", "--length", "20", "--device", "cpu"]
+    assert main([*args, "--compile", "--temperature", "0"]) == 0
+    assert len(made) == 1 and made[0]["compile"] is True
+    compiled = capsys.readouterr().out
+    assert main([*args, "--temperature", "0"]) == 0 and len(made) == 1  # on the CPU: eager steps otherwise
+    assert len(compiled) == len(capsys.readouterr().out) > 0
+    monkeypatch.setattr(cache_module, "_torch_version", lambda: (2, 11))
+    assert main([*args, "--compile"]) == 2
+    assert "--compile: compile=True on the CPU needs torch >= 2.13" in capsys.readouterr().err
 
 
 def test_bench_prints_a_table(capsys):

@@ -440,6 +440,26 @@ def test_compiled_static_decoder_equals_full_forward():
 
 
 @pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+def test_generate_with_compiled_steps(monkeypatch):
+    """generate(compile=True) decodes through a compiled StaticDecoder: the same greedy tokens as the
+    eager cached steps and as recomputing."""
+    torch.manual_seed(0)
+    wrapper = AutoregressiveWrapper(small_model(torch.float64, shift_tokens=True).to(DEVICE))
+    prompt = torch.randint(0, 29, (2, 23), device=DEVICE)
+    made = []
+    init = StaticDecoder.__init__
+    monkeypatch.setattr(StaticDecoder, "__init__", lambda self, *a, **kw: made.append(kw) or init(self, *a, **kw))
+    compiled = wrapper.generate(prompt, 40, temperature=0.0, compile=True)
+    assert len(made) == 1 and made[0]["compile"] is True
+    assert torch.equal(compiled, wrapper.generate(prompt, 40, temperature=0.0, cuda_graph=False))
+    assert torch.equal(compiled, wrapper.generate(prompt, 40, temperature=0.0, use_cache=False))
+    with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
+        wrapper.generate(prompt, 4, use_cache=False, compile=True)
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        wrapper.generate(prompt, 4, compile="yes")
+
+
+@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
 def test_compiled_static_decoder_falls_back_past_the_recompile_limit():
     """A new state shape per decoder recompiles; once torch gives up, the step runs uncompiled."""
     model = small_model(torch.float32)

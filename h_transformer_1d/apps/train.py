@@ -159,12 +159,14 @@ def generate_text(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    compile: bool = False,
 ) -> str:
-    """Sample `length` bytes after `prompt`, with its own seed (the training RNG stays untouched)."""
+    """Sample `length` bytes after `prompt`, with its own seed (the training RNG stays untouched);
+    `compile`: the decoding steps through torch.compile."""
     x = torch.tensor(list(prompt), dtype=torch.long, device=rt.device)
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []), rt.autocast():
         torch.manual_seed(seed)
-        out = model.generate(x, length, temperature=temperature, top_k=top_k, top_p=top_p)
+        out = model.generate(x, length, temperature=temperature, top_k=top_k, top_p=top_p, compile=compile)
     return bytes(out.tolist()).decode("utf-8", errors="replace")
 
 

@@ -86,6 +86,7 @@ class AutoregressiveWrapper(nn.Module):
         eos_token: int | None = None,
         mask: torch.Tensor | None = None,
         cuda_graph: bool | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Continue `prompt` (B, T) or (T,) by `seq_len` tokens; returns only the new tokens.
 
@@ -98,7 +99,11 @@ class AutoregressiveWrapper(nn.Module):
         a few microseconds of CPU instead of hundreds of kernel launches. `cuda_graph=False` steps
         eagerly (same tokens; logits equal to float rounding); the default (None) uses the graph for
         CUDA prompts when more than `GRAPH_MIN_TOKENS` tokens are asked for (the capture costs about
-        as much as a few eager steps: two warm-up steps and the recording).
+        as much as a few eager steps: two warm-up steps and the recording). `compile=True` sends the
+        cached steps through `torch.compile` first (`StaticDecoder(compile=True)`: fewer, fused kernels;
+        on an H200 0.15-0.17 ms per token instead of 0.22-0.24 for a 4-layer, width-256 model), at the
+        price of a compilation of seconds to a minute per call: for long continuations. On the CPU it
+        needs torch >= 2.13.
 
         `mask` (B, T) or (T,) bool marks the real prompt tokens (True). Each row's real tokens are
         moved to the end of the row, in order (right padding becomes left padding), so that every
@@ -127,6 +132,13 @@ class AutoregressiveWrapper(nn.Module):
                 "cuda_graph=True needs use_cache=True, a causal hierarchical model and a prompt on a CUDA device"
                 f" (use_cache={use_cache}, prompt on {tokens.device})"
             )
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
+        if compile and not cached:
+            raise ValueError(
+                "compile=True needs use_cache=True and a causal hierarchical model (it compiles the cached steps)"
+                f" (use_cache={use_cache})"
+            )
         graph = cached and tokens.is_cuda and seq_len > GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
         decoder = None
         was_training = self.net.training
@@ -136,8 +148,9 @@ class AutoregressiveWrapper(nn.Module):
         try:
             if cached:
                 logits, cache = prefill(self.net, tokens, mask)
-                if graph:
-                    decoder = StaticDecoder(self.net, cache, tokens.shape[1] + seq_len, graph=True)
+                if graph or compile:
+                    capacity = tokens.shape[1] + seq_len
+                    decoder = StaticDecoder(self.net, cache, capacity, graph=graph, compile=compile)
             else:
                 logits = self.net(tokens, mask=mask)
             logits = logits[:, -1]  # (B, V)
