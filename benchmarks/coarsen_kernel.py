@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from scaling import REPO_ROOT, RESULTS_DIR, pyplot, save_figure, write_json, write_text
+from scaling import REPO_ROOT, kernel_bench_out_dir, pyplot, save_figure, write_json, write_text
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from h_transformer_1d.attention import triton_kernels as tk
 
-    if args.device != "cpu" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here (on a CPU: TRITON_INTERPRET=1 ... --quick --device cpu)")
-    out_dir = args.out_dir or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = kernel_bench_out_dir(p, args)
     rows = []
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         rows += measure(shape, QUICK_SETTINGS if args.quick else SETTINGS, args.reps, args.device)

@@ -377,6 +377,18 @@ def save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def kernel_bench_out_dir(parser, args) -> Path:
+    """For the kernel micro-benchmarks (--device, --quick, --out-dir): refuse --device cuda without a
+    CUDA device; the results folder, made (default results/, with --quick results/quick/)."""
+    import torch
+
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (on a CPU: TRITON_INTERPRET=1 ... --quick --device cpu)")
+    out_dir = args.out_dir or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def pyplot():
     import matplotlib
 

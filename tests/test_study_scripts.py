@@ -249,6 +249,30 @@ def test_coarsen_kernel_quick(tmp_path):
     assert (tmp_path / "coarsen_kernel.png").read_bytes().startswith(PNG)
 
 
+def test_decode_kernel_quick(tmp_path):
+    """The decoding-step tuning script on the CPU interpreter: each setting's logits checked against the
+    PyTorch step's, table, JSON and plot written."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    command = [
+        sys.executable,
+        str(BENCH / "decode_kernel.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode_kernel.json").read_text())["rows"]
+    assert [(r["chunk"], r["warps"]) for r in rows] == [(None, None), (64, 4), (4, 1)]
+    assert all(r["agrees"] and r["max_logit_diff"] < 1e-5 and r["steps"] == 3 for r in rows)
+    assert "| 4 slots x 1 warps |" in (tmp_path / "decode_kernel.md").read_text()
+    assert (tmp_path / "decode_kernel.png").read_bytes().startswith(PNG)
+
+
 def test_decode_repeats_keep_the_median_and_show_the_range():
     runs = [
         {"ms_per_token": 30.2, "tokens": 16},
