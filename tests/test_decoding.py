@@ -307,9 +307,11 @@ def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, pa
         torch.testing.assert_close(getattr(state, name), getattr(expected, name), rtol=0, atol=atol, msg=name)
 
 
-def test_kernel_takes_q_k_v_of_different_layouts():
-    """q, k and v with three different (batch, head) strides, as the model hands them over: no copies,
-    each read through its own strides."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_takes_q_k_v_of_different_layouts(dtype):
+    """q, k and v with three different (batch, head) strides, as the model hands them over, each read
+    through its own strides (in float32 all three reach the kernel as they are; in float64 q is
+    scaled on the host first)."""
     pytest.importorskip("triton")
     b, h, n, d, p = 3, 2, 40, 8, 7
     generator = torch.Generator().manual_seed(5)
@@ -317,11 +319,13 @@ def test_kernel_takes_q_k_v_of_different_layouts():
     q = qkv[:, :, 0].transpose(1, 2)  # (b, h, n, d): a view of the packed projection
     k = qkv[:, :, 1].transpose(1, 2).contiguous()
     v = torch.randn(n, b, h, d, dtype=torch.float64, generator=generator).permute(1, 2, 0, 3)
-    inputs = [x.to(DEVICE) for x in (q, k, v)]
-    assert len({x.stride() for x in inputs}) == 3
+    inputs = [x.to(DEVICE, dtype) for x in (q, k, v)]
+    strides = {x[:, :, 0].stride() for x in inputs}  # what one step hands the kernel
+    assert len(strides) == 3 and all(st[-1] == 1 for st in strides)  # no copy needed for any of them
     got, _ = step_all(*inputs, None, p, 4, static=True, kernel=True)
     full = blocked_h_attention(q, k, v, block_size=4, causal=True)
-    torch.testing.assert_close(got.cpu(), full[:, :, p:], rtol=0, atol=1e-12)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.cpu().double(), full[:, :, p:], rtol=0, atol=atol)
 
 
 def test_kernel_decoder_equals_full_forward():
@@ -439,7 +443,9 @@ def test_compiled_static_decoder_equals_full_forward():
         torch.testing.assert_close(decoded, model(tokens), rtol=0, atol=1e-4)
 
 
-@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+@pytest.mark.skipif(
+    DEVICE == "cpu" and cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13"
+)
 def test_generate_with_compiled_steps(monkeypatch):
     """generate(compile=True) decodes through a compiled StaticDecoder: the same greedy tokens as the
     eager cached steps and as recomputing."""
@@ -451,12 +457,19 @@ def test_generate_with_compiled_steps(monkeypatch):
     monkeypatch.setattr(StaticDecoder, "__init__", lambda self, *a, **kw: made.append(kw) or init(self, *a, **kw))
     compiled = wrapper.generate(prompt, 40, temperature=0.0, compile=True)
     assert len(made) == 1 and made[0]["compile"] is True
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(compiled, wrapper.generate(prompt, 40, temperature=0.0, compile=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # same shapes: no recompilation
     assert torch.equal(compiled, wrapper.generate(prompt, 40, temperature=0.0, cuda_graph=False))
     assert torch.equal(compiled, wrapper.generate(prompt, 40, temperature=0.0, use_cache=False))
     with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
         wrapper.generate(prompt, 4, use_cache=False, compile=True)
     with pytest.raises(TypeError, match="compile must be True or False"):
         wrapper.generate(prompt, 4, compile="yes")
+    dense = AutoregressiveWrapper(small_model(attention="dense").to(DEVICE))
+    with pytest.raises(ValueError, match="need a causal hierarchical model"):
+        dense.generate(prompt, 4, compile=True)
+    assert len(made) == 2
 
 
 @pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..model.cache import compiled_steps_refused
 from . import checkpoint, data
 from .bench import bench
 from .checkpoint import CheckpointError
@@ -88,6 +89,8 @@ def command_evaluate(args) -> None:
 def command_generate(args) -> None:
     _, model, rt = load_model(args)
     try:
+        if args.compile and (refused := compiled_steps_refused(model.net)):
+            raise ConfigError(f"--compile: {refused}")
         prompt = args.prompt.encode() or b"\n"
         text = generate_text(
             model,
@@ -100,10 +103,6 @@ def command_generate(args) -> None:
             seed=args.seed,
             compile=args.compile,
         )
-    except ValueError as e:  # what generate refuses about --compile (the model, or torch on the CPU)
-        if args.compile:
-            raise ConfigError(f"--compile: {e}") from None
-        raise
     finally:
         stop_runtime()
     if rt.is_main:

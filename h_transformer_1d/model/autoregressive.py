@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import check_key_padding_mask
-from .cache import StaticDecoder, decode_step, prefill, supports_decoding_cache
+from .cache import StaticDecoder, compiled_steps_refused, decode_step, prefill, supports_decoding_cache
 
 GRAPH_MIN_TOKENS = 16  # generate(cuda_graph=None) captures a CUDA graph when asked for more tokens
 
@@ -102,8 +102,9 @@ class AutoregressiveWrapper(nn.Module):
         as much as a few eager steps: two warm-up steps and the recording). `compile=True` sends the
         cached steps through `torch.compile` first (`StaticDecoder(compile=True)`: fewer, fused kernels;
         on an H200 0.15-0.17 ms per token instead of 0.22-0.24 for a 4-layer, width-256 model), at the
-        price of a compilation of seconds to a minute per call: for long continuations. On the CPU it
-        needs torch >= 2.13.
+        price of a compilation of seconds to a minute for each new shape of the decoding state (set by
+        the batch, the prompt length and `seq_len`; later calls with the same ones reuse it): for long
+        continuations. On the CPU it needs torch >= 2.13.
 
         `mask` (B, T) or (T,) bool marks the real prompt tokens (True). Each row's real tokens are
         moved to the end of the row, in order (right padding becomes left padding), so that every
@@ -134,11 +135,10 @@ class AutoregressiveWrapper(nn.Module):
             )
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
-        if compile and not cached:
-            raise ValueError(
-                "compile=True needs use_cache=True and a causal hierarchical model (it compiles the cached steps)"
-                f" (use_cache={use_cache})"
-            )
+        if compile and not use_cache:
+            raise ValueError("compile=True needs use_cache=True (it compiles the cached steps)")
+        if compile and (refused := compiled_steps_refused(self.net)):  # checked before the prefill's work
+            raise ValueError(refused)
         graph = cached and tokens.is_cuda and seq_len > GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
         decoder = None
         was_training = self.net.training

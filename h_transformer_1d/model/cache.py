@@ -76,6 +76,18 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def compiled_steps_refused(model: nn.Module) -> str | None:
+    """Why `StaticDecoder(model, ..., compile=True)` would be refused (before any work), or None."""
+    if not supports_decoding_cache(model):
+        return "compiled steps decode from the hierarchical cache: they need a causal hierarchical model"
+    if model.token_emb.weight.device.type == "cpu" and _torch_version() < (2, 13):
+        return (
+            "compile=True on the CPU needs torch >= 2.13: inductor's CPU code for this step gave wrong logits"
+            f" with torch 2.11 (this is {torch.__version__}); use compile=False, or decode_step on the CPU"
+        )
+    return None
+
+
 class StaticDecoder:
     """Decoding steps of fixed shape after a prefill, replayed as one CUDA graph per token on GPUs.
 
@@ -123,11 +135,8 @@ class StaticDecoder:
         self.graph = device.type == "cuda" if graph is None else graph
         if self.graph and device.type != "cuda":
             raise ValueError(f"graph=True needs a model on a CUDA device, this one is on {device}")
-        if compile and device.type == "cpu" and _torch_version() < (2, 13):
-            raise ValueError(
-                "compile=True on the CPU needs torch >= 2.13: inductor's CPU code for this step gave wrong logits"
-                f" with torch 2.11 (this is {torch.__version__}); use compile=False, or decode_step on the CPU"
-            )
+        if compile and (refused := compiled_steps_refused(model)):
+            raise ValueError(refused)
         self._graph = None
         self.logits: torch.Tensor | None = None
         # compile: the step through torch.compile (inductor fuses its small operations into few kernels),
