@@ -275,14 +275,17 @@ def test_decode_kernel_quick(tmp_path):
 
 def test_decode_repeats_keep_the_median_and_show_the_range():
     runs = [
-        {"ms_per_token": 30.2, "tokens": 16},
+        {"ms_per_token": 30.2, "tokens": 16, "other_cpu_share": 0.01},
         {"error": "timed out"},
-        {"ms_per_token": 14.0},
-        {"ms_per_token": 21.1},
+        {"ms_per_token": 14.0, "other_cpu_share": 0.3},  # disturbed: the kept entry is marked
+        {"ms_per_token": 21.1, "other_cpu_share": 0.02},
     ]
     kept = decode.median_of(runs)
     assert kept["ms_per_token"] == 21.1 and kept["repeats_ms"] == [14.0, 21.1, 30.2]
-    assert decode.fmt_ms(kept) == "21.10 (14.0-30.2)"
+    assert kept["repeats_failed"] == 1 and kept["other_cpu_share"] == 0.3
+    assert decode.fmt_ms(kept) == "21.10 (14.0-30.2; 1 failed) †"
+    assert decode.fmt_ms(decode.median_of(runs[2:])) == "14.00 (14.0-21.1) †"
+    assert decode.fmt_ms({"ms_per_token": 1234.5, "repeats_ms": [1000.0, 1234.5]}) == "1,234.5 (1,000.0-1,234.5)"
     assert decode.fmt_ms({"ms_per_token": 21.1, "repeats_ms": [21.1]}) == "21.10"  # one run: no range
     assert decode.median_of([{"error": "a"}, {"error": "b"}]) == {"error": "a"}
     assert decode.median_of([{"ms_per_token": 2.0}, {"ms_per_token": 1.0}])["ms_per_token"] == 1.0  # lower middle
