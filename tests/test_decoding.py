@@ -328,6 +328,16 @@ def test_kernel_takes_q_k_v_of_different_layouts(dtype):
     torch.testing.assert_close(got.cpu().double(), full[:, :, p:], rtol=0, atol=atol)
 
 
+def test_kernel_refuses_a_chunk_that_is_not_a_power_of_two(monkeypatch):
+    pytest.importorskip("triton")
+    from h_transformer_1d.attention import decode_kernels
+
+    monkeypatch.setattr(decode_kernels, "CHUNK", 48)
+    q = torch.randn(1, 1, 6, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="CHUNK must be a power of two, got 48"):
+        step_all(q, q, q, None, 2, 4, static=True, kernel=True)
+
+
 def test_kernel_decoder_equals_full_forward():
     pytest.importorskip("triton")
     model = small_model(torch.float64, reversible=True, shift_tokens=True).to(DEVICE)

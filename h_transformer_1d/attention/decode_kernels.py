@@ -210,6 +210,8 @@ def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         q, scale = q.to(torch.float64) * scale, 1.0
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     block_d, block_l = triton.next_power_of_2(d), triton.next_power_of_2(levels)
+    if CHUNK < 1 or CHUNK & (CHUNK - 1):  # a module setting (benchmarks/decode_kernel.py sweeps it)
+        raise ValueError(f"decode_kernels.CHUNK must be a power of two, got {CHUNK}")
     chunk = min(CHUNK, triton.next_power_of_2(2 * nr))
     chunks = triton.cdiv(2 * nr, chunk)
     parts = levels * chunks  # softmax states per (sequence, head)
