@@ -19,10 +19,11 @@ block_size=128), float32, batch 1, max_seq_len = the largest context. For a cont
 A recomputing measurement is warmed up first with one untimed token: on CUDA at the measured context
 itself (kernel selection, allocator growth and lazy initialisation at that shape stay out of the
 timing), on the CPU at 512 tokens (there a token at long context takes seconds, and first-call costs
-are small beside it). k is at most `--recompute-tokens` (default 16 on CUDA, 4 on the CPU). On CUDA each recomputing
-measurement is taken in `--repeats` (default 3) separate processes and the median kept, the range
-shown beside it: 0.1.9's time at 8k moved between 14 and 30 ms from one process to the next on the
-same kind of card (it is bound by Python and launches there), while the cached paths' did not.
+are small beside it). k is at most `--recompute-tokens` (default 16 on CUDA, 4 on the CPU). On CUDA
+each recomputing measurement is taken in `--repeats` (default 3) separate processes and the median
+kept, the range shown beside it: 0.1.9's time at 8k moved between 14 and 30 ms from one process to
+the next on the same kind of card (likely bound by Python and launches there), while the cached
+paths' did not.
 
 The recomputing paths are slow at long contexts: k is cut to fit `--budget` seconds per
 measurement, from an estimate based on the previous context, and a context whose estimated time for
@@ -642,6 +643,13 @@ def main() -> None:
                 break
         return best
 
+    def measure_repeated(spec: dict, repeats: int) -> dict:
+        """A recomputing path measured `repeats` times, each in its own process (their times differ
+        between processes): the median (`median_of`); a cached path, or one repeat: `measure` once."""
+        if spec["impl"] in CACHED or repeats <= 1:
+            return measure(spec)
+        return median_of([measure(spec) for _ in range(repeats)])
+
     if args.retry_contended:  # re-measure only what the last run marked, keeping its settings
         previous = json.loads(stem.with_suffix(".json").read_text())
         config, results, env = previous["config"], previous["results"], previous["environment"]
@@ -649,10 +657,7 @@ def main() -> None:
         todo = [(impl, int(c), r) for impl, rs in results.items() for c, r in rs.items() if disturbance(r) > CONTENDED]
         for impl, context, old in tqdm(todo, desc="re-measuring contended"):
             tokens = config["tokens"] if impl in CACHED else old.get("tokens", 1)
-            repeats = config.get("recompute_repeats", 1) if impl not in CACHED else 1
-            result = measure(spec_for(impl, context, tokens))
-            if repeats > 1:  # as the run being mended took it
-                result = median_of([result] + [measure(spec_for(impl, context, tokens)) for _ in range(repeats - 1)])
+            result = measure_repeated(spec_for(impl, context, tokens), config.get("recompute_repeats", 1))
             if disturbance(result) < disturbance(old):
                 results[impl][str(context)] = result
             tqdm.write(f"{impl:>9} {context:>6}: {fmt_ms(results[impl][str(context)])} ms/token")
@@ -677,13 +682,7 @@ def main() -> None:
                     continue
                 fit = int(args.budget / estimate) if estimate else args.recompute_tokens
                 tokens = max(1, min(args.recompute_tokens, fit))
-                if args.repeats > 1:  # each in its own process: their times differ between processes
-                    results[impl][str(context)] = median_of(
-                        [measure(spec_for(impl, context, tokens)) for _ in range(args.repeats)]
-                    )
-                    tqdm.write(f"{impl:>9} {context:>6}: {fmt_ms(results[impl][str(context)])} ms/token")
-                    continue
-            results[impl][str(context)] = measure(spec_for(impl, context, tokens))
+            results[impl][str(context)] = measure_repeated(spec_for(impl, context, tokens), args.repeats)
             tqdm.write(f"{impl:>9} {context:>6}: {fmt_ms(results[impl][str(context)])} ms/token")
 
     key = ratios(results, contexts)

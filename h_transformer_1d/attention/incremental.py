@@ -334,11 +334,7 @@ class StaticHierarchicalCache:
             )
         if kernel is None:
             usable = usable and self.ring.is_cuda and self.ring.dtype == torch.float32
-        if not usable:
-            return None
-        from .decode_kernels import static_step
-
-        return static_step
+        return decode_kernels.static_step if usable else None
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step changes (in place)."""
