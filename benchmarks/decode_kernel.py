@@ -30,8 +30,8 @@ from scaling import REPO_ROOT, kernel_bench_out_dir, pyplot, save_figure, write_
 
 sys.path.insert(0, str(REPO_ROOT))
 
-SETTINGS = [(64, 4), (32, 1), (64, 1), (128, 1), (32, 2), (64, 2), (32, 4), (128, 4), (32, 8), (64, 8)]
-QUICK_SETTINGS = [(64, 4), (4, 1)]  # (ring slots per program, warps); the package's setting first
+SETTINGS = [(32, 1), (64, 4), (16, 1), (64, 1), (128, 1), (32, 2), (64, 2), (32, 4), (128, 4), (64, 8)]
+QUICK_SETTINGS = [(32, 1), (4, 1)]  # (ring slots per program, warps); the package's setting first
 QUICK_MODEL = {"num_tokens": 256, "dim": 32, "depth": 2, "heads": 2, "dim_head": 16, "block_size": 4}
 TOLERANCE = 1e-3  # largest logit difference from the PyTorch step accepted (float32 over a few layers)
 

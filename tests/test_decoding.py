@@ -12,8 +12,10 @@ from h_transformer_1d import AutoregressiveWrapper, HTransformer1D
 from h_transformer_1d.attention import hierarchical_attention_reference
 from h_transformer_1d.attention.blocked import blocked_h_attention
 from h_transformer_1d.attention.incremental import HierarchicalCache, StaticHierarchicalCache
+from h_transformer_1d.attention.rotary import apply_rotary, rotary_angles
 from h_transformer_1d.model import cache as cache_module
 from h_transformer_1d.model.cache import DecodingCache, StaticDecoder, decode_step, prefill
+from h_transformer_1d.model.layers import RotaryEmbedding
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -288,7 +290,7 @@ def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, pa
     pytest.importorskip("triton")
     from h_transformer_1d.attention import decode_kernels
 
-    monkeypatch.setattr(decode_kernels, "CHUNK", chunk)  # ring slots per level program (64 on a GPU)
+    monkeypatch.setattr(decode_kernels, "CHUNK", chunk)  # ring slots per level program (the package default on a GPU)
     b, h, n = 2, 2, 75
     generator = torch.Generator().manual_seed(block_size + prompt_len)
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
@@ -328,6 +330,43 @@ def test_kernel_takes_q_k_v_of_different_layouts(dtype):
     torch.testing.assert_close(got.cpu().double(), full[:, :, p:], rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_steps_turn_q_and_k_by_rotary(dtype, kernel):
+    """advance(..., rotary=(cos, sin)) takes q and k unturned and turns them (the Triton step as it loads
+    them): the outputs equal the parallel forward's on q and k turned at every position beforehand."""
+    if kernel:
+        pytest.importorskip("triton")
+    b, h, n, d, p = 2, 3, 45, 8, 6
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
+    freqs = RotaryEmbedding(d).inv_freq
+    turned_q, turned_k = (apply_rotary(x, torch.arange(n), freqs) for x in (q, k))
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    q_in, k_in, v_in, tq_in, tk_in = (x.to(DEVICE, dtype) for x in (q, k, v, turned_q, turned_k))
+    cache = HierarchicalCache(4)
+    cache.prefill(tq_in[:, :, :p], tk_in[:, :, :p], v_in[:, :, :p])
+    state = StaticHierarchicalCache(cache, capacity=n, kernel=kernel)
+    outs = []
+    for t in range(p, n):
+        rotary = rotary_angles(torch.tensor(t, device=DEVICE), freqs.to(DEVICE), angle_dtype)
+        outs.append(state.step(q_in[:, :, t], k_in[:, :, t], v_in[:, :, t], rotary=rotary))
+    full = blocked_h_attention(turned_q, turned_k, v, block_size=4, causal=True)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(torch.stack(outs, 2).cpu().double(), full[:, :, p:], rtol=0, atol=atol)
+
+
+def test_kernel_refuses_rotary_of_the_wrong_shape():
+    pytest.importorskip("triton")
+    cache = HierarchicalCache(4)
+    cache.prefill(*(torch.randn(1, 2, 6, 8, dtype=torch.float64, device=DEVICE) for _ in range(3)))
+    state = StaticHierarchicalCache(cache, 10, kernel=True)
+    x = torch.randn(1, 2, 8, dtype=torch.float64, device=DEVICE)
+    wrong = torch.ones(8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"rotary takes cos and sin of shape \(dim_head / 2,\) = \(4,\), got \(8,\)"):
+        state.step(x, x, x, rotary=(wrong, wrong))
+
+
 def test_kernel_refuses_a_chunk_that_is_not_a_power_of_two(monkeypatch):
     pytest.importorskip("triton")
     from h_transformer_1d.attention import decode_kernels
@@ -338,16 +377,18 @@ def test_kernel_refuses_a_chunk_that_is_not_a_power_of_two(monkeypatch):
         step_all(q, q, q, None, 2, 4, static=True, kernel=True)
 
 
-def test_kernel_decoder_equals_full_forward():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernel_decoder_equals_full_forward(dtype):
+    """StaticDecoder through the Triton step (which turns q and k by rotary itself) against the full forward."""
     pytest.importorskip("triton")
-    model = small_model(torch.float64, reversible=True, shift_tokens=True).to(DEVICE)
+    model = small_model(dtype, reversible=True, shift_tokens=True).to(DEVICE)
     tokens = torch.randint(0, 29, (2, 56), device=DEVICE)
     mask = torch.ones(2, 56, dtype=torch.bool, device=DEVICE)
     mask[1, :6] = False
     with torch.no_grad():
         full = model(tokens, mask=mask)
         decoded = decode_all(model, tokens, mask, 20, static=True, kernel=True)
-    torch.testing.assert_close(decoded[mask], full[mask], rtol=0, atol=1e-9)
+    torch.testing.assert_close(decoded[mask], full[mask], rtol=0, atol=TOLERANCE[dtype])
 
 
 def test_kernel_option_is_checked(monkeypatch):

@@ -267,7 +267,7 @@ def test_decode_kernel_quick(tmp_path):
     done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "decode_kernel.json").read_text())["rows"]
-    assert [(r["chunk"], r["warps"]) for r in rows] == [(None, None), (64, 4), (4, 1)]
+    assert [(r["chunk"], r["warps"]) for r in rows] == [(None, None), (32, 1), (4, 1)]
     assert all(r["agrees"] and r["max_logit_diff"] < 1e-5 and r["steps"] == 3 for r in rows)
     assert "| 4 slots x 1 warps |" in (tmp_path / "decode_kernel.md").read_text()
     assert (tmp_path / "decode_kernel.png").read_bytes().startswith(PNG)

@@ -5,12 +5,14 @@ batch 1 on a GPU each is a kernel of a few microseconds, even inside a CUDA grap
 step is two launches:
 
 - ``decode_level_kernel``, one program per (sequence, head, level, chunk of CHUNK ring slots): each
-  sums the new row of its level (a level-l group completing at position t holds k plus the left
-  siblings of every level below; the siblings are loaded as one tile), and the program holding t's
-  slot writes it; each takes the new query where the level's group starts (or where the prompt left
-  none; the level's first program writes it), and computes the softmax state of its slots that are
-  keys of t: the maximum score, the sum of weights and the weighted values. The new row and query
-  are used from registers, so no program reads what another writes.
+  turns q and k by the position's rotary angles as it loads them (when given: this saves the
+  rotation's half-dozen element-wise kernels per layer), sums the new row of its level (a level-l
+  group completing at position t holds k plus the left siblings of every level below; the siblings
+  are loaded as one tile), and the program holding t's slot writes it; each takes the new query
+  where the level's group starts (or where the prompt left none; the level's first program writes
+  it), and computes the softmax state of its slots that are keys of t: the maximum score, the sum of
+  weights and the weighted values. The new row and query are used from registers, so no program
+  reads what another writes.
 - ``decode_combine_kernel``, one program per (sequence, head): merges the levels' and chunks' states
   into the output (one softmax over every level's keys), clears the "missing query" flags and
   advances the device position (after every program of the first launch has read them).
@@ -26,8 +28,26 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-CHUNK = 64  # ring slots per program of the level launch
-LEVEL_WARPS = 4  # warps per program of the level launch (Triton's default)
+# the level launch's ring slots and warps per program (benchmarks/decode_kernel.py times the choices)
+CHUNK = 32
+LEVEL_WARPS = 1
+
+
+@triton.jit
+def _rotated(X, COS, SIN, dd, dmask, ROTARY: tl.constexpr):
+    """The vector at X (features dd), turned by the rotary angles whose cos and sin (D/2 each) are at COS
+    and SIN when ROTARY: each pair (2i, 2i+1) as `rotary.rotate` turns it, in cos's dtype, returned in
+    X's dtype."""
+    x = tl.load(X + dd, mask=dmask, other=0.0)
+    if ROTARY:
+        RT = COS.dtype.element_ty
+        partner = tl.load(X + (dd ^ 1), mask=dmask, other=0.0).to(RT)  # the other feature of the pair
+        cos = tl.load(COS + dd // 2, mask=dmask, other=1.0)
+        sin = tl.load(SIN + dd // 2, mask=dmask, other=0.0)
+        # (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
+        turned = x.to(RT) * cos + tl.where(dd % 2 == 0, -partner, partner) * sin
+        x = turned.to(X.dtype.element_ty)
+    return x
 
 
 @triton.jit
@@ -39,6 +59,8 @@ def decode_level_kernel(
     Q,
     K,
     V,
+    COS,
+    SIN,
     M_OUT,
     S_OUT,
     ACC_OUT,
@@ -67,6 +89,7 @@ def decode_level_kernel(
     BLOCK_L: tl.constexpr,
     CHUNK: tl.constexpr,
     CHUNKS: tl.constexpr,
+    ROTARY: tl.constexpr,
 ):
     bh = tl.program_id(0)
     lv = tl.program_id(1)
@@ -93,7 +116,7 @@ def decode_level_kernel(
     below_j = jj < lv
     sibling = (jj * 2 * NR + ((t >> jj) + 2 * NR - 1) % (2 * NR)) * s_rr  # (BLOCK_L,)
     tile_j = below_j[:, None] & dmask[None, :]
-    k_sum = tl.load(K + b * s_nkb + h * s_nkh + dd, mask=dmask, other=0.0).to(DT)
+    k_sum = _rotated(K + b * s_nkb + h * s_nkh, COS, SIN, dd, dmask, ROTARY).to(DT)
     v_sum = tl.load(V + b * s_nvb + h * s_nvh + dd, mask=dmask, other=0.0).to(DT)
     k_sum += tl.sum(tl.load(ring + sibling[:, None] + dd[None, :], mask=tile_j, other=0.0), 0)
     v_sum += tl.sum(tl.load(ring + sibling[:, None] + D + dd[None, :], mask=tile_j, other=0.0), 0)
@@ -112,7 +135,7 @@ def decode_level_kernel(
     take = ((t & below) == 0) | (missing != 0)
     query_at = QUERIES + lv * s_ql + b * s_qb + h * s_qh + dd
     # (cast after scaling: torch.compile may hand a Python float to the kernel as float64)
-    q_new = (tl.load(Q + b * s_nqb + h * s_nqh + dd, mask=dmask, other=0.0).to(DT) * scale).to(DT)
+    q_new = (_rotated(Q + b * s_nqb + h * s_nqh, COS, SIN, dd, dmask, ROTARY).to(DT) * scale).to(DT)
     query = tl.where(take, q_new, tl.load(query_at, mask=dmask, other=0.0))
     tl.store(query_at, query, mask=tl.where(take & (ch == 0), dmask, False))
 
@@ -198,17 +221,21 @@ def supports(ring: torch.Tensor, dim_head: int) -> bool:
     return ring.dtype in SUPPORTED_DTYPES and dim_head <= 256
 
 
-def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`StaticHierarchicalCache.advance(q, k, v)` in two launches: updates `cache`'s ring, queries,
-    missing flags and position in place; returns the output (B, H, D) in q's dtype."""
+def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary=None) -> torch.Tensor:
+    """`StaticHierarchicalCache.advance(q, k, v, rotary=rotary)` in two launches: updates `cache`'s ring,
+    queries, missing flags and position in place; returns the output (B, H, D) in q's dtype.
+    `rotary`: (cos, sin), each (D/2,), to turn q and k by inside the level launch (as `rotary.rotate`)."""
     ring, queries, missing = cache.ring, cache.queries, cache.missing
     levels, b, h, d = queries.shape
     nr = cache.block_size
     scale = d**-0.5 if cache.scale is None else cache.scale
     dtype = q.dtype
     if ring.dtype == torch.float64:  # a Python float reaches the kernel as float32: scale on the host
-        q, scale = q.to(torch.float64) * scale, 1.0
+        q, scale = q.to(torch.float64) * scale, 1.0  # (before turning it: the same to rounding)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cos, sin = (q, q) if rotary is None else (x if x.is_contiguous() else x.contiguous() for x in rotary)
+    if rotary is not None and (cos.shape != (d // 2,) or sin.shape != (d // 2,) or d % 2):
+        raise ValueError(f"rotary takes cos and sin of shape (dim_head / 2,) = ({d // 2},), got {tuple(cos.shape)}")
     block_d, block_l = triton.next_power_of_2(d), triton.next_power_of_2(levels)
     if CHUNK < 1 or CHUNK & (CHUNK - 1):  # a module setting (benchmarks/decode_kernel.py sweeps it)
         raise ValueError(f"decode_kernels.CHUNK must be a power of two, got {CHUNK}")
@@ -219,7 +246,7 @@ def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     s = torch.empty_like(m)
     acc = torch.empty(b * h * parts, d, device=ring.device, dtype=ring.dtype)
     out = torch.empty(b, h, d, device=ring.device, dtype=dtype)
-    tensors = (ring, queries, missing, cache.position, q, k, v, m, s, acc)
+    tensors = (ring, queries, missing, cache.position, q, k, v, cos, sin, m, s, acc)
     strides = (
         *ring.stride()[:3],
         *queries.stride()[:3],
@@ -240,6 +267,7 @@ def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         BLOCK_L=block_l,
         CHUNK=chunk,
         CHUNKS=chunks,
+        ROTARY=rotary is not None,
         num_warps=LEVEL_WARPS,
     )
     tensors = (m, s, acc, out, missing, cache.position)

@@ -25,6 +25,7 @@ import torch
 
 from .blocked import Partial, _merge, _window_partial
 from .interface import _triton_usable, check_block_size, check_key_padding_mask
+from .rotary import rotate
 
 
 class _Level:
@@ -365,9 +366,11 @@ class StaticHierarchicalCache:
             keys=torch.cat([fine[None], coarse[1:]]),
         )
 
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None) -> torch.Tensor:
+    def step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None, rotary=None
+    ) -> torch.Tensor:
         """Attend from position `self.position`: q, k, v (B, H, D) -> output (B, H, D); appends it as a key
-        and advances the position. `plan`: `self.plan()` (made here when None).
+        and advances the position. `plan`: `self.plan()` (made here when None); `rotary`: see `advance`.
 
         Checks the inputs and counts the steps against `capacity` on the host, then `advance`."""
         shape = self.queries.shape[1:]
@@ -379,14 +382,22 @@ class StaticHierarchicalCache:
         if self.length >= self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions (its capacity), all used")
         self.length += 1
-        return self.advance(q, k, v, plan)
+        return self.advance(q, k, v, plan, rotary)
 
-    def advance(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None) -> torch.Tensor:
+    def advance(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None, rotary=None
+    ) -> torch.Tensor:
         """`step` without checks or the host-side count: only tensor operations on device, which a CUDA
         graph or torch.compile can take whole. The caller keeps the position below `capacity`
-        (`StaticDecoder` counts its steps); past it, the output is wrong without an error."""
+        (`StaticDecoder` counts its steps); past it, the output is wrong without an error.
+
+        `rotary`: (cos, sin) of the position's rotary angles, each (D/2,) (`rotary.rotary_angles`): q and
+        k come unturned and are turned here (by the Triton kernel as it loads them, which saves the
+        separate rotation's kernels), else they come turned already."""
         if self.kernel:  # the same step in two Triton launches (`plan` is not needed)
-            return self._kernel_step(self, q, k, v)
+            return self._kernel_step(self, q, k, v, rotary)
+        if rotary is not None:
+            q, k = rotate(torch.stack((q, k)), *rotary).unbind(0)
         nr, d, levels = self.block_size, self.dim_head, self.levels
         dtype = self.ring.dtype
         scale = d**-0.5 if self.scale is None else self.scale

@@ -159,11 +159,15 @@ class StaticDecoder:
             y = shifted
         if which == 1:
             return pre.fn(y)
-        plan, cos, sin = shared
+        plan, rotary = shared
         layer = pre.fn
         qkv = layer.to_qkv(y).unflatten(-1, (3, layer.heads, layer.dim_head))  # (B, 3, H, D)
-        qk = rotate(qkv[:, :2], cos, sin)  # rotary at the position being decoded
-        out = self.attention[i].advance(qk[:, 0], qk[:, 1], qkv[:, 2], plan)  # (B, H, D)
+        attention = self.attention[i]
+        if attention.kernel:  # q and k turned to the position being decoded inside the Triton step
+            out = attention.advance(qkv[:, 0], qkv[:, 1], qkv[:, 2], plan, rotary=rotary)
+        else:  # q and k turned together (one rotation's kernels instead of two)
+            qk = rotate(qkv[:, :2], *rotary)
+            out = attention.advance(qk[:, 0], qk[:, 1], qkv[:, 2], plan)  # (B, H, D)
         return layer.to_out(out.flatten(1))
 
     def _forward(self) -> torch.Tensor:
@@ -171,7 +175,7 @@ class StaticDecoder:
         layer = self.model.layers.blocks[0].f.fn
         dtype = torch.float64 if layer.to_qkv.weight.dtype == torch.float64 else torch.float32
         plan = None if first.kernel else first.plan()  # the kernels find their slots themselves
-        shared = (plan, *rotary_angles(first.position, layer.rotary.inv_freq, dtype))
+        shared = (plan, rotary_angles(first.position, layer.rotary.inv_freq, dtype))
         h = self.model.token_emb(self.tokens)  # (B, dim)
         blocks = self.model.layers.blocks
         if self.reversible:
