@@ -6,7 +6,7 @@ step is two launches:
 
 - ``decode_level_kernel``, one program per (sequence, head, level, chunk of CHUNK ring slots): each
   turns q and k by the position's rotary angles as it loads them (when given: this saves the
-  rotation's half-dozen element-wise kernels per layer), sums the new row of its level (a level-l
+  rotation's seven element-wise kernels per layer), sums the new row of its level (a level-l
   group completing at position t holds k plus the left siblings of every level below; the siblings
   are loaded as one tile), and the program holding t's slot writes it; each takes the new query
   where the level's group starts (or where the prompt left none; the level's first program writes
