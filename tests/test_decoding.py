@@ -331,13 +331,14 @@ def test_kernel_takes_q_k_v_of_different_layouts(dtype):
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_steps_turn_q_and_k_by_rotary(dtype, kernel):
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 8), (torch.float64, 8), (torch.float64, 6)])
+def test_steps_turn_q_and_k_by_rotary(dtype, d, kernel):
     """advance(..., rotary=(cos, sin)) takes q and k unturned and turns them (the Triton step as it loads
-    them): the outputs equal the parallel forward's on q and k turned at every position beforehand."""
+    them): the outputs equal the parallel forward's on q and k turned at every position beforehand
+    (dim_head 6: the kernel's feature lanes past D are masked)."""
     if kernel:
         pytest.importorskip("triton")
-    b, h, n, d, p = 2, 3, 45, 8, 6
+    b, h, n, p = 2, 3, 45, 6
     generator = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
     freqs = RotaryEmbedding(d).inv_freq
@@ -356,15 +357,20 @@ def test_steps_turn_q_and_k_by_rotary(dtype, kernel):
     torch.testing.assert_close(torch.stack(outs, 2).cpu().double(), full[:, :, p:], rtol=0, atol=atol)
 
 
-def test_kernel_refuses_rotary_of_the_wrong_shape():
-    pytest.importorskip("triton")
+@pytest.mark.parametrize("kernel", [True, False])
+def test_steps_refuse_rotary_of_the_wrong_shape(kernel):
+    """cos and sin of another shape are refused, also where they would broadcast (PyTorch path)."""
+    if kernel:
+        pytest.importorskip("triton")
     cache = HierarchicalCache(4)
     cache.prefill(*(torch.randn(1, 2, 6, 8, dtype=torch.float64, device=DEVICE) for _ in range(3)))
-    state = StaticHierarchicalCache(cache, 10, kernel=True)
+    state = StaticHierarchicalCache(cache, 10, kernel=kernel)
     x = torch.randn(1, 2, 8, dtype=torch.float64, device=DEVICE)
-    wrong = torch.ones(8, dtype=torch.float64, device=DEVICE)
-    with pytest.raises(ValueError, match=r"rotary takes cos and sin of shape \(dim_head / 2,\) = \(4,\), got \(8,\)"):
-        state.step(x, x, x, rotary=(wrong, wrong))
+    for wrong in (torch.ones(8, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64)):
+        wrong = wrong.to(DEVICE)
+        with pytest.raises(ValueError, match=r"rotary takes cos and sin of shape \(dim_head / 2,\) = \(4,\)"):
+            state.step(x, x, x, rotary=(wrong, wrong))
+    assert state.length == 6  # nothing stepped
 
 
 def test_kernel_refuses_a_chunk_that_is_not_a_power_of_two(monkeypatch):

@@ -379,6 +379,11 @@ class StaticHierarchicalCache:
                 f"step takes q, k, v of shape (batch, heads, dim_head) = {tuple(shape)}, got {tuple(q.shape)}, "
                 f"{tuple(k.shape)}, {tuple(v.shape)}"
             )
+        if rotary is not None and any(tuple(x.shape) != (shape[-1] // 2,) for x in rotary):
+            raise ValueError(
+                f"rotary takes cos and sin of shape (dim_head / 2,) = ({shape[-1] // 2},), "
+                f"got {[tuple(x.shape) for x in rotary]}"
+            )
         if self.length >= self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions (its capacity), all used")
         self.length += 1
