@@ -379,7 +379,7 @@ class StaticHierarchicalCache:
                 f"step takes q, k, v of shape (batch, heads, dim_head) = {tuple(shape)}, got {tuple(q.shape)}, "
                 f"{tuple(k.shape)}, {tuple(v.shape)}"
             )
-        if rotary is not None and any(tuple(x.shape) != (shape[-1] // 2,) for x in rotary):
+        if rotary is not None and (shape[-1] % 2 or any(tuple(x.shape) != (shape[-1] // 2,) for x in rotary)):
             raise ValueError(
                 f"rotary takes cos and sin of shape (dim_head / 2,) = ({shape[-1] // 2},), "
                 f"got {[tuple(x.shape) for x in rotary]}"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, check_capacity
-from ..attention.rotary import rotary_angles, rotate
+from ..attention.rotary import rotary_angles
 from .layers import HAttention1D, shift_tokens
 from .transformer import SequentialSequence
 
@@ -162,12 +162,8 @@ class StaticDecoder:
         plan, rotary = shared
         layer = pre.fn
         qkv = layer.to_qkv(y).unflatten(-1, (3, layer.heads, layer.dim_head))  # (B, 3, H, D)
-        attention = self.attention[i]
-        if attention.kernel:  # q and k turned to the position being decoded inside the Triton step
-            out = attention.advance(qkv[:, 0], qkv[:, 1], qkv[:, 2], plan, rotary=rotary)
-        else:  # q and k turned together (one rotation's kernels instead of two)
-            qk = rotate(qkv[:, :2], *rotary)
-            out = attention.advance(qk[:, 0], qk[:, 1], qkv[:, 2], plan)  # (B, H, D)
+        # q and k turned to the position being decoded by the attention step (the Triton one as it loads them)
+        out = self.attention[i].advance(qkv[:, 0], qkv[:, 1], qkv[:, 2], plan, rotary=rotary)  # (B, H, D)
         return layer.to_out(out.flatten(1))
 
     def _forward(self) -> torch.Tensor:
