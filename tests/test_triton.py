@@ -164,6 +164,8 @@ GPU_CASES = [
     (4097, 64, True, "gaps", 64, torch.bfloat16),
     (65536, 128, False, "end", 64, torch.bfloat16),
     (65536, 128, True, "none", 64, torch.float16),
+    (2100, 512, True, "end", 64, torch.bfloat16),  # the largest block the kernels take
+    (5000, 512, False, "gaps", 64, torch.float16),
 ]
 
 

@@ -20,7 +20,7 @@ from .reference import level_lengths
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-MIN_BLOCK, MAX_BLOCK = 16, 256
+MIN_BLOCK, MAX_BLOCK = 16, 512
 
 
 def supports(q: torch.Tensor, block_size: int, allow_float32: bool = False) -> bool:
