@@ -22,6 +22,7 @@ padded to whole blocks) first, then levels 1, 2, ... each padded to whole blocks
 Scores are kept in base 2 (the kernels multiply q.k by log2(e)); q is pre-scaled in level 0.
 """
 
+import inspect
 import os
 
 import triton
@@ -60,6 +61,16 @@ def _fit_block(configs, nargs, **kwargs):
 
 
 _KEY = ["NR", "D", "FIRST", "STEP", "NUM_WIN", "LEVEL0", "CAUSAL"]
+
+
+def _autotune(configs):
+    """triton.autotune over `configs`, keeping its choices on disk where this Triton can (3.3 and
+    later: ``cache_results``, keyed by the GPU, the Triton build, the kernel source and the tuning key),
+    so that only the first process on a machine pays the benchmarking."""
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_block}, **extra)
+
+
 _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
@@ -335,7 +346,7 @@ def _scores(q, k, cnt, rows, cols, off, LEVEL0: tl.constexpr, CAUSAL: tl.constex
     return s
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
+@_autotune(_FWD_CONFIGS)
 @triton.jit
 def window_fwd_kernel(
     Q, K, V, CNT, LO, HI, START,  # packed (B, H, MTOT, D); counts (B, MTOT); per-block ranges; level starts
@@ -414,7 +425,7 @@ def window_fwd_kernel(
         tl.store(SL + srow, l_i)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
+@_autotune(_FWD_CONFIGS)
 @triton.jit
 def window_bwd_dq_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,  # all packed: (B, H, MTOT[, D]); counts (B, MTOT)
@@ -460,7 +471,7 @@ def window_bwd_dq_kernel(
     tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _fit_block})
+@_autotune(_BWD_CONFIGS)
 @triton.jit
 def window_bwd_dkdv_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DK, DV,
