@@ -1,4 +1,4 @@
-"""benchmarks/scaling.py, quality.py and lra_listops.py in their CPU quick modes, and their report code
+"""benchmarks/scaling.py, quality.py, lra_listops.py, train_speed.py, ... in their CPU quick modes, and their report code
 (and decode.py's handling of repeated measurements).
 
 The two scripts start in one fixture, at the same time (most of their time is Python and torch
@@ -25,6 +25,7 @@ import length_ratios
 import lra_listops
 import quality
 import scaling
+import train_speed
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -214,6 +215,40 @@ def test_length_ratios_quick(tmp_path):
     md = (tmp_path / "length_ratios.md").read_text()
     assert "| ours | 257 / 256 | no |" in md and "(context)" in md
     assert (tmp_path / "length_ratios.png").read_bytes().startswith(PNG)
+
+
+def test_train_speed_quick(tmp_path):
+    """The whole-model speed study on the CPU: dense and two block sizes at two contexts, each in its own
+    process, with speeds against the dense run of the same context; table, JSON and plot written."""
+    command = [sys.executable, str(BENCH / "train_speed.py"), "--device", "cpu", "--quick", "--out-dir", str(tmp_path)]
+    done = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "train_speed.json").read_text())["rows"]
+    assert [(r["context"], r["attention"], r["block"], r["batch_size"]) for r in rows] == [
+        (128, "dense", None, 4), (128, "hierarchical", 16, 4), (128, "hierarchical", 32, 4),
+        (256, "dense", None, 2), (256, "hierarchical", 16, 2), (256, "hierarchical", 32, 2),
+    ]  # fmt: skip
+    dense = {r["context"]: r["tokens_per_s"] for r in rows if r["attention"] == "dense"}
+    for r in rows:
+        assert "error" not in r and r["tokens_per_s"] > 0 and r["params"] == rows[0]["params"]
+        if r["attention"] == "hierarchical":
+            assert r["vs_dense"] == pytest.approx(r["tokens_per_s"] / dense[r["context"]])
+    md = (tmp_path / "train_speed.md").read_text()
+    assert "| 256 | eager | hierarchical, block 32 |" in md and "Fastest against dense:" in md
+    assert (tmp_path / "train_speed.png").read_bytes().startswith(PNG)
+
+
+def test_train_speed_splits_kernel_time_and_checks_contexts(tmp_path):
+    events = [("window_fwd_kernel", 300.0), ("coarsen_kernel", 100.0), ("ampere_sgemm", 500.0),
+              ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 200.0), ("triton_poi_fused_add", 100.0)]  # fmt: skip
+    split = train_speed.split_kernel_time(events, steps=2)
+    assert split["attention_ms"] == pytest.approx(0.3) and split["other_ms"] == pytest.approx(0.3)
+    assert "coarsen_kernel" in split["attention_kernels"] and "ampere_sgemm" not in split["attention_kernels"]
+    command = [sys.executable, str(BENCH / "train_speed.py"), "--device", "cpu", "--contexts", "3000",
+               "--out-dir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--contexts: each must divide --tokens-per-step 32768, got 3000" in done.stderr
 
 
 def test_length_ratios_rejects_bad_rounds(tmp_path):

@@ -18,22 +18,17 @@ def peak_memory_mib(rt: Runtime) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
-def bench_one(cfg: Config, steps: int, rt: Runtime) -> tuple[float, float, float]:
-    """(ms per step, tokens per second, peak MiB) of `steps` optimizer steps of `cfg`."""
+def training_step(cfg: Config, rt: Runtime):
+    """One optimizer step of `cfg`'s model (compiled with cfg.compile) on a fixed batch of random bytes,
+    as a function returning the last micro-batch's loss (not waited for); the model is `step.model`."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(rt.device)
     if cfg.compile:
         model.net.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     micro = torch.randint(NUM_TOKENS, (cfg.batch_size // cfg.grad_accum, cfg.seq_len + 1), device=rt.device)
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    for i in range(UNTIMED_STEPS + steps):
-        if i == UNTIMED_STEPS:
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
-            start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         for _ in range(cfg.grad_accum):
             with rt.autocast():
                 loss = model(micro) / cfg.grad_accum
@@ -41,6 +36,25 @@ def bench_one(cfg: Config, steps: int, rt: Runtime) -> tuple[float, float, float
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    step.model = model
+    return step
+
+
+def bench_one(cfg: Config, steps: int, rt: Runtime, step=None) -> tuple[float, float, float]:
+    """(ms per step, tokens per second, peak MiB) of `steps` optimizer steps of `cfg` (after
+    UNTIMED_STEPS), through `step` (default: a fresh `training_step(cfg, rt)`)."""
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    step = step or training_step(cfg, rt)
+    for i in range(UNTIMED_STEPS + steps):
+        if i == UNTIMED_STEPS:
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            start = time.perf_counter()
+        loss = step()
     loss.item()  # waits for the device
     seconds = (time.perf_counter() - start) / steps
     return seconds * 1e3, cfg.batch_size * cfg.seq_len / seconds, peak_memory_mib(rt)
