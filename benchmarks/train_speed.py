@@ -10,7 +10,9 @@ with that context and block size, --steps timed AdamW steps on random bytes afte
 autocast on a GPU; `h_transformer_1d.apps.bench`, the CLI's `bench`), then on a GPU --profile-steps
 more under torch.profiler, whose kernels are split into attention (ours: the window, coarsen, fold
 and uncoarsen kernels; dense: SDPA's) and everything else. Dense attention rotates q and k with
-PyTorch element-wise ops (counted as "other"); ours rotates inside the coarsen kernel.
+PyTorch element-wise ops (counted as "other"); ours rotates inside the coarsen kernel. The "path" column
+says which attention code ran: SDPA, our Triton kernels, or our blocked PyTorch path (where the kernels
+do not take the device, head size or block size).
 
 Writes --out-dir/train_speed.{md,json,png} after every configuration, so a run stopped early leaves
 a report of what it measured.
@@ -37,10 +39,12 @@ from scaling import (
     write_text,
 )
 
+from h_transformer_1d.apps.bench import UNTIMED_STEPS
+
 TARGET_SPEEDUP = 1.5  # the training tool issue: 1.5x dense's tokens/s (at context 4,096)
 OUR_KERNELS = ("window_", "coarsen_kernel", "fold_kernel", "uncoarsen_kernel")
 SDPA_KERNELS = ("sdpa", "flash", "fmha", "attention", "attn")
-QUICK = ["--dim", "64", "--depth", "2", "--heads", "2", "--dim-head", "32"]
+QUICK_MODEL = {"dim": 64, "depth": 2, "heads": 2, "dim_head": 32}
 
 
 def is_attention_kernel(name: str) -> bool:
@@ -77,21 +81,23 @@ def child(args) -> dict:
     from h_transformer_1d.apps.bench import bench_one, training_step
     from h_transformer_1d.apps.config import resolve, validate
     from h_transformer_1d.apps.train import Runtime, resolve_device
+    from h_transformer_1d.attention import fused
 
     flags = {"preset": args.preset, "seq_len": args.context, "batch_size": args.tokens_per_step // args.context,
              "block_size": args.block, "attention": args.attention, "compile": args.mode == "compiled"}  # fmt: skip
-    cfg, _ = resolve(flags)
-    if args.model_flags:
-        cfg = type(cfg)(**{**cfg.__dict__, **json.loads(args.model_flags)})
+    cfg, _ = resolve({**flags, **json.loads(args.model_flags or "{}")})
     validate(cfg)
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the Triton kernels launch on the current device
     rt = Runtime(device=device, bf16=device.type == "cuda")
     start = time.perf_counter()
     step = training_step(cfg, rt)
     ms, tokens_per_s, mib = bench_one(cfg, args.steps, rt, step)
     row = {"ms_per_step": ms, "tokens_per_s": tokens_per_s, "peak_mib": mib,
            "params": sum(p.numel() for p in step.model.parameters()),
-           "batch_size": cfg.batch_size, "setup_and_run_s": time.perf_counter() - start}  # fmt: skip
+           "batch_size": cfg.batch_size, "setup_and_run_s": time.perf_counter() - start,
+           "path": attention_path(cfg, device, fused)}  # fmt: skip
     if device.type == "cuda" and args.profile_steps:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -101,10 +107,25 @@ def child(args) -> dict:
             for _ in range(args.profile_steps):
                 step()
             torch.cuda.synchronize()
-        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        kernels = [  # device work only: not the GPU spans of record_function ranges (user annotations)
+            (e.name, e.time_range.elapsed_us())
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
         row.update(split_kernel_time(kernels, args.profile_steps))
         row["kernels_per_step"] = len(kernels) / args.profile_steps
     return row
+
+
+def attention_path(cfg, device, fused) -> str:
+    """Which attention code runs: SDPA, our Triton kernels, or our blocked PyTorch path (where the kernels
+    do not take the device, head size or block size)."""
+    import torch
+
+    if cfg.attention == "dense":
+        return "SDPA"
+    q = torch.empty(1, 1, 1, cfg.dim_head, dtype=torch.bfloat16)
+    return "kernels" if device.type == "cuda" and fused.supports(q, cfg.block_size) else "blocked PyTorch"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,7 +150,7 @@ def run_configuration(args, conf: dict) -> dict:
                "--tokens-per-step", str(args.tokens_per_step), "--steps", str(args.steps),
                "--profile-steps", str(args.profile_steps)]  # fmt: skip
     if args.quick:
-        command += ["--model-flags", json.dumps({"dim": 64, "depth": 2, "heads": 2, "dim_head": 32})]
+        command += ["--model-flags", json.dumps(QUICK_MODEL)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -166,26 +187,31 @@ def report(rows: list[dict], env: dict, args, out_dir) -> None:
         f"Command: `{script_command()}`"
         + (f" (H_TRANSFORMER_1D_AUTOTUNE={env['autotune']})" if env.get("autotune") is not None else "")
         + ".",
-        f"Model: preset `{args.preset}`{' (quick: dim 64, depth 2)' if args.quick else ''}"
+        f"Model: preset `{args.preset}`{f' (quick: {QUICK_MODEL})' if args.quick else ''}"
         + (f" ({params[0] / 1e6:.2f}M parameters)" if params else "")
         + ", "
         f"{args.tokens_per_step:,} tokens per step (batch = tokens / context), AdamW, "
-        f"{'bf16 autocast' if args.device != 'cpu' else 'float32'}, random bytes; {args.steps} timed steps after 2. "
-        f"Attention and other kernel times: device ms per step over {args.profile_steps} profiled steps.",
+        f"{'bf16 autocast' if args.device != 'cpu' else 'float32'}, random bytes; {args.steps} timed steps after {UNTIMED_STEPS}."
+        + (
+            f" Attention and other kernel times: device ms per step over {args.profile_steps} profiled steps."
+            if args.device != "cpu" and args.profile_steps
+            else ""
+        ),
         f"SDPA kernels seen in the dense runs: {env.get('sdpa') or '-'}.",
         "",
         (
-            "| context | mode | attention | tokens/s | vs dense | ms/step | attention kernels ms/step"
+            "| context | mode | attention | path | tokens/s | vs dense | ms/step | attention kernels ms/step"
             " | other kernels ms/step | kernels/step | peak MiB |"
         ),
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['context']:,} | {r['mode']} | {label(r)} | {r['error']} | | | | | | |")
+            error = r["error"].replace("|", "/")
+            lines.append(f"| {r['context']:,} | {r['mode']} | {label(r)} | | {error} | | | | | | |")
             continue
         lines.append(
-            f"| {r['context']:,} | {r['mode']} | {label(r)} | {fmt(r['tokens_per_s'])} | "
+            f"| {r['context']:,} | {r['mode']} | {label(r)} | {r.get('path', '-')} | {fmt(r['tokens_per_s'])} | "
             f"{fmt(r.get('vs_dense'), '.2f')}{'x' if r.get('vs_dense') else ''} | {fmt(r['ms_per_step'], '.1f')} | "
             f"{fmt(r.get('attention_ms'), '.1f')} | {fmt(r.get('other_ms'), '.1f')} | "
             f"{fmt(r.get('kernels_per_step'))} | {fmt(r['peak_mib'])} |"
@@ -238,7 +264,12 @@ def plot(rows: list[dict], out_dir) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    parser.add_argument("--quick", action="store_true", help="tiny model, short contexts, eager only (CPU smoke)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: a tiny model, contexts 128 and 256, blocks 16 and 32, eager, 2 steps of 512 tokens "
+        "(overrides --contexts, --blocks, --modes, --steps, --tokens-per-step)",
+    )
     parser.add_argument("--preset", default="base")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--blocks", type=int, nargs="+", default=[256, 512])
@@ -262,6 +293,12 @@ def main() -> int:
     if args.quick:
         args.contexts, args.blocks, args.modes = [128, 256], [16, 32], ["eager"]
         args.tokens_per_step, args.steps = 512, 2
+    for name, value, least in (("--steps", args.steps, 1), ("--profile-steps", args.profile_steps, 0),
+                               ("--tokens-per-step", args.tokens_per_step, 1)):  # fmt: skip
+        if value < least:
+            parser.error(f"{name} must be an integer >= {least}, got {value}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     for context in args.contexts:
         if context <= 0 or args.tokens_per_step % context:
             parser.error(f"--contexts: each must divide --tokens-per-step {args.tokens_per_step}, got {context}")
@@ -275,20 +312,15 @@ def main() -> int:
     out_dir = Path(args.out_dir)
     env = {**environment(args.device), "autotune": os.environ.get("H_TRANSFORMER_1D_AUTOTUNE")}
     rows = []
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        confs = configurations(args)
-        for conf in tqdm(confs, desc="configurations"):
-            row = run_configuration(args, conf)
-            rows.append(row)
-            tqdm.write(json.dumps({k: v for k, v in row.items() if k != "attention_kernels"}))
-            if row["attention"] == "dense" and row.get("attention_kernels"):
-                env["sdpa"] = ", ".join(row["attention_kernels"])
-            report(rows, env, args, out_dir)
-    finally:
-        if rows:
-            report(rows, env, args, out_dir)
+    for conf in tqdm(configurations(args), desc="configurations"):
+        row = run_configuration(args, conf)
+        rows.append(row)
+        tqdm.write(json.dumps({k: v for k, v in row.items() if k != "attention_kernels"}))
+        if row["attention"] == "dense" and row.get("attention_kernels"):
+            env["sdpa"] = ", ".join(row["attention_kernels"])
+        report(rows, env, args, out_dir)  # after every configuration: a stopped run leaves its report
     print(f"wrote {out_dir / 'train_speed.md'}")
     return 0
 

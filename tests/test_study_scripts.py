@@ -235,7 +235,8 @@ def test_train_speed_quick(tmp_path):
         if r["attention"] == "hierarchical":
             assert r["vs_dense"] == pytest.approx(r["tokens_per_s"] / dense[r["context"]])
     md = (tmp_path / "train_speed.md").read_text()
-    assert "| 256 | eager | hierarchical, block 32 |" in md and "Fastest against dense:" in md
+    assert {(r["attention"], r["path"]) for r in rows} == {("dense", "SDPA"), ("hierarchical", "blocked PyTorch")}
+    assert "| 256 | eager | hierarchical, block 32 | blocked PyTorch |" in md and "Fastest against dense:" in md
     assert (tmp_path / "train_speed.png").read_bytes().startswith(PNG)
 
 
@@ -249,6 +250,8 @@ def test_train_speed_splits_kernel_time_and_checks_contexts(tmp_path):
                "--out-dir", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--contexts: each must divide --tokens-per-step 32768, got 3000" in done.stderr
+    done = subprocess.run([*command[:-4], "--steps", "0"], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--steps must be an integer >= 1, got 0" in done.stderr
 
 
 def test_length_ratios_rejects_bad_rounds(tmp_path):

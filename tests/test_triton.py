@@ -182,6 +182,14 @@ def test_kernels_match_reference_on_gpu(n, nr, causal):
     check_against_reference(n, nr, causal, "gaps", 64, torch.bfloat16, b=2, h=2)
 
 
+def test_kernels_take_blocks_16_to_512_and_their_head_sizes():
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    assert fused.supports(q, 16) and fused.supports(q, 512)
+    assert not fused.supports(q, 8) and not fused.supports(q, 1024)
+    assert not fused.supports(torch.empty(1, 1, 1, 48, dtype=torch.bfloat16), 128)
+    assert not fused.supports(q.float(), 128) and fused.supports(q.float(), 128, allow_float32=True)
+
+
 @cuda
 def test_auto_dispatch_uses_kernels_on_gpu(monkeypatch):
     calls = []
