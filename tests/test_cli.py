@@ -277,6 +277,10 @@ def test_bench_prints_a_table(capsys):
     assert main(["bench", *TINY[: TINY.index("--eval-batches")], "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "hierarchical" in out and "dense" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if len(line.split()) == 4}
+    speeds = [float(rows[kind][2].replace(",", "")) for kind in ("hierarchical", "dense")]
+    ratio = next(line for line in out.splitlines() if line.startswith("hierarchical / dense tokens/s:"))
+    assert float(ratio.split()[-1].rstrip("x")) == pytest.approx(speeds[0] / speeds[1], abs=0.006)
 
 
 # --- checkpoints and resume -----------------------------------------------------------------------

@@ -76,4 +76,7 @@ def bench(cfg: Config, kinds: tuple[str, ...], steps: int, rt: Runtime) -> list[
         ms, tokens_per_s, mib = bench_one(dataclasses.replace(cfg, attention=kind), steps, rt)
         rows.append({"attention": kind, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "peak_mib": mib})
         print(f"{kind:<14}{ms:>10.1f}{tokens_per_s:>12,.0f}{mib:>12,.0f}", flush=True)
+    speed = {r["attention"]: r["tokens_per_s"] for r in rows}
+    if len(speed) == 2:
+        print(f"hierarchical / dense tokens/s: {speed['hierarchical'] / speed['dense']:.2f}x")
     return rows
