@@ -81,7 +81,6 @@ def child(args) -> dict:
     from h_transformer_1d.apps.bench import bench_one, training_step
     from h_transformer_1d.apps.config import resolve, validate
     from h_transformer_1d.apps.train import Runtime, resolve_device
-    from h_transformer_1d.attention import fused
 
     flags = {"preset": args.preset, "seq_len": args.context, "batch_size": args.tokens_per_step // args.context,
              "block_size": args.block, "attention": args.attention, "compile": args.mode == "compiled"}  # fmt: skip
@@ -97,7 +96,7 @@ def child(args) -> dict:
     row = {"ms_per_step": ms, "tokens_per_s": tokens_per_s, "peak_mib": mib,
            "params": sum(p.numel() for p in step.model.parameters()),
            "batch_size": cfg.batch_size, "setup_and_run_s": time.perf_counter() - start,
-           "path": attention_path(cfg, device, fused)}  # fmt: skip
+           "path": attention_path(cfg, device)}  # fmt: skip
     if device.type == "cuda" and args.profile_steps:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -117,10 +116,12 @@ def child(args) -> dict:
     return row
 
 
-def attention_path(cfg, device, fused) -> str:
+def attention_path(cfg, device) -> str:
     """Which attention code runs: SDPA, our Triton kernels, or our blocked PyTorch path (where the kernels
     do not take the device, head size or block size)."""
     import torch
+
+    from h_transformer_1d.attention import fused
 
     if cfg.attention == "dense":
         return "SDPA"
@@ -191,7 +192,8 @@ def report(rows: list[dict], env: dict, args, out_dir) -> None:
         + (f" ({params[0] / 1e6:.2f}M parameters)" if params else "")
         + ", "
         f"{args.tokens_per_step:,} tokens per step (batch = tokens / context), AdamW, "
-        f"{'bf16 autocast' if args.device != 'cpu' else 'float32'}, random bytes; {args.steps} timed steps after {UNTIMED_STEPS}."
+        f"{'bf16 autocast' if args.device != 'cpu' else 'float32'}, random bytes; "
+        f"{args.steps} timed steps after {UNTIMED_STEPS}."
         + (
             f" Attention and other kernel times: device ms per step over {args.profile_steps} profiled steps."
             if args.device != "cpu" and args.profile_steps

@@ -64,9 +64,9 @@ _KEY = ["NR", "D", "FIRST", "STEP", "NUM_WIN", "LEVEL0", "CAUSAL"]
 
 
 def _autotune(configs):
-    """triton.autotune over `configs`, keeping its choices on disk where this Triton can (3.4 and
-    later: ``cache_results``, keyed by the GPU architecture, the Triton build, the kernel source and the tuning key),
-    so that only the first process on a machine pays the benchmarking."""
+    """triton.autotune over `configs`, keeping its choices on disk where this Triton can (3.4 and later:
+    ``cache_results``, keyed by the GPU architecture, the Triton build, the kernel source and the tuning
+    key), so that only the first process on a machine pays the benchmarking."""
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_block}, **extra)
 
