@@ -87,6 +87,23 @@ def test_chained_coarsening_launches(monkeypatch, n, causal, mask_kind):
     check_against_reference(n, 16, causal, mask_kind, 16, torch.float32)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile shapes")
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("n,causal,mask_kind", [(150, True, "gaps"), (200, False, "end"), (130, True, "none")])
+def test_unequal_tiles(monkeypatch, tiles, n, causal, mask_kind):
+    """Query and key tiles of different sizes: the spans along the causal diagonal and the coarse
+    half-blocks round to whole tiles on either side."""
+    from h_transformer_1d.attention import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "INTERPRET_TILES", tiles)
+    kernels = (tk.window_fwd_kernel, tk.window_bwd_dq_kernel, tk.window_bwd_dkdv_kernel)
+    for kernel in kernels:  # the autotuners remember the tile chosen per key
+        monkeypatch.setattr(kernel, "cache", {})
+    check_against_reference(n, 32, causal, mask_kind, 16, torch.float32)
+    for kernel in kernels:
+        assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kernel.cache.values()} == {tiles}
+
+
 @pytest.mark.parametrize("n,causal,mask_kind", [(75, False, "gaps"), (130, True, "start")])
 def test_kernels_rotate_on_the_fly(n, causal, mask_kind):
     """rotary_freqs: the kernels rotate q and k while coarsening and turn dq, dk back; equal to the

@@ -35,6 +35,7 @@ LV = 6  # coarse levels one fold launch produces (chunks of 2**LV input rows)
 # 4.53 -> 0.75 ms).
 COARSEN_LV, COARSEN_WARPS = 2, 1
 UNCOARSEN_BLOCK = 32
+INTERPRET_TILES = None  # tests: the one tile shape (BLOCK_M, BLOCK_N) kernels take in the interpreter
 
 
 def _autotune_enabled() -> bool:
@@ -45,7 +46,7 @@ def _configs(shapes):
     """Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter;
     only the first (a good default) when H_TRANSFORMER_1D_AUTOTUNE=0 (no tuning delay)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        shapes = [(16, 16, 1, 1), (32, 32, 1, 1)]
+        shapes = [(16, 16, 1, 1), (32, 32, 1, 1), (32, 16, 1, 1), (16, 32, 1, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -54,6 +55,8 @@ def _fit_block(configs, nargs, **kwargs):
     nr = kwargs.get("NR", nargs.get("NR"))
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
     if os.environ.get("TRITON_INTERPRET") == "1":
+        if INTERPRET_TILES is not None:  # tests: one (BLOCK_M, BLOCK_N) shape
+            return [c for c in fitting if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == INTERPRET_TILES]
         return fitting[:1]  # the smallest tile: several tiles per block, so tiling is exercised
     if not _autotune_enabled():
         return fitting[:1]
@@ -328,22 +331,95 @@ def uncoarsen_kernel(
 
 
 # --------------------------------------------------------------------------- windowed attention
+#
+# Each program walks contiguous spans of the other side's rows in runtime loops (``tl.range``, which
+# Triton software-pipelines), skipping tiles that a mask would empty: the part of the causal diagonal
+# block past the tile's last query, and the half-blocks the coarse correction removes. At level 0 the
+# causal mask runs only on the span that meets the diagonal.
 
 
 @triton.jit
-def _scores(q, k, cnt, rows, cols, off, LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, NR: tl.constexpr):
-    """Base-2 scores of a (BLOCK_M, D) query tile against a (BLOCK_N, D) key tile, masks applied."""
+def _scores(q, k, cnt, rows, cols, off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr):
+    """Base-2 scores of a (BLOCK_M, D) query tile against a (BLOCK_N, D) key tile at packed rows `rows`
+    and `cols`, masks applied: level 0 with DIAG, keys up to the query; coarse levels, the half-block
+    correction of window offset `off` (the previous block: queries in the first half skip the second
+    half of its keys; the next block: queries in the second half skip the first half)."""
     s = tl.dot(q, tl.trans(k)) * 1.4426950408889634
     s = s + tl.where(cnt > 0, tl.log2(tl.maximum(cnt, 1e-30)), float("-inf"))[None, :]
     if LEVEL0:
-        if CAUSAL:
-            s = tl.where((off != 0) | (cols[None, :] <= rows[:, None]), s, float("-inf"))
+        if DIAG:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
     else:
         half = NR // 2
-        skip_prev = (off < 0) & (rows[:, None] < half) & (cols[None, :] >= half)
-        skip_next = (off > 0) & (rows[:, None] >= half) & (cols[None, :] < half)
-        s = tl.where(skip_prev | skip_next, float("-inf"), s)
+        r = rows % NR
+        c = cols % NR
+        if off < 0:
+            s = tl.where((r[:, None] < half) & (c[None, :] >= half), float("-inf"), s)
+        else:
+            s = tl.where((r[:, None] >= half) & (c[None, :] < half), float("-inf"), s)
     return s
+
+
+@triton.jit
+def _key_span(start, qblock, lo, hi, off: tl.constexpr, NR: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Coarse levels: the packed key rows [n_lo, n_hi) that query tile `start` meets in the block at
+    window offset `off` (empty outside the level), in whole key tiles."""
+    kb = qblock + off
+    r0 = start % NR
+    if off < 0:
+        c_lo = 0
+        c_hi = tl.where(r0 + BLOCK_M <= NR // 2, NR // 2, NR)
+    else:
+        c_lo = tl.where(r0 >= NR // 2, NR // 2, 0)
+        c_hi = NR
+    c_lo = c_lo // BLOCK_N * BLOCK_N
+    c_hi = (c_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    n_lo = kb * NR + c_lo
+    n_hi = tl.where((kb >= lo) & (kb < hi), kb * NR + c_hi, n_lo)
+    return n_lo, n_hi
+
+
+@triton.jit
+def _query_span(start, kblock, lo, hi, off: tl.constexpr, NR: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Coarse levels: the packed query rows [m_lo, m_hi) of the block whose window holds key tile
+    `start` at offset `off` and that meet it (empty outside the level), in whole query tiles."""
+    qb = kblock - off
+    c0 = start % NR
+    if off < 0:  # the next block's queries: those in its first half see only our first half
+        r_lo = tl.where(c0 >= NR // 2, NR // 2, 0)
+        r_hi = NR
+    else:  # the previous block's queries: those in its second half see only our second half
+        r_lo = 0
+        r_hi = tl.where(c0 + BLOCK_N <= NR // 2, NR // 2, NR)
+    r_lo = r_lo // BLOCK_M * BLOCK_M
+    r_hi = (r_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    m_lo = qb * NR + r_lo
+    m_hi = tl.where((qb >= lo) & (qb < hi), qb * NR + r_hi, m_lo)
+    return m_lo, m_hi
+
+
+@triton.jit
+def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
+              off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Online softmax of the query tile over the key rows [n_lo, n_hi)."""
+    offs_d = tl.arange(0, D)
+    for n0 in tl.range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
+        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
+        cnt = tl.load(CNT + cbase + cols)
+        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @_autotune(_FWD_CONFIGS)
@@ -364,13 +440,13 @@ def window_fwd_kernel(
     h = bh % H
     start = ROW0 + pid_m * BLOCK_M
     qblock = start // NR
-    rows = start % NR + tl.arange(0, BLOCK_M)  # row index inside the block
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     lo = tl.load(LO + qblock)
     hi = tl.load(HI + qblock)
 
     base = (b * H + h) * MTOT * D
+    cbase = b * MTOT
     sbase = (b * H + h) * (MTOT - M0)
     q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
 
@@ -391,27 +467,26 @@ def window_fwd_kernel(
             acc = acc * alpha[:, None] + a_a * beta[:, None]
             m_i = m_new
 
-    for w in tl.static_range(NUM_WIN):
-        off = FIRST + w * STEP
-        kblock = qblock + off
-        if (kblock >= lo) & (kblock < hi):
-            for sub in tl.static_range(NR // BLOCK_N):
-                cols = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-                offs_n = kblock * NR + cols
-                k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
-                v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
-                cnt = tl.load(CNT + b * MTOT + offs_n)
-                s = _scores(q, k, cnt, rows, cols, off, LEVEL0, CAUSAL, NR)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+    if LEVEL0:  # one contiguous span: the previous block (clipped to the level), this one, the next
+        n_lo = tl.maximum(qblock - 1, lo) * NR
+        if CAUSAL:  # keys before the tile's first query: no mask; then the span along the diagonal
+            diag = start // BLOCK_N * BLOCK_N
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, diag,
+                                      0, True, False, NR, D, BLOCK_N)
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, diag,
+                                      (start + BLOCK_M + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+                                      0, True, True, NR, D, BLOCK_N)
+        else:
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo,
+                                      tl.minimum(qblock + 2, hi) * NR, 0, True, False, NR, D, BLOCK_N)
+    else:
+        for w in tl.static_range(NUM_WIN):
+            n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, n_hi,
+                                      FIRST + w * STEP, False, False, NR, D, BLOCK_N)
 
     if FINAL:
-        valid = tl.load(CNT + b * MTOT + offs_m) > 0
+        valid = tl.load(CNT + cbase + offs_m) > 0
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         out = tl.where(valid[:, None], out, 0.0)  # padded positions output zeros
         optr = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
@@ -423,6 +498,24 @@ def window_fwd_kernel(
         tl.store(SA + srow[:, None] * D + offs_d[None, :], acc)
         tl.store(SM + srow, m_i)
         tl.store(SL + srow, l_i)
+
+
+@triton.jit
+def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
+             off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for n0 in tl.range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
+        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
+        cnt = tl.load(CNT + cbase + cols)
+        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
 
 
 @_autotune(_FWD_CONFIGS)
@@ -440,12 +533,12 @@ def window_bwd_dq_kernel(
     h = bh % H
     start = ROW0 + pid_m * BLOCK_M
     qblock = start // NR
-    rows = start % NR + tl.arange(0, BLOCK_M)
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     lo = tl.load(LO + qblock)
     hi = tl.load(HI + qblock)
     base = (b * H + h) * MTOT * D
+    cbase = b * MTOT
     sbase = (b * H + h) * MTOT
     q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
     do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :]).to(q.dtype)
@@ -453,22 +546,44 @@ def window_bwd_dq_kernel(
     lse = tl.where(lse == float("inf"), 0.0, lse)  # rows without keys: every p below is 0
     delta = tl.load(DELTA + sbase + offs_m)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for w in tl.static_range(NUM_WIN):
-        off = FIRST + w * STEP
-        kblock = qblock + off
-        if (kblock >= lo) & (kblock < hi):
-            for sub in tl.static_range(NR // BLOCK_N):
-                cols = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-                offs_n = kblock * NR + cols
-                k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
-                v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
-                cnt = tl.load(CNT + b * MTOT + offs_n)
-                s = _scores(q, k, cnt, rows, cols, off, LEVEL0, CAUSAL, NR)
-                p = tl.exp2(s - lse[:, None])
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k)
+    if LEVEL0:  # the forward's spans
+        n_lo = tl.maximum(qblock - 1, lo) * NR
+        if CAUSAL:
+            diag = start // BLOCK_N * BLOCK_N
+            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, diag,
+                          0, True, False, NR, D, BLOCK_N)
+            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, diag,
+                          (start + BLOCK_M + BLOCK_N - 1) // BLOCK_N * BLOCK_N, 0, True, True, NR, D, BLOCK_N)
+        else:
+            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo,
+                          tl.minimum(qblock + 2, hi) * NR, 0, True, False, NR, D, BLOCK_N)
+    else:
+        for w in tl.static_range(NUM_WIN):
+            n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
+            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, n_hi,
+                          FIRST + w * STEP, False, False, NR, D, BLOCK_N)
     tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, cols, m_lo, m_hi,
+               off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for m0 in tl.range(m_lo, m_hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        q = tl.load(Q + base + rows[:, None] * D + offs_d[None, :])
+        do = tl.load(DO + base + rows[:, None] * D + offs_d[None, :]).to(q.dtype)
+        lse = tl.load(LSE + sbase + rows)
+        lse = tl.where(lse == float("inf"), 0.0, lse)
+        delta = tl.load(DELTA + sbase + rows)
+        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+        p = tl.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
 
 
 @_autotune(_BWD_CONFIGS)
@@ -486,7 +601,6 @@ def window_bwd_dkdv_kernel(
     h = bh % H
     start = ROW0 + pid_n * BLOCK_N
     kblock = start // NR
-    cols = start % NR + tl.arange(0, BLOCK_N)
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     lo = tl.load(LO + kblock)
@@ -498,23 +612,22 @@ def window_bwd_dkdv_kernel(
     cnt = tl.load(CNT + b * MTOT + offs_n)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    for w in tl.static_range(NUM_WIN):
-        off = FIRST + w * STEP
-        qblock = kblock - off  # the query block whose window holds this key block at `off`
-        if (qblock >= lo) & (qblock < hi):
-            for sub in tl.static_range(NR // BLOCK_M):
-                rows = sub * BLOCK_M + tl.arange(0, BLOCK_M)
-                offs_m = qblock * NR + rows
-                q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
-                do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :]).to(q.dtype)
-                lse = tl.load(LSE + sbase + offs_m)
-                lse = tl.where(lse == float("inf"), 0.0, lse)
-                delta = tl.load(DELTA + sbase + offs_m)
-                s = _scores(q, k, cnt, rows, cols, off, LEVEL0, CAUSAL, NR)
-                p = tl.exp2(s - lse[:, None])
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    if LEVEL0:  # the queries whose windows hold this key tile: this block (and the next, the previous)
+        m_hi = tl.minimum(kblock + 2, hi) * NR
+        if CAUSAL:  # queries along the diagonal (masked), then the later ones (no mask)
+            diag_lo = start // BLOCK_M * BLOCK_M
+            diag_hi = (start + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_lo, diag_hi,
+                                0, True, True, NR, D, BLOCK_M)
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_hi, m_hi,
+                                0, True, False, NR, D, BLOCK_M)
+        else:
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n,
+                                tl.maximum(kblock - 1, lo) * NR, m_hi, 0, True, False, NR, D, BLOCK_M)
+    else:
+        for w in tl.static_range(NUM_WIN):
+            m_lo, m_hi = _query_span(start, kblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n, m_lo, m_hi,
+                                FIRST + w * STEP, False, False, NR, D, BLOCK_M)
     tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty))
     tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
