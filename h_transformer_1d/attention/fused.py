@@ -43,7 +43,8 @@ def _alloc_bnhd(b, h, n, d, device, dtype) -> torch.Tensor:
 
 
 def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
-    """(FIRST, STEP, NUM_WIN): the key blocks c + FIRST + w * STEP of query block c."""
+    """(FIRST, STEP, NUM_WIN): the key blocks c + FIRST + w * STEP of query block c (the coarse kernels
+    walk them; at level 0 they are contiguous and the kernels take the span directly)."""
     if level0:
         return (-1, 1, 2) if causal else (-1, 1, 3)
     return (-1, 2, 1) if causal else (-1, 2, 2)

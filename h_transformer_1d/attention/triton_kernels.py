@@ -11,8 +11,8 @@ padded to whole blocks) first, then levels 1, 2, ... each padded to whole blocks
 - ``window_fwd_kernel`` / ``window_bwd_dq_kernel`` / ``window_bwd_dkdv_kernel``: windowed block
   attention, one kernel family for all levels. Query block c attends to key blocks
   ``c + FIRST + w * STEP`` (w < NUM_WIN) inside its level's range ``[lo[c], hi[c])``; at level 0
-  the causal diagonal block is triangular, at coarse levels the half-block correction of DESIGN.md
-  applies. Each key carries ``log2(count)``. The level-0 forward starts its online softmax from the
+  (blocks c - 1 .. c, or .. c + 1 non-causal, walked as one span) the causal diagonal block is
+  triangular, at coarse levels the half-block correction of DESIGN.md applies. Each key carries ``log2(count)``. The level-0 forward starts its online softmax from the
   coarse levels' states of its ancestors, so every query ends with one softmax over all levels.
 - ``fold_kernel``: for the backward, folds each coarse group's rows: ``ref = min lse``,
   ``dObar = sum 2^(ref - lse_i) dO_i``, ``Dbar = sum 2^(ref - lse_i) Delta_i``, so the same
