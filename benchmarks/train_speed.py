@@ -117,16 +117,16 @@ def child(args) -> dict:
 
 
 def attention_path(cfg, device) -> str:
-    """Which attention code runs: SDPA, our Triton kernels, or our blocked PyTorch path (where the kernels
-    do not take the device, head size or block size)."""
+    """Which attention code runs in training: SDPA, our Triton kernels, or our blocked PyTorch path (where
+    h_attention's own dispatch turns the kernels down: device, head size, block size, dropout)."""
     import torch
 
-    from h_transformer_1d.attention import fused
+    from h_transformer_1d.attention.interface import _use_triton
 
     if cfg.attention == "dense":
         return "SDPA"
-    q = torch.empty(1, 1, 1, cfg.dim_head, dtype=torch.bfloat16)
-    return "kernels" if device.type == "cuda" and fused.supports(q, cfg.block_size) else "blocked PyTorch"
+    q = torch.empty(1, 1, 1, cfg.dim_head, dtype=torch.bfloat16, device=device)  # bf16 autocast on a GPU
+    return "kernels" if _use_triton(q, cfg.block_size, cfg.dropout, "auto") else "blocked PyTorch"
 
 
 # ----------------------------------------------------------------------------------------------------
