@@ -361,6 +361,42 @@ def _scores(q, k, cnt, rows, cols, off: tl.constexpr, LEVEL0: tl.constexpr, DIAG
 
 
 @triton.jit
+def _level0_keys(start, qblock, lo, hi, CAUSAL: tl.constexpr, NR: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Level 0: the key rows of query tile `start`, one contiguous span (the previous block clipped to
+    the level, this one, and without CAUSAL the next), split at `diag`: [n_lo, diag) needs no mask,
+    [diag, n_hi) (causal: the keys along the tile's queries, in whole key tiles) needs the causal one."""
+    n_lo = tl.maximum(qblock - 1, lo) * NR
+    if CAUSAL:
+        diag = start // BLOCK_N * BLOCK_N
+        n_hi = (start + BLOCK_M + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    else:
+        diag = tl.minimum(qblock + 2, hi) * NR
+        n_hi = diag
+    return n_lo, diag, n_hi
+
+
+@triton.jit
+def _load_scores(q, K, V, CNT, base, cbase, rows, n0, off: tl.constexpr, LEVEL0: tl.constexpr,
+                 DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tile at packed row n0: k, v and the masked base-2 scores of the query tile against it."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
+    v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
+    cnt = tl.load(CNT + cbase + cols)
+    return k, v, _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+
+
+@triton.jit
+def _block_span(block, lo_in, hi_in, lo, hi, NR: tl.constexpr, TILE: tl.constexpr):
+    """Packed rows [lo_in, hi_in) of `block`, widened to whole tiles; empty unless lo <= block < hi."""
+    first = block * NR + lo_in // TILE * TILE
+    last = tl.where((block >= lo) & (block < hi), block * NR + (hi_in + TILE - 1) // TILE * TILE, first)
+    return first, last
+
+
+@triton.jit
 def _key_span(start, qblock, lo, hi, off: tl.constexpr, NR: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """Coarse levels: the packed key rows [n_lo, n_hi) that query tile `start` meets in the block at
@@ -373,11 +409,7 @@ def _key_span(start, qblock, lo, hi, off: tl.constexpr, NR: tl.constexpr, BLOCK_
     else:
         c_lo = tl.where(r0 >= NR // 2, NR // 2, 0)
         c_hi = NR
-    c_lo = c_lo // BLOCK_N * BLOCK_N
-    c_hi = (c_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    n_lo = kb * NR + c_lo
-    n_hi = tl.where((kb >= lo) & (kb < hi), kb * NR + c_hi, n_lo)
-    return n_lo, n_hi
+    return _block_span(kb, c_lo, c_hi, lo, hi, NR, BLOCK_N)
 
 
 @triton.jit
@@ -393,11 +425,7 @@ def _query_span(start, kblock, lo, hi, off: tl.constexpr, NR: tl.constexpr, BLOC
     else:  # the previous block's queries: those in its second half see only our second half
         r_lo = 0
         r_hi = tl.where(c0 + BLOCK_N <= NR // 2, NR // 2, NR)
-    r_lo = r_lo // BLOCK_M * BLOCK_M
-    r_hi = (r_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    m_lo = qb * NR + r_lo
-    m_hi = tl.where((qb >= lo) & (qb < hi), qb * NR + r_hi, m_lo)
-    return m_lo, m_hi
+    return _block_span(qb, r_lo, r_hi, lo, hi, NR, BLOCK_M)
 
 
 @triton.jit
@@ -405,13 +433,8 @@ def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
               off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """Online softmax of the query tile over the key rows [n_lo, n_hi)."""
-    offs_d = tl.arange(0, D)
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
-        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
-        cnt = tl.load(CNT + cbase + cols)
-        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+        k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -467,18 +490,13 @@ def window_fwd_kernel(
             acc = acc * alpha[:, None] + a_a * beta[:, None]
             m_i = m_new
 
-    if LEVEL0:  # one contiguous span: the previous block (clipped to the level), this one, the next
-        n_lo = tl.maximum(qblock - 1, lo) * NR
-        if CAUSAL:  # keys before the tile's first query: no mask; then the span along the diagonal
-            diag = start // BLOCK_N * BLOCK_N
-            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, diag,
-                                      0, True, False, NR, D, BLOCK_N)
-            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, diag,
-                                      (start + BLOCK_M + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+    if LEVEL0:
+        n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, diag,
+                                  0, True, False, NR, D, BLOCK_N)
+        if CAUSAL:
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, diag, n_hi,
                                       0, True, True, NR, D, BLOCK_N)
-        else:
-            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo,
-                                      tl.minimum(qblock + 2, hi) * NR, 0, True, False, NR, D, BLOCK_N)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
@@ -504,13 +522,8 @@ def window_fwd_kernel(
 def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
              off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
              BLOCK_N: tl.constexpr):
-    offs_d = tl.arange(0, D)
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
-        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
-        cnt = tl.load(CNT + cbase + cols)
-        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+        k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -546,17 +559,13 @@ def window_bwd_dq_kernel(
     lse = tl.where(lse == float("inf"), 0.0, lse)  # rows without keys: every p below is 0
     delta = tl.load(DELTA + sbase + offs_m)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    if LEVEL0:  # the forward's spans
-        n_lo = tl.maximum(qblock - 1, lo) * NR
+    if LEVEL0:
+        n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
+        dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, diag, 0, True, False, NR, D,
+                      BLOCK_N)
         if CAUSAL:
-            diag = start // BLOCK_N * BLOCK_N
-            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, diag,
-                          0, True, False, NR, D, BLOCK_N)
-            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, diag,
-                          (start + BLOCK_M + BLOCK_N - 1) // BLOCK_N * BLOCK_N, 0, True, True, NR, D, BLOCK_N)
-        else:
-            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo,
-                          tl.minimum(qblock + 2, hi) * NR, 0, True, False, NR, D, BLOCK_N)
+            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, diag, n_hi, 0, True, True, NR, D,
+                          BLOCK_N)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
