@@ -12,6 +12,8 @@ from h_transformer_1d import h_attention
 from h_transformer_1d.attention import fused
 
 triton = pytest.importorskip("triton")
+from h_transformer_1d.attention import triton_kernels as tk
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 runs exactly in the interpreter and through TF32 tensor cores on a GPU
@@ -79,10 +81,8 @@ def test_kernels_match_reference_small(n, nr, causal, mask_kind, d, dtype):
 def test_chained_coarsening_launches(monkeypatch, n, causal, mask_kind):
     """Deep hierarchies coarsen in launches of COARSEN_LV levels and fold in launches of LV levels;
     1 and 2 make short sequences need several of each."""
-    from h_transformer_1d.attention import triton_kernels
-
-    monkeypatch.setattr(triton_kernels, "LV", 2)
-    monkeypatch.setattr(triton_kernels, "COARSEN_LV", 1)
+    monkeypatch.setattr(tk, "LV", 2)
+    monkeypatch.setattr(tk, "COARSEN_LV", 1)
     monkeypatch.setattr(fused, "_LAYOUTS", {})
     check_against_reference(n, 16, causal, mask_kind, 16, torch.float32)
 
@@ -94,15 +94,43 @@ def test_unequal_tiles(monkeypatch, tiles, n, causal, mask_kind):
     """Query and key tiles of different sizes: the spans along the causal diagonal and the coarse
     half-blocks round to whole tiles on either side (block 64: coarse spans narrow to half-blocks of
     32 rows, one tile of 32 or two of 16)."""
-    from h_transformer_1d.attention import triton_kernels as tk
+    shapes = force_tiles(monkeypatch, tiles)
+    check_against_reference(n, 64, causal, mask_kind, 16, torch.float32)
+    for kernel, shape in shapes.items():
+        assert {s[:2] for s in shape()} == {tiles}, kernel.fn.__name__
 
-    monkeypatch.setattr(tk, "INTERPRET_TILES", tiles)
+
+GPU_TILES = sorted({tk._tile_shape(c) for c in tk._FWD_CONFIGS + tk._BWD_CONFIGS})
+
+
+@cuda
+@pytest.mark.parametrize("tiles", GPU_TILES, ids=["x".join(map(str, t)) for t in GPU_TILES])
+@pytest.mark.parametrize("n,nr,causal,mask_kind", [(1100, 256, True, "gaps"), (700, 128, False, "end"),
+                                                   (2100, 512, True, "start")])
+def test_every_tile_config_on_gpu(monkeypatch, tiles, n, nr, causal, mask_kind):
+    """Each tile shape autotuning may choose, forced in turn (with H_TRANSFORMER_1D_AUTOTUNE=0 only the
+    first of each list runs, so the others would go unchecked): the kernels whose configs hold it take
+    it, the others their default."""
+    shapes = force_tiles(monkeypatch, tiles)
+    check_against_reference(n, nr, causal, mask_kind, 64, torch.bfloat16, b=2, h=2)
+    ran = [shape() for shape in shapes.values()]
+    assert tiles in set().union(*ran) and all(len(r) == 1 for r in ran)
+
+
+def test_a_forced_tile_must_fit_the_block(monkeypatch):
+    force_tiles(monkeypatch, (32, 32))
+    with pytest.raises(ValueError, match=r"FORCE_TILES \[\(32, 32\)\]: a forced tile is larger than the block \(16\)"):
+        check_against_reference(40, 16, True, "none", 16, torch.float32)
+
+
+def force_tiles(monkeypatch, tiles):
+    """Make the window kernels take the tile shape `tiles` (where their configs hold it); returns, for
+    each kernel, a function giving the shapes (BLOCK_M, BLOCK_N, warps, stages) it has run with since."""
+    monkeypatch.setattr(tk, "FORCE_TILES", frozenset({tiles}))
     kernels = (tk.window_fwd_kernel, tk.window_bwd_dq_kernel, tk.window_bwd_dkdv_kernel)
     for kernel in kernels:  # the autotuners remember the tile chosen per key
         monkeypatch.setattr(kernel, "cache", {})
-    check_against_reference(n, 64, causal, mask_kind, 16, torch.float32)
-    for kernel in kernels:
-        assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kernel.cache.values()} == {tiles}
+    return {kernel: (lambda kernel=kernel: {tk._tile_shape(c) for c in kernel.cache.values()}) for kernel in kernels}
 
 
 @pytest.mark.parametrize("n,causal,mask_kind", [(75, False, "gaps"), (130, True, "start")])

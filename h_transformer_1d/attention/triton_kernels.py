@@ -35,7 +35,9 @@ LV = 6  # coarse levels one fold launch produces (chunks of 2**LV input rows)
 # 4.53 -> 0.75 ms).
 COARSEN_LV, COARSEN_WARPS = 2, 1
 UNCOARSEN_BLOCK = 32
-INTERPRET_TILES = None  # tests: the one tile shape (BLOCK_M, BLOCK_N) kernels take in the interpreter
+# Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# A kernel whose configs hold one of them takes only that one; the others keep their default.
+FORCE_TILES: frozenset = frozenset()
 
 
 def _autotune_enabled() -> bool:
@@ -54,13 +56,20 @@ def _fit_block(configs, nargs, **kwargs):
     """Tiles must divide the block size NR; keep the largest that fit."""
     nr = kwargs.get("NR", nargs.get("NR"))
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
+    forced = [c for c in configs if _tile_shape(c)[:2] in FORCE_TILES or _tile_shape(c) in FORCE_TILES]
+    if forced:  # tests: a forced shape must fit, or the test is not testing it
+        if not all(c in fitting for c in forced):
+            raise ValueError(f"FORCE_TILES {sorted(FORCE_TILES)}: a forced tile is larger than the block ({nr})")
+        return forced[:1]
     if os.environ.get("TRITON_INTERPRET") == "1":
-        if INTERPRET_TILES is not None:  # tests: one (BLOCK_M, BLOCK_N) shape
-            return [c for c in fitting if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == INTERPRET_TILES]
         return fitting[:1]  # the smallest tile: several tiles per block, so tiling is exercised
     if not _autotune_enabled():
         return fitting[:1]
     return fitting
+
+
+def _tile_shape(config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
 _KEY = ["NR", "D", "FIRST", "STEP", "NUM_WIN", "LEVEL0", "CAUSAL"]
@@ -434,7 +443,7 @@ def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
               BLOCK_N: tl.constexpr):
     """Online softmax of the query tile over the key rows [n_lo, n_hi)."""
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N)
+        _k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
