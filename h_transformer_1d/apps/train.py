@@ -34,8 +34,9 @@ LN2 = math.log(2)
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite. Raised before that step's optimizer update, so no
-    checkpoint ever holds the non-finite weights: the one in --out is the last good state."""
+    """The training loss became NaN or infinite. Raised before the next checkpoint is written (the
+    language model reads each step's loss one step late, lra/ before the optimizer update), so no
+    checkpoint ever holds non-finite weights: the one in --out is the last good state."""
 
 
 def check_finite(loss: float, step: int, out_dir: Path, last_saved: int) -> None:
@@ -44,9 +45,9 @@ def check_finite(loss: float, step: int, out_dir: Path, last_saved: int) -> None
         return
     kept = f"{out_dir} keeps the checkpoint of step {last_saved}" if last_saved else f"nothing was saved in {out_dir}"
     raise DivergedError(
-        f"step {step}: the training loss is {loss} (not finite), so training stopped before the optimizer "
-        f"step; {kept}. Lower --lr, set --grad-clip, or use --precision fp32, and train again (--resume of "
-        f"the same configuration repeats the same steps)"
+        f"step {step}: the training loss is {loss} (not finite), so training stopped; {kept}. Lower --lr, set "
+        f"--grad-clip, or use --precision fp32, and train again (--resume of the same configuration repeats the "
+        f"same steps)"
     )
 
 
@@ -314,9 +315,9 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
     val_bpb, last_saved = float("nan"), start_step
-    clock = time.perf_counter()
+    clock = last_read = time.perf_counter()
+    queued = []  # (step, lr, summed loss on the device) of steps whose loss is not read yet
     for step in range(start_step + 1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -329,37 +330,48 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
                 loss = trained(x) / cfg.grad_accum
             loss.backward()
             step_loss += loss.detach()
-        train_bpb = rt.all_sum(step_loss).item() / rt.world_size / LN2  # the same on every process
-        check_finite(train_bpb, step, out_dir, last_saved)
+        queued.append((step, lr, rt.all_sum(step_loss)))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
-        tokens_seen += tokens_per_step
-        bar.update()
-        bar.set_postfix_str(f"loss {train_bpb:.3f} bpb, {tokens_per_s:,.0f} tok/s", refresh=False)
-
-        row = {"step": step, "tokens": tokens_seen, "lr": lr, "train_bpb": train_bpb, "tokens_per_s": tokens_per_s}
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val_bpb = evaluate_bpb(model, corpus.val, val_starts, cfg.seq_len, micro_batch // rt.world_size, rt)
-            row["val_bpb"] = val_bpb
-            rt.print(
-                f"step {step}: train {train_bpb:.3f} bpb, validation {val_bpb:.3f} bpb, "
-                f"{format_duration(elapsed + time.perf_counter() - clock)}"
-            )
-        row["elapsed_s"] = elapsed + time.perf_counter() - clock
-        if metrics:
-            metrics.log(row)
-        if "val_bpb" in row:
-            state = {"tokens": row["tokens"], "elapsed_s": row["elapsed_s"], "world_size": rt.world_size}
-            save_checkpoint(out_dir, cfg, model, optimizer, rt, step, state)
-            last_saved = step
-            if rt.is_main:
-                plot_curves(out_dir)
-        if cfg.sample_every and step % cfg.sample_every == 0:
+        evaluate = step % cfg.eval_every == 0 or step == cfg.max_steps
+        sample = bool(cfg.sample_every) and step % cfg.sample_every == 0
+        # A step's loss is read one step late, so the device never waits for the host to queue the next
+        # step; steps that evaluate, save or sample read it at once. A non-finite loss therefore stops
+        # the run after at most one more update and always before the next checkpoint.
+        while len(queued) > (0 if evaluate or sample else 1):
+            done, done_lr, done_loss = queued.pop(0)
+            train_bpb = done_loss.item() / rt.world_size / LN2  # the same on every process
+            check_finite(train_bpb, done, out_dir, last_saved)
+            now = time.perf_counter()
+            tokens_per_s, last_read = tokens_per_step / (now - last_read), now  # evaluations excluded
+            tokens_seen += tokens_per_step
+            bar.update()
+            bar.set_postfix_str(f"loss {train_bpb:.3f} bpb, {tokens_per_s:,.0f} tok/s", refresh=False)
+            row = {"step": done, "tokens": tokens_seen, "lr": done_lr, "train_bpb": train_bpb,
+                   "tokens_per_s": tokens_per_s}  # fmt: skip
+            if done == step and evaluate:
+                val_bpb = evaluate_bpb(model, corpus.val, val_starts, cfg.seq_len, micro_batch // rt.world_size, rt)
+                row["val_bpb"] = val_bpb
+                rt.print(
+                    f"step {step}: train {train_bpb:.3f} bpb, validation {val_bpb:.3f} bpb, "
+                    f"{format_duration(elapsed + time.perf_counter() - clock)}"
+                )
+            row["elapsed_s"] = elapsed + time.perf_counter() - clock
+            if metrics:
+                metrics.log(row)
+            if "val_bpb" in row:
+                state = {"tokens": row["tokens"], "elapsed_s": row["elapsed_s"], "world_size": rt.world_size}
+                save_checkpoint(out_dir, cfg, model, optimizer, rt, step, state)
+                last_saved = step
+                if rt.is_main:
+                    plot_curves(out_dir)
+        if sample:
             text = generate_text(model, sample_prompt, cfg.sample_length, rt, seed=cfg.seed)
             rt.print(f"--- sample at step {step} ---", sample_prompt.decode("utf-8", "replace") + text, "---")
+        if evaluate or sample:
+            last_read = time.perf_counter()  # the next step's time starts here
     bar.close()
     if metrics:
         metrics.close()
