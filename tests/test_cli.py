@@ -229,7 +229,10 @@ def test_batches_depend_on_seed_and_step_only():
     a = data.train_batch(tokens, 16, 8, seed=1, step=5)
     assert torch.equal(a, data.train_batch(tokens, 16, 8, seed=1, step=5))
     assert not torch.equal(a, data.train_batch(tokens, 16, 8, seed=1, step=6))
-    assert a.shape == (8, 17) and a.dtype == torch.long
+    assert a.shape == (8, 17) and a.dtype == torch.uint8
+    generator = torch.Generator().manual_seed(2**32 + 5)  # the starts train_batch draws for (seed 1, step 5)
+    starts = torch.randint(len(tokens) - 16, (8,), generator=generator)
+    assert torch.equal(a, tokens[starts[:, None] + torch.arange(17)])  # consecutive bytes from each start
     starts = data.eval_starts(tokens, 16)
     assert starts[1] - starts[0] == 16 and starts[-1] + 17 <= len(tokens)
 

@@ -114,8 +114,12 @@ def require_bytes(corpus: Corpus, split: str, seq_len: int) -> None:
 
 
 def windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(len(starts), seq_len + 1) int64 token windows."""
-    return tokens[starts[:, None] + torch.arange(seq_len + 1)].long()
+    """(len(starts), seq_len + 1) token windows, as uint8 (make them int64 on the device: 8x less to copy).
+
+    Copied as contiguous slices: a gather through int64 indices took 6 ms of host time per step of
+    8 x 4,097 bytes on an H200's 16-core host (torch.profiler), and the host's time per step is what
+    bounds an eager training step there."""
+    return torch.stack([tokens[start : start + seq_len + 1] for start in starts.tolist()])
 
 
 def train_batch(tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, step: int) -> torch.Tensor:

@@ -140,7 +140,7 @@ def evaluate_bpb(
     nats, predicted = torch.zeros((), dtype=torch.float64, device=rt.device), 0
     mine = starts.tensor_split(rt.world_size)[rt.rank]
     for chunk in tqdm(mine.split(batch_size), desc="evaluating", disable=not (progress and rt.is_main), leave=False):
-        x = data.windows(tokens, chunk, seq_len).to(rt.device)
+        x = data.windows(tokens, chunk, seq_len).to(rt.device).long()
         with rt.autocast():
             loss = model(x)  # mean over the x[:, 1:] targets
         nats += loss.double() * x[:, 1:].numel()
@@ -324,7 +324,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
         batch = data.train_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, step)
         step_loss = torch.zeros((), device=rt.device)
         for micro, rows in enumerate(batch.chunk(cfg.grad_accum)):
-            x = rows.chunk(rt.world_size)[rt.rank].to(rt.device, non_blocking=True)
+            x = rows.chunk(rt.world_size)[rt.rank].to(rt.device, non_blocking=True).long()
             set_grad_sync(trained, model, micro == cfg.grad_accum - 1)
             with rt.autocast():
                 loss = trained(x) / cfg.grad_accum
