@@ -15,8 +15,8 @@ The target it checks (the issue): hierarchical within 3% of dense in validation 
 dense's training tokens/s or more. Bits per byte are compared at the last evaluation both runs reached
 (the same step, so the same tokens seen: a run stopped by --time-limit is reported from its last
 evaluation); tokens/s is sum(tokens) / sum(step time) over the logged steps after --skip-steps
-(metrics.csv `tokens_per_s`: one step's wall time, from reading the previous step's loss to reading its own;
-the loop reads each loss one step late, so the device stays busy; evaluation and checkpoints excluded).
+(metrics.csv `tokens_per_s`: the wall time between two reads of the loss, shared among the steps read;
+the loop reads a step's loss once the next step is queued; evaluations, samples and checkpoints excluded).
 
 Writes --out-dir/quality.{md,json,png} every --report-every seconds while the runs go and at the end,
 so a script killed by a time limit leaves a report of what the runs logged; --report-only rewrites

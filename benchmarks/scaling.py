@@ -10,10 +10,10 @@ For every K in --gpus (a K above the number of visible GPUs is skipped), in incr
 
 into --runs-dir/kK: the same per-GPU micro-batch B (so the global batch grows with K: weak scaling), DDP,
 the default corpus. `train` writes one metrics.csv row per optimizer step whose `tokens_per_s` is the
-global batch divided by process 0's wall time of that step: from reading the previous step's loss to
-reading its own (the loop reads each loss one step late, after queueing the next step's data, forward,
-backward, gradient all-reduce and optimizer, so the device does not wait for the host); evaluation and
-checkpoint writing fall outside it. The steady-state tokens/s of a run is sum(tokens) / sum(step time)
+global batch divided by process 0's wall time of that step: the time between two reads of the loss,
+shared among the steps read (the loop reads a step's loss once the next step's data, forward, backward,
+gradient all-reduce and optimizer are queued, through a CUDA event on a GPU); evaluation and checkpoint
+writing fall outside it. The steady-state tokens/s of a run is sum(tokens) / sum(step time)
 over the steps after --skip-steps (warm-up: CUDA and Triton initialisation, DDP bucket building,
 the allocator); the efficiency is tokens/s(K) / (K x tokens/s(1)).
 

@@ -382,8 +382,11 @@ def test_error_exit_has_no_traceback_in_a_subprocess(tmp_path):
     assert "error:" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("first_nan", [3, 4])  # the loop reads a loss one step late, at once before a save
-def test_nonfinite_loss_stops_before_the_next_checkpoint(corpus, tmp_path, monkeypatch, capsys, first_nan):
+# the loop reads a loss once the next step is queued, and at once on a step that saves: a NaN on a step
+# that saves (4 of 2), on the one before (3 of 2), on one read late (5 of 4, read while queueing 6)
+@pytest.mark.parametrize("first_nan,eval_every,kept", [(3, 2, 2), (4, 2, 2), (5, 4, 4)])
+def test_nonfinite_loss_stops_before_the_next_checkpoint(corpus, tmp_path, monkeypatch, capsys, first_nan, eval_every,
+                                                         kept):  # fmt: skip
     from h_transformer_1d.apps import train as train_module
 
     real = train_module.build_model
@@ -404,9 +407,50 @@ def test_nonfinite_loss_stops_before_the_next_checkpoint(corpus, tmp_path, monke
 
     monkeypatch.setattr(train_module, "build_model", poisoned)
     out = tmp_path / "run"
-    assert train(out, corpus, "--max-steps", "6", "--eval-every", "2") == 1
+    assert train(out, corpus, "--max-steps", "8", "--eval-every", str(eval_every)) == 1
     err = capsys.readouterr().err
-    assert f"step {first_nan}: the training loss is nan (not finite)" in err and "checkpoint of step 2" in err
+    assert f"step {first_nan}: the training loss is nan (not finite)" in err and f"checkpoint of step {kept}" in err
     assert "Traceback" not in err
     saved = checkpoint.load(out, training=True)
-    assert saved.step == 2 and all(torch.isfinite(t).all() for t in saved.model.values())
+    assert saved.step == kept and all(torch.isfinite(t).all() for t in saved.model.values())
+    log = rows(out)
+    assert {int(r["step"]) for r in log} <= set(range(1, first_nan)) and all(float(r["train_bpb"]) < 99 for r in log)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pending_loss_reads_the_value_it_was_given_on_gpu():
+    from h_transformer_1d.apps.train import PendingLoss
+
+    loss = torch.tensor(1.5, device="cuda")
+    pending = PendingLoss(loss)
+    loss.add_(1.0)  # queued after the copy: must not reach the value read
+    assert pending.host.is_pinned() and pending.value() == 1.5
+
+
+def test_tokens_per_s_is_each_steps_share_of_the_time_between_loss_reads(corpus, tmp_path, monkeypatch):
+    """On a fake clock where reading a loss takes one second (the device finishing one step) and nothing
+    else takes time, every row says one step's tokens per second: rows read together on a step that
+    evaluates share the interval, and evaluations and samples are left out."""
+    from types import SimpleNamespace
+
+    from h_transformer_1d.apps import train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_value = train_module.PendingLoss.value
+
+    def one_second(self):
+        clock[0] += 1.0
+        return real_value(self)
+
+    monkeypatch.setattr(train_module.PendingLoss, "value", one_second)
+    out = tmp_path / "run"
+    assert (
+        train(out, corpus, "--max-steps", "7", "--eval-every", "3", "--sample-every", "2", "--sample-length", "4") == 0
+    )
+    cfg = checkpoint.load(out).config
+    log = rows(out)
+    assert [int(r["step"]) for r in log] == list(range(1, 8))
+    assert [float(r["tokens_per_s"]) for r in log] == [pytest.approx(cfg.batch_size * cfg.seq_len, rel=1e-5)] * 7
+    elapsed = [float(r["elapsed_s"]) for r in log]
+    assert elapsed == sorted(elapsed) and elapsed[-1] == 7

@@ -51,6 +51,25 @@ def check_finite(loss: float, step: int, out_dir: Path, last_saved: int) -> None
     )
 
 
+class PendingLoss:
+    """A step's loss on its way to the host. On a GPU it is copied into pinned memory behind a CUDA
+    event, so reading it waits only for the work queued before it; `Tensor.item()` would wait for
+    everything queued since (the next step too) and leave the device idle while the host catches up."""
+
+    def __init__(self, loss: torch.Tensor):
+        self.host, self.ready = loss, None
+        if loss.is_cuda:
+            self.host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            self.host.copy_(loss, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def value(self) -> float:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.item()
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -316,7 +335,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
     )
     val_bpb, last_saved = float("nan"), start_step
     clock = last_read = time.perf_counter()
-    queued = []  # (step, lr, summed loss on the device) of steps whose loss is not read yet
+    queued = []  # (step, lr, PendingLoss) of the steps whose loss is not read yet, oldest first
     for step in range(start_step + 1, cfg.max_steps + 1):
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
@@ -330,22 +349,28 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
                 loss = trained(x) / cfg.grad_accum
             loss.backward()
             step_loss += loss.detach()
-        queued.append((step, lr, rt.all_sum(step_loss)))
+        queued.append((step, lr, PendingLoss(rt.all_sum(step_loss))))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         evaluate = step % cfg.eval_every == 0 or step == cfg.max_steps
         sample = bool(cfg.sample_every) and step % cfg.sample_every == 0
-        # A step's loss is read one step late, so the device never waits for the host to queue the next
-        # step; steps that evaluate, save or sample read it at once. A non-finite loss therefore stops
-        # the run after at most one more update and always before the next checkpoint.
-        while len(queued) > (0 if evaluate or sample else 1):
-            done, done_lr, done_loss = queued.pop(0)
-            train_bpb = done_loss.item() / rt.world_size / LN2  # the same on every process
-            check_finite(train_bpb, done, out_dir, last_saved)
-            now = time.perf_counter()
-            tokens_per_s, last_read = tokens_per_step / (now - last_read), now  # evaluations excluded
+        # The host reads a step's loss once the next step is queued (steps that evaluate, save or sample:
+        # at once), so the device has work while the host logs and makes the next batch. A non-finite
+        # loss therefore stops the run after at most one more update, and always before a checkpoint.
+        due = len(queued) if evaluate or sample else len(queued) - 1
+        if due <= 0:
+            continue
+        done_steps = [queued.pop(0) for _ in range(due)]
+        losses = []
+        for done, _, pending in done_steps:
+            losses.append(pending.value() / rt.world_size / LN2)  # the same on every process
+            check_finite(losses[-1], done, out_dir, last_saved)
+        now = time.perf_counter()
+        tokens_per_s = tokens_per_step * due / (now - last_read)  # evaluations and samples excluded
+        last_read = now
+        for (done, done_lr, _), train_bpb in zip(done_steps, losses):
             tokens_seen += tokens_per_step
             bar.update()
             bar.set_postfix_str(f"loss {train_bpb:.3f} bpb, {tokens_per_s:,.0f} tok/s", refresh=False)
