@@ -36,7 +36,8 @@ LV = 6  # coarse levels one fold launch produces (chunks of 2**LV input rows)
 COARSEN_LV, COARSEN_WARPS = 2, 1
 UNCOARSEN_BLOCK = 32
 # Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
-# A kernel whose configs hold one of them takes only that one; the others keep their default.
+# A kernel whose configs hold one of them takes only that one (the first config matching it, so a pair
+# that matches several configs tests one of them); the others keep their default.
 FORCE_TILES: frozenset = frozenset()
 
 
