@@ -35,8 +35,8 @@ LN2 = math.log(2)
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite. Raised before the next checkpoint is written (the
-    language model reads each step's loss one step late, lra/ before the optimizer update), so no
-    checkpoint ever holds non-finite weights: the one in --out is the last good state."""
+    language model reads a step's loss once the next step is queued, lra/ before the optimizer update),
+    so no checkpoint ever holds non-finite weights: the one in --out is the last good state."""
 
 
 def check_finite(loss: float, step: int, out_dir: Path, last_saved: int) -> None:
@@ -362,7 +362,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
         due = len(queued) if evaluate or sample else len(queued) - 1
         if due <= 0:
             continue
-        done_steps = [queued.pop(0) for _ in range(due)]
+        done_steps, queued = queued[:due], queued[due:]
         losses = []
         for done, _, pending in done_steps:
             losses.append(pending.value() / rt.world_size / LN2)  # the same on every process
