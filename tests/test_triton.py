@@ -69,6 +69,12 @@ SMALL_CASES = [
     (97, 32, True, "start", 16, torch.float16),
     (130, 32, False, "end", 16, torch.float32),
     pytest.param(130, 32, False, "end", 16, torch.bfloat16, marks=bf16_needs_gpu),
+    # uniform levels (no mask, N a multiple of the top block): no per-key log-count; blocks 16 (tiles
+    # wider than half a block: the half-block mask runs) and 32, 64 (it does not)
+    (128, 16, True, "none", 16, torch.float32),
+    (256, 32, False, "none", 32, torch.float32),
+    (128, 32, True, "none", 16, torch.float16),
+    (256, 64, True, "none", 16, torch.float32),
 ]
 
 
@@ -106,7 +112,8 @@ GPU_TILES = sorted({tk._tile_shape(c) for c in tk._FWD_CONFIGS + tk._BWD_CONFIGS
 @cuda
 @pytest.mark.parametrize("tiles", GPU_TILES, ids=["x".join(map(str, t)) for t in GPU_TILES])
 @pytest.mark.parametrize("n,nr,causal,mask_kind", [(1100, 256, True, "gaps"), (700, 128, False, "end"),
-                                                   (2100, 512, True, "start")])
+                                                   (2100, 512, True, "start"), (2048, 512, True, "none"),
+                                                   (1024, 128, False, "none")])
 def test_every_tile_config_on_gpu(monkeypatch, tiles, n, nr, causal, mask_kind):
     """Each tile shape autotuning may choose, forced in turn (with H_TRANSFORMER_1D_AUTOTUNE=0 only the
     first of each list runs, so the others would go unchecked): the kernels whose configs hold it take
@@ -213,6 +220,8 @@ GPU_CASES = [
     (65536, 128, True, "none", 64, torch.float16),
     (2100, 512, True, "end", 64, torch.bfloat16),  # the largest block the kernels take
     (5000, 512, False, "gaps", 64, torch.float16),
+    (4096, 512, True, "none", 64, torch.bfloat16),  # uniform levels: the training tool's shape
+    (8192, 256, False, "none", 64, torch.bfloat16),
 ]
 
 

@@ -16,11 +16,18 @@ and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients b
 
 import torch
 
-from .reference import level_lengths
+from .reference import level_lengths, num_levels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MIN_BLOCK, MAX_BLOCK = 16, 512
+LOG2E = 1.4426950408889634  # the kernels keep scores in base 2: level-0 queries carry it
+
+
+def uniform_levels(n: int, nr: int, has_mask: bool) -> bool:
+    """Whether every row of every level stands for exactly 2**level real tokens (no mask, and N a
+    multiple of the top level's block): the kernels then skip the per-key log-count."""
+    return not has_mask and n % (nr << num_levels(n, nr)) == 0
 
 
 def supports(q: torch.Tensor, block_size: int, allow_float32: bool = False) -> bool:
@@ -124,7 +131,7 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
         raw = base == 0
         if raw:
             srcs, strides = (q, k, v), (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-            n_in, row0, sc = n, 0, scale
+            n_in, row0, sc = n, 0, scale * LOG2E
         else:
             srcs, strides = (pq, pk, pv), packed_strides
             n_in, row0, sc = layout.lengths[base], layout.starts[base], 1.0
@@ -154,21 +161,24 @@ def _forward(q, k, v, valid, rot, nr, causal, scale):
     lse = _alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
     common = (pq, pk, pv, pc, layout.lo, layout.hi, layout.start_t, sm, sl, sa, out, lse, *out.stride()[:3], h,
               layout.mtot, layout.m0, n)
+    uniform = uniform_levels(n, nr, valid is not None)
     if mc:
         first, step, num_win = _window(False, causal)
         tk.window_fwd_kernel[lambda meta: (mc // meta["BLOCK_M"], b * h)](
             *common, layout.m0, layout.top,
             NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=False, CAUSAL=causal, FINAL=False,
+            UNIFORM=uniform,
         )
     first, step, num_win = _window(True, causal)
     tk.window_fwd_kernel[lambda meta: (layout.m0 // meta["BLOCK_M"], b * h)](
         *common, 0, layout.top,
         NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=True, CAUSAL=causal, FINAL=True,
+        UNIFORM=uniform,
     )
     return out, lse, pq, pk, pv, pc, pf
 
 
-def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n):
+def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n, uniform):
     from . import triton_kernels as tk
 
     b, h, mtot, d = pq.shape
@@ -194,7 +204,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n):
         if not rows:
             continue
         first, step, num_win = _window(level0, causal)
-        kw = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal)
+        kw = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal, UNIFORM=uniform)
         tk.window_bwd_dq_kernel[lambda meta: (rows // meta["BLOCK_M"], b * h)](*args, pdq, h, mtot, row0, **kw)
         tk.window_bwd_dkdv_kernel[lambda meta: (rows // meta["BLOCK_N"], b * h)](*args, pdk, pdv, h, mtot, row0, **kw)
     dq, dk, dv = (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))
@@ -241,15 +251,15 @@ def _(q, k, v, valid, rot, nr, causal, scale):
 def _hattn_bwd(
     dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
     pv: torch.Tensor, pc: torch.Tensor, pf: torch.Tensor, rot: torch.Tensor | None, nr: int, causal: bool,
-    scale: float,
+    scale: float, uniform: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     tables = None if rot is None else rot.unbind(0)
-    return _backward(dout, out, lse, pq, pk, pv, pc, pf, tables, nr, causal, scale, out.shape[2])
+    return _backward(dout, out, lse, pq, pk, pv, pc, pf, tables, nr, causal, scale, out.shape[2], uniform)
 
 
 @_hattn_bwd.register_fake
-def _(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale):
+def _(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, uniform):
     b, h, n, d = out.shape
     return tuple(out.new_empty(b, n, h, d).transpose(1, 2) for _ in range(3))
 
@@ -259,6 +269,7 @@ def _setup_context(ctx, inputs, output):
     out, lse, pq, pk, pv, pc, pf = output
     ctx.save_for_backward(out, lse, pq, pk, pv, pc, pf, rot)
     ctx.nr, ctx.causal, ctx.scale = nr, causal, scale
+    ctx.uniform = uniform_levels(q.shape[2], nr, valid is not None)
     ctx.mark_non_differentiable(lse, pq, pk, pv, pc, pf)
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept only for backward
 
@@ -267,7 +278,7 @@ def _grad(ctx, dout, *unused):
     out, lse, pq, pk, pv, pc, pf, rot = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None, None
-    dq, dk, dv = _hattn_bwd(dout, out, lse, pq, pk, pv, pc, pf, rot, ctx.nr, ctx.causal, ctx.scale)
+    dq, dk, dv = _hattn_bwd(dout, out, lse, pq, pk, pv, pc, pf, rot, ctx.nr, ctx.causal, ctx.scale, ctx.uniform)
     return dq, dk, dv, None, None, None, None, None
 
 

@@ -19,7 +19,8 @@ padded to whole blocks) first, then levels 1, 2, ... each padded to whole blocks
   backward kernels compute coarse gradients.
 - ``uncoarsen_kernel``: spreads coarse gradients back to the tokens and writes dq, dk, dv.
 
-Scores are kept in base 2 (the kernels multiply q.k by log2(e)); q is pre-scaled in level 0.
+Scores are kept in base 2: level 0 holds q scaled by ``scale * log2(e)`` (so q.k is the base-2 score),
+and ``uncoarsen_kernel`` takes the log2(e) off dk again.
 """
 
 import inspect
@@ -73,7 +74,7 @@ def _tile_shape(config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-_KEY = ["NR", "D", "FIRST", "STEP", "NUM_WIN", "LEVEL0", "CAUSAL"]
+_KEY = ["NR", "D", "FIRST", "STEP", "NUM_WIN", "LEVEL0", "CAUSAL", "UNIFORM"]
 
 
 def _autotune(configs):
@@ -333,7 +334,7 @@ def uncoarsen_kernel(
         g1, g2 = tl.split(tl.reshape(dk, [BLOCK, D // 2, 2]))
         dk = tl.reshape(tl.join(g1 * cos + g2 * sin, g2 * cos - g1 * sin), [BLOCK, D])
     dq = tl.where(valid[:, None], dq * scale, 0.0)
-    dk = tl.where(valid[:, None], dk, 0.0)
+    dk = tl.where(valid[:, None], dk * 0.6931471805599453, 0.0)  # packed q carries log2(e): d/dk of q.k / log2(e)
     dv = tl.where(valid[:, None], dv, 0.0)
     tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     tl.store(DK + b * skb + h * skh + rows[:, None] * skm + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=ok[:, None])
@@ -349,17 +350,24 @@ def uncoarsen_kernel(
 
 
 @triton.jit
-def _scores(q, k, cnt, rows, cols, off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr):
+def _scores(q, k, cnt, rows, cols, off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr,
+            UNIFORM: tl.constexpr):
     """Base-2 scores of a (BLOCK_M, D) query tile against a (BLOCK_N, D) key tile at packed rows `rows`
     and `cols`, masks applied: level 0 with DIAG, keys up to the query; coarse levels, the half-block
     correction of window offset `off` (the previous block: queries in the first half skip the second
-    half of its keys; the next block: queries in the second half skip the first half)."""
-    s = tl.dot(q, tl.trans(k)) * 1.4426950408889634
-    s = s + tl.where(cnt > 0, tl.log2(tl.maximum(cnt, 1e-30)), float("-inf"))[None, :]
+    half of its keys; the next block: queries in the second half skip the first half).
+
+    q carries log2(e), so q.k is the base-2 score. Each key adds log2 of its count, except with UNIFORM
+    (every row of the level stands for the same number of tokens): the callers then add that constant
+    to the softmax state or take it off the log-sum-exp. Tiles no wider than half a block never straddle
+    a half-block (the spans skip whole halves), so they need no correction mask."""
+    s = tl.dot(q, tl.trans(k))
+    if not UNIFORM:
+        s = s + tl.where(cnt > 0, tl.log2(tl.maximum(cnt, 1e-30)), float("-inf"))[None, :]
     if LEVEL0:
         if DIAG:
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-    else:
+    elif q.shape[0] > NR // 2 or k.shape[0] > NR // 2:
         half = NR // 2
         r = rows % NR
         c = cols % NR
@@ -388,14 +396,15 @@ def _level0_keys(start, qblock, lo, hi, CAUSAL: tl.constexpr, NR: tl.constexpr, 
 
 @triton.jit
 def _load_scores(q, K, V, CNT, base, cbase, rows, n0, off: tl.constexpr, LEVEL0: tl.constexpr,
-                 DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 UNIFORM: tl.constexpr):
     """The key tile at packed row n0: k, v and the masked base-2 scores of the query tile against it."""
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
     v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
-    cnt = tl.load(CNT + cbase + cols)
-    return k, v, _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+    cnt = 1.0 if UNIFORM else tl.load(CNT + cbase + cols)
+    return k, v, _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR, UNIFORM)
 
 
 @triton.jit
@@ -404,6 +413,16 @@ def _block_span(block, lo_in, hi_in, lo, hi, NR: tl.constexpr, TILE: tl.constexp
     first = block * NR + lo_in // TILE * TILE
     last = tl.where((block >= lo) & (block < hi), block * NR + (hi_in + TILE - 1) // TILE * TILE, first)
     return first, last
+
+
+@triton.jit
+def _level_shift(CNT, row, LEVEL0: tl.constexpr, UNIFORM: tl.constexpr):
+    """With UNIFORM, log2 of the count every row of `row`'s level stands for (the scores leave it out);
+    0 otherwise."""
+    shift = 0.0
+    if UNIFORM and not LEVEL0:
+        shift = tl.log2(tl.load(CNT + row))
+    return shift
 
 
 @triton.jit
@@ -441,10 +460,10 @@ def _query_span(start, kblock, lo, hi, off: tl.constexpr, NR: tl.constexpr, BLOC
 @triton.jit
 def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
               off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
     """Online softmax of the query tile over the key rows [n_lo, n_hi)."""
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        _k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N)
+        _k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N, UNIFORM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -465,7 +484,7 @@ def window_fwd_kernel(
     H, MTOT, M0, N, ROW0, TOP,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
-    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, FINAL: tl.constexpr,
+    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, FINAL: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -503,15 +522,15 @@ def window_fwd_kernel(
     if LEVEL0:
         n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, diag,
-                                  0, True, False, NR, D, BLOCK_N)
+                                  0, True, False, NR, D, BLOCK_N, UNIFORM)
         if CAUSAL:
             acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, diag, n_hi,
-                                      0, True, True, NR, D, BLOCK_N)
+                                      0, True, True, NR, D, BLOCK_N, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
             acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, n_hi,
-                                      FIRST + w * STEP, False, False, NR, D, BLOCK_N)
+                                      FIRST + w * STEP, False, False, NR, D, BLOCK_N, UNIFORM)
 
     if FINAL:
         valid = tl.load(CNT + cbase + offs_m) > 0
@@ -524,16 +543,16 @@ def window_fwd_kernel(
     else:
         srow = sbase + offs_m - M0
         tl.store(SA + srow[:, None] * D + offs_d[None, :], acc)
-        tl.store(SM + srow, m_i)
+        tl.store(SM + srow, m_i + _level_shift(CNT, cbase + start, LEVEL0, UNIFORM))
         tl.store(SL + srow, l_i)
 
 
 @triton.jit
 def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
              off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+             BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N)
+        k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N, UNIFORM)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -548,7 +567,7 @@ def window_bwd_dq_kernel(
     H, MTOT, ROW0,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
-    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr,
+    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -567,36 +586,37 @@ def window_bwd_dq_kernel(
     do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :]).to(q.dtype)
     lse = tl.load(LSE + sbase + offs_m)
     lse = tl.where(lse == float("inf"), 0.0, lse)  # rows without keys: every p below is 0
+    lse -= _level_shift(CNT, cbase + start, LEVEL0, UNIFORM)
     delta = tl.load(DELTA + sbase + offs_m)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if LEVEL0:
         n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
         dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, diag, 0, True, False, NR, D,
-                      BLOCK_N)
+                      BLOCK_N, UNIFORM)
         if CAUSAL:
             dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, diag, n_hi, 0, True, True, NR, D,
-                          BLOCK_N)
+                          BLOCK_N, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
             dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, n_hi,
-                          FIRST + w * STEP, False, False, NR, D, BLOCK_N)
+                          FIRST + w * STEP, False, False, NR, D, BLOCK_N, UNIFORM)
     tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit
-def _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, cols, m_lo, m_hi,
+def _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, cols, m_lo, m_hi,
                off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+               BLOCK_M: tl.constexpr, UNIFORM: tl.constexpr):
     offs_d = tl.arange(0, D)
     for m0 in tl.range(m_lo, m_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         q = tl.load(Q + base + rows[:, None] * D + offs_d[None, :])
         do = tl.load(DO + base + rows[:, None] * D + offs_d[None, :]).to(q.dtype)
         lse = tl.load(LSE + sbase + rows)
-        lse = tl.where(lse == float("inf"), 0.0, lse)
+        lse = tl.where(lse == float("inf"), 0.0, lse) - shift
         delta = tl.load(DELTA + sbase + rows)
-        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR)
+        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR, UNIFORM)
         p = tl.exp2(s - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
@@ -612,7 +632,7 @@ def window_bwd_dkdv_kernel(
     H, MTOT, ROW0,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
-    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr,
+    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -628,7 +648,8 @@ def window_bwd_dkdv_kernel(
     sbase = (b * H + h) * MTOT
     k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
     v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
-    cnt = tl.load(CNT + b * MTOT + offs_n)
+    cnt = 1.0 if UNIFORM else tl.load(CNT + b * MTOT + offs_n)
+    shift = _level_shift(CNT, b * MTOT + start, LEVEL0, UNIFORM)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     if LEVEL0:  # the queries whose windows hold this key tile: this block (and the next, the previous)
@@ -636,17 +657,17 @@ def window_bwd_dkdv_kernel(
         if CAUSAL:  # queries along the diagonal (masked), then the later ones (no mask)
             diag_lo = start // BLOCK_M * BLOCK_M
             diag_hi = (start + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_lo, diag_hi,
-                                0, True, True, NR, D, BLOCK_M)
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_hi, m_hi,
-                                0, True, False, NR, D, BLOCK_M)
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_lo, diag_hi,
+                                0, True, True, NR, D, BLOCK_M, UNIFORM)
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_hi, m_hi,
+                                0, True, False, NR, D, BLOCK_M, UNIFORM)
         else:
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n,
-                                tl.maximum(kblock - 1, lo) * NR, m_hi, 0, True, False, NR, D, BLOCK_M)
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n,
+                                tl.maximum(kblock - 1, lo) * NR, m_hi, 0, True, False, NR, D, BLOCK_M, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             m_lo, m_hi = _query_span(start, kblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, Q, DO, LSE, DELTA, base, sbase, offs_n, m_lo, m_hi,
-                                FIRST + w * STEP, False, False, NR, D, BLOCK_M)
+            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, m_lo, m_hi,
+                                FIRST + w * STEP, False, False, NR, D, BLOCK_M, UNIFORM)
     tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty))
     tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
