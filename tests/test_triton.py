@@ -195,17 +195,47 @@ def test_fully_masked_sequence_gives_zeros():
 
 
 def test_compiled_equals_eager_without_graph_breaks():
-    q, k, v = (torch.randn(1, 2, 70, 16, device=DEVICE) for _ in range(3))
-
+    inputs = [torch.randn(1, 2, 70, 16, device=DEVICE) for _ in range(3)]
+    grad = torch.randn(1, 2, 70, 16, device=DEVICE)
     freqs = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32, device=DEVICE) / 16)
 
     def fn(q, k, v):
         return h_attention(q, k, v, block_size=16, causal=True, impl="triton", rotary_freqs=freqs) * 2
 
-    eager = fn(q, k, v)
+    def run(f):  # output and input gradients
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = f(*leaves)
+        out.backward(grad)
+        return out.detach(), [t.grad for t in leaves]
+
+    eager, eager_grads = run(fn)  # through the autograd.Function
     backend = "inductor" if torch.cuda.is_available() else "aot_eager"  # no C++ toolchain needed on CPU
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)(q, k, v)
+    compiled, compiled_grads = run(torch.compile(fn, fullgraph=True, backend=backend))  # through the custom ops
     assert rel_err(compiled, eager) <= 1e-6
+    for name, a, e in zip("qkv", compiled_grads, eager_grads):
+        assert rel_err(a, e) <= 1e-6, f"d{name}"
+
+
+@pytest.mark.parametrize("n,mask_kind,rotary", [(64, "none", True), (70, "gaps", False), (96, "end", True)])
+def test_eager_path_equals_custom_ops(monkeypatch, n, mask_kind, rotary):
+    """Eager calls skip the custom ops' dispatch (an autograd.Function around the same launches); both
+    must hand the kernels the same arguments: equal outputs and gradients, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, grad = (torch.randn(2, 2, n, 16, generator=gen).to(DEVICE) for _ in range(4))
+    mask = make_mask(mask_kind, 2, n, gen)
+    freqs = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16) if rotary else None
+
+    def run(via_custom_ops):
+        monkeypatch.setattr(fused, "_VIA_CUSTOM_OPS", via_custom_ops)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = h_attention(*leaves, block_size=16, causal=True, impl="triton",
+                          key_padding_mask=None if mask is None else mask.to(DEVICE),
+                          rotary_freqs=None if freqs is None else freqs.to(DEVICE))  # fmt: skip
+        out.backward(grad)
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    for name, a, e in zip(("out", "dq", "dk", "dv"), run(False), run(True)):
+        assert torch.equal(a, e), name
 
 
 # ------------------------------------------------------------------ realistic sizes, GPU only

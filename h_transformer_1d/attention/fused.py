@@ -285,6 +285,30 @@ def _grad(ctx, dout, *unused):
 _hattn_fwd.register_autograd(_grad, setup_context=_setup_context)
 
 
+class _EagerHAttention(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom ops, without the custom ops'
+    dispatch, which costs about as much host time per call as the launches themselves (torch.compile
+    traces the custom ops instead, `fused_h_attention`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, valid, rot, nr, causal, scale):
+        out, lse, pq, pk, pv, pc, pf = _forward(q, k, v, valid, None if rot is None else rot.unbind(0), nr, causal, scale)
+        ctx.save_for_backward(out, lse, pq, pk, pv, pc, pf, rot)
+        ctx.nr, ctx.causal, ctx.scale = nr, causal, scale
+        ctx.uniform = uniform_levels(q.shape[2], nr, valid is not None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        out, lse, pq, pk, pv, pc, pf, rot = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        tables = None if rot is None else rot.unbind(0)
+        grads = _backward(dout, out, lse, pq, pk, pv, pc, pf, tables, ctx.nr, ctx.causal, ctx.scale, out.shape[2],
+                          ctx.uniform)  # fmt: skip
+        return *grads, None, None, None, None, None
+
+
 _ROTARY_TABLES: dict = {}
 
 
@@ -328,5 +352,9 @@ def fused_h_attention(
             valid = valid.contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rot = None if rotary_freqs is None else _rotary_table(q.shape[2], rotary_freqs.to(q.device))
-    out = _hattn_fwd(q, k, v, valid, rot, block_size, causal, scale)[0]
-    return out
+    if torch.compiler.is_compiling() or _VIA_CUSTOM_OPS:
+        return _hattn_fwd(q, k, v, valid, rot, block_size, causal, scale)[0]
+    return _EagerHAttention.apply(q, k, v, valid, rot, block_size, causal, scale)
+
+
+_VIA_CUSTOM_OPS = False  # tests: run eager calls through the custom ops too
