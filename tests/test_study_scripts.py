@@ -254,6 +254,23 @@ def test_train_speed_splits_kernel_time_and_checks_contexts(tmp_path):
     assert done.returncode == 2 and "--steps must be an integer >= 1, got 0" in done.stderr
 
 
+def test_host_overhead_quick(tmp_path):
+    """The host-time probe with the launches stubbed: both paths timed per shape, table, JSON and plot."""
+    command = [sys.executable, str(BENCH / "host_overhead.py"), "--quick", "--out-dir", str(tmp_path)]
+    done = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())["rows"]
+    assert [(r["n"], r["block"]) for r in rows] == [(256, 32), (512, 64)]
+    for r in rows:
+        for path in ("custom ops", "autograd.Function"):
+            assert 0 < r[f"{path}|fwd_us"] < r[f"{path}|fwd_bwd_us"]
+    md = (tmp_path / "host_overhead.md").read_text()
+    assert "| 512 | 64 | 8 |" in md and "--quick" in md
+    assert (tmp_path / "host_overhead.png").read_bytes().startswith(PNG)
+    done = subprocess.run([*command, "--calls", "0"], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--calls must be an integer >= 1, got 0" in done.stderr
+
+
 def test_length_ratios_rejects_bad_rounds(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH / "length_ratios.py"), "--rounds", "0", "--out-dir", str(tmp_path)], check=False,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
