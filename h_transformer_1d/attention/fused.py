@@ -147,8 +147,10 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
 
 
 def _forward(q, k, v, valid, rot, nr, causal, scale):
+    """rot: the (2, N, D/2) rotary cos and sin tables, or None."""
     from . import triton_kernels as tk
 
+    rot = None if rot is None else rot.unbind(0)
     b, h, n, d = q.shape
     layout = _layout(n, nr, q.device)
     pq, pk, pv, pc, pf = _coarsen(q, k, v, valid, rot, scale, nr, causal, layout)
@@ -178,10 +180,13 @@ def _forward(q, k, v, valid, rot, nr, causal, scale):
     return out, lse, pq, pk, pv, pc, pf
 
 
-def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, n, uniform):
+def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, uniform):
     from . import triton_kernels as tk
 
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    rot = None if rot is None else rot.unbind(0)
     b, h, mtot, d = pq.shape
+    n = out.shape[2]
     layout = _layout(n, nr, pq.device)
     dev = pq.device
     pdo = _alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
@@ -232,7 +237,7 @@ def _hattn_fwd(
     angles (or None: no rotary).
     Returns the output (B,H,N,D), the base-2 lse per level-0 row (B,H,M0) and the packed levels
     (q, k, v, counts, first tokens) kept for backward."""
-    return _forward(q, k, v, valid, None if rot is None else rot.unbind(0), nr, causal, scale)
+    return _forward(q, k, v, valid, rot, nr, causal, scale)
 
 
 @_hattn_fwd.register_fake
@@ -253,9 +258,7 @@ def _hattn_bwd(
     pv: torch.Tensor, pc: torch.Tensor, pf: torch.Tensor, rot: torch.Tensor | None, nr: int, causal: bool,
     scale: float, uniform: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    tables = None if rot is None else rot.unbind(0)
-    return _backward(dout, out, lse, pq, pk, pv, pc, pf, tables, nr, causal, scale, out.shape[2], uniform)
+    return _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, uniform)
 
 
 @_hattn_bwd.register_fake
@@ -264,21 +267,24 @@ def _(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, uniform):
     return tuple(out.new_empty(b, n, h, d).transpose(1, 2) for _ in range(3))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, valid, rot, nr, causal, scale = inputs
-    out, lse, pq, pk, pv, pc, pf = output
-    ctx.save_for_backward(out, lse, pq, pk, pv, pc, pf, rot)
+def _keep_for_backward(ctx, forward_out, q, valid, rot, nr, causal, scale):
+    """What both autograd paths keep: the forward's outputs, the rotary tables and the launch settings."""
+    ctx.save_for_backward(*forward_out, rot)
     ctx.nr, ctx.causal, ctx.scale = nr, causal, scale
     ctx.uniform = uniform_levels(q.shape[2], nr, valid is not None)
-    ctx.mark_non_differentiable(lse, pq, pk, pv, pc, pf)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, valid, rot, nr, causal, scale = inputs
+    _keep_for_backward(ctx, output, q, valid, rot, nr, causal, scale)
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept only for backward
 
 
 def _grad(ctx, dout, *unused):
-    out, lse, pq, pk, pv, pc, pf, rot = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None, None, None, None
-    dq, dk, dv = _hattn_bwd(dout, out, lse, pq, pk, pv, pc, pf, rot, ctx.nr, ctx.causal, ctx.scale, ctx.uniform)
+    dq, dk, dv = _hattn_bwd(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -292,20 +298,14 @@ class _EagerHAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, valid, rot, nr, causal, scale):
-        out, lse, pq, pk, pv, pc, pf = _forward(q, k, v, valid, None if rot is None else rot.unbind(0), nr, causal, scale)
-        ctx.save_for_backward(out, lse, pq, pk, pv, pc, pf, rot)
-        ctx.nr, ctx.causal, ctx.scale = nr, causal, scale
-        ctx.uniform = uniform_levels(q.shape[2], nr, valid is not None)
-        return out
+        forward_out = _forward(q, k, v, valid, rot, nr, causal, scale)
+        _keep_for_backward(ctx, forward_out, q, valid, rot, nr, causal, scale)
+        return forward_out[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        out, lse, pq, pk, pv, pc, pf, rot = ctx.saved_tensors
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        tables = None if rot is None else rot.unbind(0)
-        grads = _backward(dout, out, lse, pq, pk, pv, pc, pf, tables, ctx.nr, ctx.causal, ctx.scale, out.shape[2],
-                          ctx.uniform)  # fmt: skip
+        grads = _backward(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform)
         return *grads, None, None, None, None, None
 
 
