@@ -55,10 +55,11 @@ def measure(shape, settings, reps: int, device: str) -> list[dict]:
     try:
         for lv, warps in settings:
             tk.COARSEN_LV, tk.COARSEN_WARPS = lv, warps
-            layout = fused._layout(n, nr, q.device)
+            layout = fused._layout(n, nr)
+            _, _, start_t, len_t = layout.split(fused._layout_tables(n, nr, q.device))
 
-            def run(layout=layout):
-                return fused._coarsen(q, k, v, valid, rot, d**-0.5, nr, False, layout)
+            def run(layout=layout, start_t=start_t, len_t=len_t):
+                return fused._coarsen(q, k, v, valid, rot, d**-0.5, nr, False, layout, start_t, len_t)
 
             t0 = time.perf_counter()
             buffers = run()

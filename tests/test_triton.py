@@ -89,7 +89,7 @@ def test_chained_coarsening_launches(monkeypatch, n, causal, mask_kind):
     1 and 2 make short sequences need several of each."""
     monkeypatch.setattr(tk, "LV", 2)
     monkeypatch.setattr(tk, "COARSEN_LV", 1)
-    monkeypatch.setattr(fused, "_LAYOUTS", {})
+    monkeypatch.setattr(fused, "_TABLES", {})
     check_against_reference(n, 16, causal, mask_kind, 16, torch.float32)
 
 
@@ -194,7 +194,7 @@ def test_fully_masked_sequence_gives_zeros():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-def test_compiled_equals_eager_without_graph_breaks():
+def test_compiled_equals_eager_without_graph_breaks(monkeypatch):
     inputs = [torch.randn(1, 2, 70, 16, device=DEVICE) for _ in range(3)]
     grad = torch.randn(1, 2, 70, 16, device=DEVICE)
     freqs = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32, device=DEVICE) / 16)
@@ -209,11 +209,58 @@ def test_compiled_equals_eager_without_graph_breaks():
         return out.detach(), [t.grad for t in leaves]
 
     eager, eager_grads = run(fn)  # through the autograd.Function
+    monkeypatch.setattr(fused, "_TABLES", {})
     backend = "inductor" if torch.cuda.is_available() else "aot_eager"  # no C++ toolchain needed on CPU
     compiled, compiled_grads = run(torch.compile(fn, fullgraph=True, backend=backend))  # through the custom ops
+    # the compiled graph builds its layout tables itself: a cached tensor made during a CUDA graph's
+    # warm-up would live in the graph's memory pool, which torch.compile(mode="reduce-overhead") rejects
+    assert fused._TABLES == {}
     assert rel_err(compiled, eager) <= 1e-6
     for name, a, e in zip("qkv", compiled_grads, eager_grads):  # inductor may round the rotary tables apart
         assert rel_err(a, e) <= 1e-5, f"d{name}"
+
+
+@cuda
+def test_cuda_graphs_replay_the_kernels():
+    """torch.compile(mode="reduce-overhead") records the forward and backward launches in CUDA graphs
+    and replays them: same outputs and gradients as eager calls, step after step."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (2, 4, 1000, 64)
+    freqs = (10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float32) / 64)).cuda()
+
+    def fn(q, k, v):
+        return h_attention(q, k, v, block_size=128, causal=True, impl="triton", rotary_freqs=freqs)
+
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):  # warm-up, recording, then replays
+        q, k, v, grad = (torch.randn(shape, generator=gen).cuda().bfloat16() for _ in range(4))
+        results = []
+        for f in (fn, compiled):
+            torch.compiler.cudagraph_mark_step_begin()
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = f(*leaves)
+            out.backward(grad)
+            results.append([out.detach().clone(), *(t.grad for t in leaves)])
+        for name, a, e in zip(("out", "dq", "dk", "dv"), *results):
+            assert rel_err(a, e) <= 1e-2, f"step {step}: {name}"
+
+
+@pytest.mark.parametrize("n,nr", [(1, 16), (70, 16), (4097, 128), (65536, 512)])
+def test_layout_tables(n, nr):
+    """Per packed block, the block range of its level; per level, its first row and its rows; zeros past
+    the top for the launches that read a few levels beyond it."""
+    lengths = fused.level_lengths(n, nr)
+    layout = fused._layout(n, nr)
+    lo, hi, start, length = layout.split(fused._build_tables(n, nr, "cpu"))
+    assert lo.dtype == torch.int32 and layout.blocks == len(lo) == len(hi) == sum(lengths) // nr
+    row = 0
+    for level, rows in enumerate(lengths):
+        assert start[level] == row == layout.starts[level] and length[level] == rows
+        blocks = slice(row // nr, (row + rows) // nr)
+        assert (lo[blocks] == row // nr).all() and (hi[blocks] == (row + rows) // nr).all()
+        row += rows
+    assert len(start) == len(length) == len(lengths) + max(tk.LV, tk.COARSEN_LV) + 1
+    assert not start[len(lengths) :].any() and not length[len(lengths) :].any()
 
 
 @pytest.mark.parametrize("n,mask_kind,rotary", [(64, "none", True), (70, "gaps", False), (96, "end", True)])

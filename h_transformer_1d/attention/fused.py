@@ -58,9 +58,10 @@ def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
 
 
 class _Layout:
-    """Where each level lives in the packed buffers, and the per-block key ranges (device tables)."""
+    """Where each level lives in the packed buffers (host-side numbers; the device tables that the
+    kernels read come from `_layout_tables`)."""
 
-    def __init__(self, n: int, nr: int, device):
+    def __init__(self, n: int, nr: int):
         self.lengths = level_lengths(n, nr)  # rows of each level in the packed buffers
         self.top = len(self.lengths) - 1
         self.starts = [0]
@@ -68,16 +69,7 @@ class _Layout:
             self.starts.append(self.starts[-1] + length)
         self.m0 = self.lengths[0]
         self.mtot = self.starts[-1] + self.lengths[-1]
-        rows = []
-        for start, length in zip(self.starts, self.lengths):
-            rows += [(start // nr, (start + length) // nr)] * (length // nr)
-        table = torch.tensor(rows, dtype=torch.int32).t().contiguous()
-        from .triton_kernels import COARSEN_LV, LV
-
-        pad = [0] * (max(LV, COARSEN_LV) + 1)  # coarsen/fold read a few levels past the top (masked off)
-        self.lo, self.hi = table[0].to(device), table[1].to(device)
-        self.start_t = torch.tensor(self.starts + pad, dtype=torch.int32, device=device)
-        self.len_t = torch.tensor(self.lengths + pad, dtype=torch.int32, device=device)
+        self.blocks = self.mtot // nr
 
     def chunk_grid(self, base: int, lvl: int) -> int:
         """Chunks of 2**lvl rows of level `base` needed to fill levels base+1 .. base+lvl."""
@@ -87,24 +79,64 @@ class _Layout:
                 rows = max(rows, self.lengths[base + j] << j)
         return -(-rows // (1 << lvl))
 
+    def split(self, tables: torch.Tensor):
+        """The four tables in `_layout_tables`' order: lo and hi (per packed block: the block range of
+        its level), and the start and length of each level (padded)."""
+        nb, nl = self.blocks, (tables.numel() - 2 * self.blocks) // 2
+        return tables[:nb], tables[nb : 2 * nb], tables[2 * nb : 2 * nb + nl], tables[2 * nb + nl :]
+
 
 _LAYOUTS: dict = {}
 
 
-def _layout(n: int, nr: int, device) -> _Layout:
-    """Cached per shape: building the tables is a host-to-device copy, which would stall the queue."""
-    from .triton_kernels import COARSEN_LV, LV
-
-    key = (n, nr, str(device), LV, COARSEN_LV)  # the tables are padded for the launches' level counts
-    layout = _LAYOUTS.get(key)
-    if layout is None or torch.compiler.is_compiling():
-        layout = _Layout(n, nr, device)
-        if torch.compiler.is_compiling():
-            return layout
+def _layout(n: int, nr: int) -> _Layout:
+    layout = _LAYOUTS.get((n, nr))
+    if layout is None:
         if len(_LAYOUTS) >= 256:  # many distinct lengths (variable-length batches): start over
             _LAYOUTS.clear()
-        _LAYOUTS[key] = layout
+        layout = _LAYOUTS[(n, nr)] = _Layout(n, nr)
     return layout
+
+
+def _build_tables(n: int, nr: int, device) -> torch.Tensor:
+    """One int32 tensor: lo and hi per packed block, then the start and length of each level, padded
+    with zeros for the levels that the coarsen and fold launches read past the top (masked off).
+
+    Only device ops (no host-to-device copy), so that torch.compile can trace it and CUDA graphs can
+    capture it."""
+    from .triton_kernels import COARSEN_LV, LV
+
+    lengths = level_lengths(n, nr)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    pad = max(LV, COARSEN_LV) + 1
+
+    def run(value: int, count: int) -> torch.Tensor:
+        return torch.full((count,), value, dtype=torch.int32, device=device)
+
+    parts = [run(s // nr, ln // nr) for s, ln in zip(starts, lengths)]
+    parts += [run((s + ln) // nr, ln // nr) for s, ln in zip(starts, lengths)]
+    parts += [run(s, 1) for s in starts] + [run(0, pad)]
+    parts += [run(ln, 1) for ln in lengths] + [run(0, pad)]
+    return torch.cat(parts)
+
+
+_TABLES: dict = {}
+
+
+def _layout_tables(n: int, nr: int, device) -> torch.Tensor:
+    """Cached per shape in eager calls (building them costs launches); built in the traced graph under
+    torch.compile, so that no cached tensor lives in a CUDA graph's memory pool."""
+    if torch.compiler.is_compiling():
+        return _build_tables(n, nr, device)
+    from .triton_kernels import COARSEN_LV, LV
+
+    key = (n, nr, str(device), LV, COARSEN_LV)  # the padding follows the launches' level counts
+    tables = _TABLES.get(key)
+    if tables is None:
+        if len(_TABLES) >= 256:
+            _TABLES.clear()
+        tables = _TABLES[key] = _build_tables(n, nr, device)
+    return tables
 
 
 def _levels_per_launch(layout: _Layout, per_launch: int):
@@ -117,7 +149,7 @@ def _levels_per_launch(layout: _Layout, per_launch: int):
             return
 
 
-def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
+def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
     from . import triton_kernels as tk
 
     b, h, n, d = q.shape
@@ -137,7 +169,7 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
             n_in, row0, sc = layout.lengths[base], layout.starts[base], 1.0
         tk.coarsen_kernel[(layout.chunk_grid(base, lvl), b * h)](
             *srcs, valid if has_mask else pc, *(rot if rot is not None else (pc, pc)), pq, pk, pv, pc, pf,
-            layout.start_t, layout.len_t,
+            start_t, len_t,
             *strides, valid.stride(0) if has_mask else 0,
             h, layout.mtot, n_in, row0, base, layout.top, sc,
             D=d, LVL=lvl, RAW=raw, HAS_MASK=has_mask, CAUSAL=causal, ROTARY=raw and rot is not None,
@@ -146,14 +178,15 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout):
     return pq, pk, pv, pc, pf
 
 
-def _forward(q, k, v, valid, rot, nr, causal, scale):
-    """rot: the (2, N, D/2) rotary cos and sin tables, or None."""
+def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
+    """rot: the (2, N, D/2) rotary cos and sin tables, or None; tables: `_layout_tables(N, nr)`."""
     from . import triton_kernels as tk
 
     rot = None if rot is None else rot.unbind(0)
     b, h, n, d = q.shape
-    layout = _layout(n, nr, q.device)
-    pq, pk, pv, pc, pf = _coarsen(q, k, v, valid, rot, scale, nr, causal, layout)
+    layout = _layout(n, nr)
+    lo, hi, start_t, len_t = layout.split(tables)
+    pq, pk, pv, pc, pf = _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t)
     mc = layout.mtot - layout.m0
     rows = max(mc, 1)  # never read without coarse levels, but kernels want a real pointer
     sm = _alloc(b, h, rows, device=q.device, dtype=torch.float32)
@@ -161,7 +194,7 @@ def _forward(q, k, v, valid, rot, nr, causal, scale):
     sa = _alloc(b, h, rows, d, device=q.device, dtype=torch.float32)
     out = _alloc_bnhd(b, h, n, d, q.device, q.dtype)
     lse = _alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
-    common = (pq, pk, pv, pc, layout.lo, layout.hi, layout.start_t, sm, sl, sa, out, lse, *out.stride()[:3], h,
+    common = (pq, pk, pv, pc, lo, hi, start_t, sm, sl, sa, out, lse, *out.stride()[:3], h,
               layout.mtot, layout.m0, n)
     uniform = uniform_levels(n, nr, valid is not None)
     if mc:
@@ -180,14 +213,15 @@ def _forward(q, k, v, valid, rot, nr, causal, scale):
     return out, lse, pq, pk, pv, pc, pf
 
 
-def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, uniform):
+def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform):
     from . import triton_kernels as tk
 
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     rot = None if rot is None else rot.unbind(0)
     b, h, mtot, d = pq.shape
     n = out.shape[2]
-    layout = _layout(n, nr, pq.device)
+    layout = _layout(n, nr)
+    lo, hi, start_t, len_t = layout.split(tables)
     dev = pq.device
     pdo = _alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
     plse = _alloc(b, h, mtot, device=dev, dtype=torch.float32)
@@ -196,7 +230,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, unifor
         raw = base == 0
         n_in, row0 = (n, 0) if raw else (layout.lengths[base], layout.starts[base])
         tk.fold_kernel[(layout.chunk_grid(base, lvl), b * h)](
-            dout, out, lse, pc, pdo, plse, pdel, layout.start_t, layout.len_t,
+            dout, out, lse, pc, pdo, plse, pdel, start_t, len_t,
             *dout.stride()[:3], *out.stride()[:3],
             h, mtot, n_in, row0, base, layout.top,
             D=d, LVL=lvl, RAW=raw, num_warps=4,
@@ -204,7 +238,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, unifor
     # gradients of every packed row, in the input precision for half inputs (summed in float32 later)
     gdtype = torch.float32 if pq.dtype == torch.float32 else pq.dtype
     pdq, pdk, pdv = (_alloc(b, h, mtot, d, device=dev, dtype=gdtype) for _ in range(3))
-    args = (pq, pk, pv, pc, layout.lo, layout.hi, pdo, plse, pdel)
+    args = (pq, pk, pv, pc, lo, hi, pdo, plse, pdel)
     for level0, row0, rows in ((True, 0, layout.m0), (False, layout.m0, mtot - layout.m0)):
         if not rows:
             continue
@@ -214,7 +248,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, unifor
         tk.window_bwd_dkdv_kernel[lambda meta: (rows // meta["BLOCK_N"], b * h)](*args, pdk, pdv, h, mtot, row0, **kw)
     dq, dk, dv = (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))
     tk.uncoarsen_kernel[(-(-n // tk.UNCOARSEN_BLOCK), b * h)](
-        pdq, pdk, pdv, pc, pf, layout.start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
+        pdq, pdk, pdv, pc, pf, start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         h, mtot, n, layout.top, scale,
         D=d, BLOCK=tk.UNCOARSEN_BLOCK, CAUSAL=causal, ROTARY=rot is not None, num_warps=4,
@@ -231,17 +265,17 @@ def _packed_shapes(q: torch.Tensor, nr: int):
 @torch.library.custom_op("h_transformer_1d::hattn_fwd", mutates_args=())
 def _hattn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
-    rot: torch.Tensor | None, nr: int, causal: bool, scale: float,
+    rot: torch.Tensor | None, tables: torch.Tensor, nr: int, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (B,H,N,D), valid (B,N) bool or None, rot (2, N, D/2) float32 cos and sin of the rotary
-    angles (or None: no rotary).
+    angles (or None: no rotary), tables: `_layout_tables(N, nr)` (int32 on q's device).
     Returns the output (B,H,N,D), the base-2 lse per level-0 row (B,H,M0) and the packed levels
     (q, k, v, counts, first tokens) kept for backward."""
-    return _forward(q, k, v, valid, rot, nr, causal, scale)
+    return _forward(q, k, v, valid, rot, tables, nr, causal, scale)
 
 
 @_hattn_fwd.register_fake
-def _(q, k, v, valid, rot, nr, causal, scale):
+def _(q, k, v, valid, rot, tables, nr, causal, scale):
     b, h, n, d, mtot, m0 = _packed_shapes(q, nr)
     return (
         q.new_empty(b, n, h, d).transpose(1, 2),
@@ -255,37 +289,38 @@ def _(q, k, v, valid, rot, nr, causal, scale):
 @torch.library.custom_op("h_transformer_1d::hattn_bwd", mutates_args=())
 def _hattn_bwd(
     dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
-    pv: torch.Tensor, pc: torch.Tensor, pf: torch.Tensor, rot: torch.Tensor | None, nr: int, causal: bool,
-    scale: float, uniform: bool,
+    pv: torch.Tensor, pc: torch.Tensor, pf: torch.Tensor, rot: torch.Tensor | None, tables: torch.Tensor,
+    nr: int, causal: bool, scale: float, uniform: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, uniform)
+    return _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform)
 
 
 @_hattn_bwd.register_fake
-def _(dout, out, lse, pq, pk, pv, pc, pf, rot, nr, causal, scale, uniform):
+def _(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform):
     b, h, n, d = out.shape
     return tuple(out.new_empty(b, n, h, d).transpose(1, 2) for _ in range(3))
 
 
-def _keep_for_backward(ctx, forward_out, q, valid, rot, nr, causal, scale):
-    """What both autograd paths keep: the forward's outputs, the rotary tables and the launch settings."""
-    ctx.save_for_backward(*forward_out, rot)
+def _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scale):
+    """What both autograd paths keep: the forward's outputs, the rotary and layout tables and the
+    launch settings."""
+    ctx.save_for_backward(*forward_out, rot, tables)
     ctx.nr, ctx.causal, ctx.scale = nr, causal, scale
     ctx.uniform = uniform_levels(q.shape[2], nr, valid is not None)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, valid, rot, nr, causal, scale = inputs
-    _keep_for_backward(ctx, output, q, valid, rot, nr, causal, scale)
+    q, k, v, valid, rot, tables, nr, causal, scale = inputs
+    _keep_for_backward(ctx, output, q, valid, rot, tables, nr, causal, scale)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept only for backward
 
 
 def _grad(ctx, dout, *unused):
     if dout is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     dq, dk, dv = _hattn_bwd(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, *(None,) * 6
 
 
 _hattn_fwd.register_autograd(_grad, setup_context=_setup_context)
@@ -297,16 +332,16 @@ class _EagerHAttention(torch.autograd.Function):
     torch.compile traces the custom ops instead, `fused_h_attention`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, valid, rot, nr, causal, scale):
-        forward_out = _forward(q, k, v, valid, rot, nr, causal, scale)
-        _keep_for_backward(ctx, forward_out, q, valid, rot, nr, causal, scale)
+    def forward(ctx, q, k, v, valid, rot, tables, nr, causal, scale):
+        forward_out = _forward(q, k, v, valid, rot, tables, nr, causal, scale)
+        _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scale)
         return forward_out[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         grads = _backward(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform)
-        return *grads, None, None, None, None, None
+        return *grads, *(None,) * 6
 
 
 _ROTARY_TABLES: dict = {}
@@ -352,9 +387,10 @@ def fused_h_attention(
             valid = valid.contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rot = None if rotary_freqs is None else _rotary_table(q.shape[2], rotary_freqs.to(q.device))
+    tables = _layout_tables(q.shape[2], block_size, q.device)
     if torch.compiler.is_compiling() or _VIA_CUSTOM_OPS:
-        return _hattn_fwd(q, k, v, valid, rot, block_size, causal, scale)[0]
-    return _EagerHAttention.apply(q, k, v, valid, rot, block_size, causal, scale)
+        return _hattn_fwd(q, k, v, valid, rot, tables, block_size, causal, scale)[0]
+    return _EagerHAttention.apply(q, k, v, valid, rot, tables, block_size, causal, scale)
 
 
 _VIA_CUSTOM_OPS = False  # tests: run eager calls through the custom ops too
