@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import cuda_graphs
 import decode
 import length_ratios
 import lra_listops
@@ -269,6 +270,28 @@ def test_host_overhead_quick(tmp_path):
     assert (tmp_path / "host_overhead.png").read_bytes().startswith(PNG)
     done = subprocess.run([*command, "--calls", "0"], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--calls must be an integer >= 1, got 0" in done.stderr
+
+
+def test_cuda_graphs_report(tmp_path):
+    """The CUDA-graphs study's table and plot from given rows: ratios against dense in the same mode and
+    against dense eager; a failed configuration shows its error."""
+    meta = {"card": "Card X", "torch": "2.x", "triton": "3.x", "git": "abc", "date": "today", "command": "cmd",
+            "preset": "base", "params": 38e6, "context": 4096, "batch": 8, "steps": 20}  # fmt: skip
+    rows = [
+        {"attention": "dense", "block": None, "mode": "eager", "ms_per_step": 80.0, "tokens_per_s": 1, "loss": 5.0},
+        {"attention": "dense", "block": None, "mode": "reduce-overhead", "ms_per_step": 40.0, "tokens_per_s": 2,
+         "loss": 5.0},
+        {"attention": "hierarchical", "block": 512, "mode": "eager", "ms_per_step": 64.0, "tokens_per_s": 3,
+         "loss": 5.1},
+        {"attention": "hierarchical", "block": 512, "mode": "reduce-overhead", "error": "RuntimeError: a | b"},
+    ]  # fmt: skip
+    md = cuda_graphs.report({"meta": meta, "rows": rows})
+    assert "| hierarchical, block 512 | eager | 64.0 | 3 | 1.25x | 1.25x | 5.1000 |" in md
+    assert "| dense (SDPA) | reduce-overhead | 40.0 | 2 | 1.00x | 2.00x | 5.0000 |" in md
+    assert "| hierarchical, block 512 | reduce-overhead | failed: RuntimeError: a / b |" in md
+    assert "Card: **Card X**" in md and "`cmd`" in md
+    cuda_graphs.plot({"meta": meta, "rows": rows}, tmp_path / "cg.png")
+    assert (tmp_path / "cg.png").read_bytes().startswith(PNG)
 
 
 def test_length_ratios_rejects_bad_rounds(tmp_path):
