@@ -220,6 +220,33 @@ def test_compiled_equals_eager_without_graph_breaks(monkeypatch):
         assert rel_err(a, e) <= 1e-5, f"d{name}"
 
 
+def test_compiled_with_dynamic_lengths_equals_eager():
+    """One graph for several lengths (dynamic shapes: the level layout is computed from a symbolic N)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    backend = CompileCounterWithBackend("inductor" if torch.cuda.is_available() else "aot_eager")
+
+    def fn(q, k, v):
+        return h_attention(q, k, v, block_size=16, causal=True, impl="triton")
+
+    compiled = torch.compile(fn, backend=backend, dynamic=True, fullgraph=True)
+    gen = torch.Generator().manual_seed(7)
+    compilations = []
+    for n in (70, 100):
+        inputs = [torch.randn(1, 2, n, 16, generator=gen).to(DEVICE) for _ in range(3)]
+        grad = torch.randn(1, 2, n, 16, generator=gen).to(DEVICE)
+        results = []
+        for f in (compiled, fn):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = f(*leaves)
+            out.backward(grad)
+            results.append([out.detach(), *(t.grad for t in leaves)])
+        for name, a, e in zip(("out", "dq", "dk", "dv"), *results):
+            assert rel_err(a, e) <= 1e-6, f"N {n}: {name}"
+        compilations.append(backend.frame_count)
+    assert compilations[1] == compilations[0] > 0  # both lengths have levels 0-2: no recompilation
+
+
 @cuda
 def test_cuda_graphs_replay_the_kernels():
     """torch.compile(mode="reduce-overhead") records the forward and backward launches in CUDA graphs
