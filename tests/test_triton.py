@@ -290,6 +290,23 @@ def test_layout_tables(n, nr):
     assert not start[len(lengths) :].any() and not length[len(lengths) :].any()
 
 
+@pytest.mark.parametrize("rotary", [False, True])
+def test_training_after_a_first_call_in_inference_mode(monkeypatch, rotary):
+    """The cached layout and rotary tables made by a first call under torch.inference_mode (evaluation
+    before training) are normal tensors: a later call with autograd saves them for backward."""
+    monkeypatch.setattr(fused, "_TABLES", {})
+    monkeypatch.setattr(fused, "_ROTARY_TABLES", {})
+    q = torch.randn(1, 2, 40, 16, device=DEVICE)
+    freqs = (10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)).to(DEVICE) if rotary else None
+    kw = {"block_size": 16, "causal": True, "impl": "triton", "rotary_freqs": freqs}
+    with torch.inference_mode():
+        expected = h_attention(q, q, q, **kw)
+    leaf = q.clone().requires_grad_()
+    out = h_attention(leaf, leaf, leaf, **kw)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected) and leaf.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("n,mask_kind,rotary", [(64, "none", True), (70, "gaps", False), (96, "end", True)])
 def test_eager_path_equals_custom_ops(monkeypatch, n, mask_kind, rotary):
     """Eager calls skip the custom ops' dispatch (an autograd.Function around the same launches); both

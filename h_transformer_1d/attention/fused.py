@@ -135,8 +135,12 @@ def _layout_tables(n: int, nr: int, device) -> torch.Tensor:
     if tables is None:
         if len(_TABLES) >= 256:
             _TABLES.clear()
-        tables = _TABLES[key] = _build_tables(n, nr, device)
+        # not an inference tensor, even when the first call runs under torch.inference_mode: a later
+        # call with autograd saves the tables for backward
+        with torch.inference_mode(False):
+            tables = _TABLES[key] = _build_tables(n, nr, device)
     return tables
+
 
 
 def _levels_per_launch(layout: _Layout, per_launch: int):
@@ -362,7 +366,8 @@ def _rotary_table(n: int, freqs: torch.Tensor) -> torch.Tensor:
     if table is None:
         if len(_ROTARY_TABLES) >= 16:
             _ROTARY_TABLES.clear()
-        table = _ROTARY_TABLES[key] = build()
+        with torch.inference_mode(False):  # as in _layout_tables: saved for backward by later calls
+            table = _ROTARY_TABLES[key] = build()
     return table
 
 
