@@ -397,6 +397,35 @@ def test_kernel_decoder_equals_full_forward(dtype):
     torch.testing.assert_close(decoded[mask], full[mask], rtol=0, atol=TOLERANCE[dtype])
 
 
+def test_kernel_decoder_launches_under_the_state_device(monkeypatch):
+    """Each Triton decoding step runs under its query's device (Triton launches on the current one)."""
+    pytest.importorskip("triton")
+    from h_transformer_1d.attention import decode_kernels
+
+    seen = []
+    original = decode_kernels.launch_device
+    monkeypatch.setattr(decode_kernels, "launch_device", lambda t: seen.append(t.device) or original(t))
+    model = small_model(torch.float32).to(DEVICE)
+    tokens = torch.randint(0, 29, (1, 24), device=DEVICE)
+    with torch.no_grad():
+        decode_all(model, tokens, None, 20, static=True, kernel=True, graph=False)  # graphs: launched once
+    assert len(seen) == 4 * SMALL_MODEL["depth"] and set(seen) == {tokens.device}  # 4 steps, every layer
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernel_decoder_on_a_gpu_that_is_not_current():
+    """A model on cuda:1 while cuda:0 is current: the decoding kernels launch on the model's GPU."""
+    pytest.importorskip("triton")
+    torch.cuda.set_device(0)
+    model = small_model(torch.float32, reversible=False, shift_tokens=False).to("cuda:1")
+    tokens = torch.randint(0, 29, (2, 40), device="cuda:1")
+    mask = torch.ones(2, 40, dtype=torch.bool, device="cuda:1")
+    with torch.no_grad():
+        full = model(tokens, mask=mask)
+        decoded = decode_all(model, tokens, mask, 12, static=True, kernel=True)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=TOLERANCE[torch.float32])
+
+
 def test_kernel_option_is_checked(monkeypatch):
     cache = HierarchicalCache(4)
     cache.prefill(*(torch.randn(1, 1, 6, 4) for _ in range(3)))

@@ -359,6 +359,51 @@ def test_kernels_match_reference_on_gpu(n, nr, causal):
     check_against_reference(n, nr, causal, "gaps", 64, torch.bfloat16, b=2, h=2)
 
 
+def test_launches_switch_to_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device: the forward and the backward launch under their
+    inputs' device (a context only where that is not the current one)."""
+    seen = []
+    original = fused.launch_device
+    monkeypatch.setattr(fused, "launch_device", lambda t: seen.append(t.shape) or original(t))
+    q = torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True)
+    h_attention(q, q, q, block_size=16, causal=True, impl="triton").sum().backward()
+    assert seen == [q.shape, q.shape]  # forward (q) and backward (the output gradient)
+
+    class OnSecondGpu:  # what launch_device reads of a tensor
+        is_cuda, device = True, torch.device("cuda:1")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = original(OnSecondGpu())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert not isinstance(original(OnSecondGpu()), torch.cuda.device)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kernels_run_on_the_inputs_gpu_when_another_is_current(compiled):
+    """Inputs on cuda:1 while cuda:0 is current (a model moved to a chosen GPU without set_device):
+    Triton launches on the current device, so the launches must switch to the inputs' device."""
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(2, 4, 1000, 64, generator=gen).bfloat16() for _ in range(4)]
+
+    def fn(q, k, v):
+        return h_attention(q, k, v, block_size=128, causal=True, impl="triton")
+
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        f = torch.compile(fn, fullgraph=True) if compiled else fn
+        leaves = [t.to(device).requires_grad_() for t in inputs[:3]]
+        out = f(*leaves)
+        out.backward(inputs[3].to(device))
+        torch.cuda.synchronize(device)
+        results[device] = [t.cpu() for t in (out.detach(), *(x.grad for x in leaves))]
+        assert torch.cuda.current_device() == 0
+    for name, a, e in zip(("out", "dq", "dk", "dv"), results["cuda:1"], results["cuda:0"]):
+        assert rel_err(a, e) <= 1e-2, name
+
+
 def test_kernels_take_blocks_16_to_512_and_their_head_sizes():
     q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
     assert fused.supports(q, 16) and fused.supports(q, 512)

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused import launch_device
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # the level launch's ring slots and warps per program (benchmarks/decode_kernel.py times the choices)
 CHUNK = 32
@@ -225,6 +227,11 @@ def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary
     """`StaticHierarchicalCache.advance(q, k, v, rotary=rotary)` in two launches: updates `cache`'s ring,
     queries, missing flags and position in place; returns the output (B, H, D) in q's dtype.
     `rotary`: (cos, sin), each (D/2,), to turn q and k by inside the level launch (as `rotary.rotate`)."""
+    with launch_device(q):
+        return _static_step(cache, q, k, v, rotary)
+
+
+def _static_step(cache, q, k, v, rotary):
     ring, queries, missing = cache.ring, cache.queries, cache.missing
     levels, b, h, d = queries.shape
     nr = cache.block_size

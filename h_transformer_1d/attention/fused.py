@@ -14,6 +14,9 @@ and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients b
 (means: divided by the count; causal queries: to the sampled first token) and writes dq, dk, dv.
 """
 
+import contextlib
+import functools
+
 import torch
 
 from .reference import level_lengths, num_levels
@@ -37,6 +40,23 @@ def supports(q: torch.Tensor, block_size: int, allow_float32: bool = False) -> b
         and q.shape[-1] in SUPPORTED_HEAD_DIMS
         and MIN_BLOCK <= block_size <= MAX_BLOCK
     )
+
+
+def launch_device(t: torch.Tensor):
+    """A context with `t`'s CUDA device current: Triton launches on the current device, so a model on
+    cuda:1 while cuda:0 is current would hand it pointers of another device."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _on_device_of_first_argument(fn):
+    @functools.wraps(fn)
+    def run(first, *args):
+        with launch_device(first):
+            return fn(first, *args)
+
+    return run
 
 
 def _alloc(*shape, device, dtype) -> torch.Tensor:
@@ -182,6 +202,7 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
     return pq, pk, pv, pc, pf
 
 
+@_on_device_of_first_argument
 def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
     """rot: the (2, N, D/2) rotary cos and sin tables, or None; tables: `_layout_tables(N, nr)`."""
     from . import triton_kernels as tk
@@ -217,6 +238,7 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
     return out, lse, pq, pk, pv, pc, pf
 
 
+@_on_device_of_first_argument
 def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform):
     from . import triton_kernels as tk
 
