@@ -259,7 +259,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
             dout, out, lse, pc, pdo, plse, pdel, start_t, len_t,
             *dout.stride()[:3], *out.stride()[:3],
             h, mtot, n_in, row0, base, layout.top,
-            D=d, LVL=lvl, RAW=raw, num_warps=4,
+            D=d, LVL=lvl, RAW=raw, num_warps=tk.FOLD_WARPS,
         )
     # gradients of every packed row, in the input precision for half inputs (summed in float32 later)
     gdtype = torch.float32 if pq.dtype == torch.float32 else pq.dtype
@@ -277,7 +277,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
         pdq, pdk, pdv, pc, pf, start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         h, mtot, n, layout.top, scale,
-        D=d, BLOCK=tk.UNCOARSEN_BLOCK, CAUSAL=causal, ROTARY=rot is not None, num_warps=4,
+        D=d, BLOCK=tk.UNCOARSEN_BLOCK, CAUSAL=causal, ROTARY=rot is not None, num_warps=tk.UNCOARSEN_WARPS,
     )
     return dq, dk, dv
 

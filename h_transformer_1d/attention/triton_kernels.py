@@ -29,13 +29,16 @@ import os
 import triton
 import triton.language as tl
 
-LV = 6  # coarse levels one fold launch produces (chunks of 2**LV input rows)
+# Coarse levels one fold launch produces (chunks of 2**LV input rows), and its warps. As for coarsening,
+# small launches win: H100, bf16, B 8, H 8, N 4,096, block 512: 56 µs with 2 levels and 1 warp, 94 with
+# 3 and 2, 102 with 6 and 4, 189 with 6 and 8.
+LV, FOLD_WARPS = 2, 1
 # Coarse levels one coarsen launch produces, and its warps. Fewer levels per launch means more, but far
 # cheaper launches: with rotary q and k the 6-level tile spills (H100, bf16, B 32, H 8, N 2000, block 16:
 # 2.76 ms with 6 levels and 4 warps, 0.44 ms with 2 levels and 1 warp; B 1, N 131,072, block 128:
 # 4.53 -> 0.75 ms).
 COARSEN_LV, COARSEN_WARPS = 2, 1
-UNCOARSEN_BLOCK = 32
+UNCOARSEN_BLOCK, UNCOARSEN_WARPS = 32, 2  # same setting: 107 µs; 117 with 4 warps; 107 with 64 rows, 4 warps
 # Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # A kernel whose configs hold one of them takes only that one (the first config matching it, so a pair
 # that matches several configs tests one of them); the others keep their default.
@@ -88,8 +91,10 @@ def _autotune(configs):
 _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
+# The key-side backward's first (default) tile: on an H100 at context 4,096, block 512, it took 373 µs
+# against 434 for 64 x 64 x 4 warps x 2 stages (forced tiles, .gpu kbench, 2026-12-05).
 _BWD_CONFIGS = _configs(
-    [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
+    [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
 )
 
 
@@ -350,32 +355,56 @@ def uncoarsen_kernel(
 
 
 @triton.jit
+def _mask_scores(s, cnt, r2, c2, off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr,
+                 UNIFORM: tl.constexpr, STRADDLE: tl.constexpr):
+    """Masks of a tile of base-2 scores whose query rows `r2` and key columns `c2` are broadcast to its
+    shape (either orientation: (BLOCK_M, 1) and (1, BLOCK_N), or their transposes); `cnt` likewise
+    broadcast along the keys. Level 0 with DIAG: keys up to the query; coarse levels with STRADDLE (a
+    tile wider than half a block): the half-block correction of window offset `off` (the previous
+    block: queries in the first half skip the second half of its keys; the next block: queries in the
+    second half skip the first half)."""
+    if not UNIFORM:
+        s = s + tl.where(cnt > 0, tl.log2(tl.maximum(cnt, 1e-30)), float("-inf"))
+    if LEVEL0:
+        if DIAG:
+            s = tl.where(c2 <= r2, s, float("-inf"))
+    elif STRADDLE:
+        half = NR // 2
+        r = r2 % NR
+        c = c2 % NR
+        if off < 0:
+            s = tl.where((r < half) & (c >= half), float("-inf"), s)
+        else:
+            s = tl.where((r >= half) & (c < half), float("-inf"), s)
+    return s
+
+
+@triton.jit
 def _scores(q, k, cnt, rows, cols, off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr,
             UNIFORM: tl.constexpr):
-    """Base-2 scores of a (BLOCK_M, D) query tile against a (BLOCK_N, D) key tile at packed rows `rows`
-    and `cols`, masks applied: level 0 with DIAG, keys up to the query; coarse levels, the half-block
-    correction of window offset `off` (the previous block: queries in the first half skip the second
-    half of its keys; the next block: queries in the second half skip the first half).
+    """Base-2 scores (BLOCK_M, BLOCK_N) of a (BLOCK_M, D) query tile against a (BLOCK_N, D) key tile at
+    packed rows `rows` and `cols`, masks applied (`_mask_scores`).
 
     q carries log2(e), so q.k is the base-2 score. Each key adds log2 of its count, except with UNIFORM
     (every row of the level stands for the same number of tokens): the callers then add that constant
     to the softmax state or take it off the log-sum-exp. Tiles no wider than half a block never straddle
     a half-block (the spans skip whole halves), so they need no correction mask."""
     s = tl.dot(q, tl.trans(k))
-    if not UNIFORM:
-        s = s + tl.where(cnt > 0, tl.log2(tl.maximum(cnt, 1e-30)), float("-inf"))[None, :]
-    if LEVEL0:
-        if DIAG:
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-    elif q.shape[0] > NR // 2 or k.shape[0] > NR // 2:
-        half = NR // 2
-        r = rows % NR
-        c = cols % NR
-        if off < 0:
-            s = tl.where((r[:, None] < half) & (c[None, :] >= half), float("-inf"), s)
-        else:
-            s = tl.where((r[:, None] >= half) & (c[None, :] < half), float("-inf"), s)
-    return s
+    straddle: tl.constexpr = q.shape[0] > NR // 2 or k.shape[0] > NR // 2
+    c = cnt if UNIFORM else cnt[None, :]
+    return _mask_scores(s, c, rows[:, None], cols[None, :], off, LEVEL0, DIAG, NR, UNIFORM, straddle)
+
+
+@triton.jit
+def _scores_t(k, q, cnt, rows, cols, off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr,
+              NR: tl.constexpr, UNIFORM: tl.constexpr):
+    """The transpose of `_scores`: (BLOCK_N, BLOCK_M), keys along the rows. The key-side backward
+    works in this orientation so that its probabilities and score gradients are the left operands of
+    its dots as computed (no transpose of a register tile)."""
+    s = tl.dot(k, tl.trans(q))
+    straddle: tl.constexpr = q.shape[0] > NR // 2 or k.shape[0] > NR // 2
+    c = cnt if UNIFORM else cnt[:, None]
+    return _mask_scores(s, c, rows[None, :], cols[:, None], off, LEVEL0, DIAG, NR, UNIFORM, straddle)
 
 
 @triton.jit
@@ -616,12 +645,12 @@ def _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, cols, m
         lse = tl.load(LSE + sbase + rows)
         lse = tl.where(lse == float("inf"), 0.0, lse) - shift
         delta = tl.load(DELTA + sbase + rows)
-        s = _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR, UNIFORM)
-        p = tl.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        st = _scores_t(k, q, cnt, rows, cols, off, LEVEL0, DIAG, NR, UNIFORM)  # (BLOCK_N, BLOCK_M)
+        pt = tl.exp2(st - lse[None, :])
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
     return dk, dv
 
 
