@@ -38,7 +38,9 @@ LV, FOLD_WARPS = 2, 1
 # 2.76 ms with 6 levels and 4 warps, 0.44 ms with 2 levels and 1 warp; B 1, N 131,072, block 128:
 # 4.53 -> 0.75 ms).
 COARSEN_LV, COARSEN_WARPS = 2, 1
-UNCOARSEN_BLOCK, UNCOARSEN_WARPS = 32, 2  # same setting: 107 µs; 117 with 4 warps; 107 with 64 rows, 4 warps
+# Rows per uncoarsen program, and its warps (the fold's setting above: 107 µs; 117 with 4 warps; 107 with
+# 64 rows and 4 warps).
+UNCOARSEN_BLOCK, UNCOARSEN_WARPS = 32, 2
 # Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # A kernel whose configs hold one of them takes only that one (the first config matching it, so a pair
 # that matches several configs tests one of them); the others keep their default.
@@ -92,7 +94,7 @@ _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
 # The key-side backward's first (default) tile: on an H100 at context 4,096, block 512, it took 373 µs
-# against 434 for 64 x 64 x 4 warps x 2 stages (forced tiles, .gpu kbench, 2026-12-05).
+# against 434 for 64 x 64 x 4 warps x 2 stages (each tile forced in turn; benchmarks/results/kernels_ctx4096_h100.md).
 _BWD_CONFIGS = _configs(
     [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
 )
