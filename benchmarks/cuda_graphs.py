@@ -26,6 +26,7 @@ from scaling import environment, fmt, pyplot, save_figure, script_command, write
 from tqdm import tqdm
 
 from h_transformer_1d.apps.config import NUM_TOKENS, PRESETS, build_model
+from h_transformer_1d.apps.train import adamw
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "default", "reduce-overhead")
@@ -47,7 +48,7 @@ def time_steps(cfg, mode: str, steps: int) -> dict:
     model = build_model(cfg).to(device)
     if mode != "eager":
         model.net.compile(mode=mode)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(list(model.parameters()), lr=1e-4)  # as the training tool: fused on a GPU
     batch = torch.randint(NUM_TOKENS, (cfg.batch_size, cfg.seq_len + 1), device=device)
 
     def step() -> torch.Tensor:

@@ -417,6 +417,21 @@ def test_nonfinite_loss_stops_before_the_next_checkpoint(corpus, tmp_path, monke
     assert {int(r["step"]) for r in log} <= set(range(1, first_nan)) and all(float(r["train_bpb"]) < 99 for r in log)
 
 
+def test_adamw_is_fused_only_when_every_parameter_is_on_a_gpu():
+    from h_transformer_1d.apps.train import adamw, decay_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = decay_groups(model, 0.1)
+    opt = adamw(groups, lr=1e-3, betas=(0.9, 0.95))
+    assert not opt.defaults["fused"] and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4
+    assert not adamw(list(model.parameters()), lr=1e-3).defaults["fused"]
+    if torch.cuda.is_available():
+        assert adamw(decay_groups(model.cuda(), 0.1), lr=1e-3).defaults["fused"]
+        mixed = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, device="cuda"))]
+        assert not adamw(mixed, lr=1e-3).defaults["fused"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pending_loss_reads_the_value_it_was_given_on_gpu():
     from h_transformer_1d.apps.train import PendingLoss

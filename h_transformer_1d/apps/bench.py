@@ -7,7 +7,7 @@ import time
 import torch
 
 from .config import NUM_TOKENS, Config, build_model, validate
-from .train import Runtime
+from .train import Runtime, adamw
 
 UNTIMED_STEPS = 2  # compilation, allocator warm-up
 
@@ -25,7 +25,7 @@ def training_step(cfg: Config, rt: Runtime):
     model = build_model(cfg).to(rt.device)
     if cfg.compile:
         model.net.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    optimizer = adamw(list(model.parameters()), lr=cfg.lr)
     micro = torch.randint(NUM_TOKENS, (cfg.batch_size // cfg.grad_accum, cfg.seq_len + 1), device=rt.device)
 
     def step() -> torch.Tensor:

@@ -271,6 +271,15 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def adamw(groups, **kwargs) -> torch.optim.AdamW:
+    """AdamW over `groups` (parameters or parameter groups): the fused implementation when every
+    parameter is on a GPU (one kernel per step instead of several per tensor group: less host time in
+    eager steps; H100, base model, context 4,096, dense eager 89.7 -> 86.5 ms per step), else the default."""
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
 def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Runtime) -> None:
     validate(cfg, rt.world_size)
     corpus = data.load_corpus(cfg.data)
@@ -301,7 +310,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
     if cfg.compile:
         model.net.compile()
 
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = adamw(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if resume:
         set_optimizer_state_dict(model, optimizer, resume.optimizer, options=StateDictOptions(full_state_dict=True))
         restore_rng(resume.rng, resume.state.get("world_size", 0), cfg, start_step, rt)

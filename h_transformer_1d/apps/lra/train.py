@@ -33,7 +33,7 @@ from ..config import ConfigError, _opt
 from ..data import DataError
 from ..metrics import MetricsLog
 from ..plots import plot_curves
-from ..train import Runtime, check_finite, decay_groups, format_duration, start_runtime
+from ..train import Runtime, adamw, check_finite, decay_groups, format_duration, start_runtime
 from . import listops
 from .model import POOLS, SequenceClassifier
 
@@ -347,7 +347,7 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
     model = build_classifier(cfg).to(rt.device)
     num_params = sum(p.numel() for p in model.parameters())
     groups = decay_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
+    optimizer = adamw(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     start_step, best, val_acc, elapsed = 0, (-1.0, 0), float("nan"), 0.0  # best: validation accuracy, step
     if saved is not None:
         weights, start_step = saved
