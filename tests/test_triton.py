@@ -138,6 +138,7 @@ def force_tiles(monkeypatch, tiles):
     kernels = (tk.window_fwd_kernel, tk.window_bwd_dq_kernel, tk.window_bwd_dkdv_kernel)
     for kernel in kernels:  # the autotuners remember the tile chosen per key
         monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(tk, "_CHOSEN", {})  # and so does tk.launch
     return {kernel: (lambda kernel=kernel: {tk._tile_shape(c) for c in kernel.cache.values()}) for kernel in kernels}
 
 
@@ -182,6 +183,45 @@ def test_kernels_take_head_interleaved_inputs(causal):
     exp, exp_grad = run("blocked", torch.float64)
     assert rel_err(got, exp) <= TOL[torch.float32]
     assert rel_err(got_grad, exp_grad) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("n,causal,mask_kind", [(75, True, "gaps"), (130, False, "start"), (64, True, "none")])
+def test_packed_qkv_gets_its_gradient_as_one_tensor(n, causal, mask_kind):
+    """h_attention_qkv on qkv (B, N, 3, H, D), rotary on: the output and qkv's gradient equal the float64
+    blocked path's on q, k, v views of it, and the eager kernels hand back qkv's gradient themselves
+    (their backward node feeds qkv directly: no stacking of dq, dk, dv in between)."""
+    from h_transformer_1d.attention import h_attention_qkv
+
+    gen = torch.Generator().manual_seed(11)
+    b, h, d = 2, 3, 16
+    qkv = torch.randn(b, n, 3, h, d, dtype=torch.float64, generator=gen)
+    grad = torch.randn(b, h, n, d, dtype=torch.float64, generator=gen)
+    mask = make_mask(mask_kind, b, n, gen)
+    mask = None if mask is None else mask.to(DEVICE)
+    freqs = (10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)).to(DEVICE)
+    kw = dict(block_size=16, causal=causal, key_padding_mask=mask, rotary_freqs=freqs)
+
+    x = qkv.to(DEVICE, torch.float32).requires_grad_()
+    got = h_attention_qkv(x, impl="triton", **kw)
+    assert type(got.grad_fn).__name__ == "_EagerHAttentionQKVBackward"
+    assert got.grad_fn.next_functions[0][0].variable is x
+    got.backward(grad.to(DEVICE, torch.float32))
+
+    y = qkv.to(DEVICE).requires_grad_()
+    exp = h_attention(*(t.transpose(1, 2) for t in y.unbind(2)), impl="blocked", **kw)
+    exp.backward(grad.to(DEVICE))
+    assert not x.grad.isnan().any() and x.grad.shape == x.shape
+    assert rel_err(got, exp) <= TOL[torch.float32] * 3
+    assert rel_err(x.grad, y.grad) <= TOL[torch.float32] * 3
+
+
+def test_packed_qkv_must_have_the_packed_shape():
+    from h_transformer_1d.attention import h_attention_qkv
+
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seq_len, 3, heads, dim_head\), got \(2, 5, 2, 3, 4\)"):
+        h_attention_qkv(torch.zeros(2, 5, 2, 3, 4), block_size=16)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        h_attention_qkv([1, 2, 3], block_size=16)
 
 
 def test_fully_masked_sequence_gives_zeros():

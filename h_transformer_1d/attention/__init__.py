@@ -2,11 +2,12 @@
 
 from .blocked import blocked_h_attention
 from .incremental import HierarchicalCache
-from .interface import h_attention
+from .interface import h_attention, h_attention_qkv
 from .reference import covering_level, hierarchical_attention_reference, num_levels
 
 __all__ = [
     "h_attention",
+    "h_attention_qkv",
     "blocked_h_attention",
     "HierarchicalCache",
     "hierarchical_attention_reference",

@@ -52,9 +52,9 @@ def launch_device(t: torch.Tensor):
 
 def _on_device_of_first_argument(fn):
     @functools.wraps(fn)
-    def run(first, *args):
+    def run(first, *args, **kwargs):
         with launch_device(first):
-            return fn(first, *args)
+            return fn(first, *args, **kwargs)
 
     return run
 
@@ -62,6 +62,19 @@ def _on_device_of_first_argument(fn):
 def _alloc(*shape, device, dtype) -> torch.Tensor:
     """Every kernel output comes from here, so tests can poison it with NaN."""
     return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def _carve(flat: torch.Tensor, *shapes) -> list[torch.Tensor]:
+    """Contiguous tensors of `shapes`, one after the other in the 1-D `flat` (one allocation, not one
+    per tensor: each costs host time on every call)."""
+    views, start = [], 0
+    for shape in shapes:
+        size = 1
+        for extent in shape:
+            size *= extent
+        views.append(flat[start : start + size].view(shape))
+        start += size
+    return views
 
 
 def _alloc_bnhd(b, h, n, d, device, dtype) -> torch.Tensor:
@@ -178,6 +191,7 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
 
     b, h, n, d = q.shape
     dev = q.device
+    # three allocations: the custom op returns these, and its outputs may not alias one another
     pq, pk, pv = (_alloc(b, h, layout.mtot, d, device=dev, dtype=q.dtype) for _ in range(3))
     pc = _alloc(b, layout.mtot, device=dev, dtype=torch.float32)
     pf = _alloc(b, layout.mtot, device=dev, dtype=torch.int32)
@@ -214,9 +228,8 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
     pq, pk, pv, pc, pf = _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t)
     mc = layout.mtot - layout.m0
     rows = max(mc, 1)  # never read without coarse levels, but kernels want a real pointer
-    sm = _alloc(b, h, rows, device=q.device, dtype=torch.float32)
-    sl = _alloc(b, h, rows, device=q.device, dtype=torch.float32)
-    sa = _alloc(b, h, rows, d, device=q.device, dtype=torch.float32)
+    sa, sm, sl = _carve(_alloc(b * h * rows * (d + 2), device=q.device, dtype=torch.float32),
+                        (b, h, rows, d), (b, h, rows), (b, h, rows))  # one allocation for three
     out = _alloc_bnhd(b, h, n, d, q.device, q.dtype)
     lse = _alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
     common = (pq, pk, pv, pc, lo, hi, start_t, sm, sl, sa, out, lse, *out.stride()[:3], h,
@@ -224,14 +237,14 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
     uniform = uniform_levels(n, nr, valid is not None)
     if mc:
         first, step, num_win = _window(False, causal)
-        tk.window_fwd_kernel[lambda meta: (mc // meta["BLOCK_M"], b * h)](
-            *common, layout.m0, layout.top,
+        tk.launch(
+            tk.window_fwd_kernel, lambda meta: (mc // meta["BLOCK_M"], b * h), *common, layout.m0, layout.top,
             NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=False, CAUSAL=causal, FINAL=False,
             UNIFORM=uniform,
         )
     first, step, num_win = _window(True, causal)
-    tk.window_fwd_kernel[lambda meta: (layout.m0 // meta["BLOCK_M"], b * h)](
-        *common, 0, layout.top,
+    tk.launch(
+        tk.window_fwd_kernel, lambda meta: (layout.m0 // meta["BLOCK_M"], b * h), *common, 0, layout.top,
         NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=True, CAUSAL=causal, FINAL=True,
         UNIFORM=uniform,
     )
@@ -239,7 +252,9 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
 
 
 @_on_device_of_first_argument
-def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform):
+def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform, grads=None):
+    """grads: (dq, dk, dv) to write into, any strides (the packed path: views of one (B, N, 3, H, D)
+    tensor); new ones when None."""
     from . import triton_kernels as tk
 
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -250,8 +265,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
     lo, hi, start_t, len_t = layout.split(tables)
     dev = pq.device
     pdo = _alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
-    plse = _alloc(b, h, mtot, device=dev, dtype=torch.float32)
-    pdel = _alloc(b, h, mtot, device=dev, dtype=torch.float32)
+    plse, pdel = _carve(_alloc(2 * b * h * mtot, device=dev, dtype=torch.float32), (b, h, mtot), (b, h, mtot))
     for base, lvl in _levels_per_launch(layout, tk.LV):
         raw = base == 0
         n_in, row0 = (n, 0) if raw else (layout.lengths[base], layout.starts[base])
@@ -263,16 +277,17 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
         )
     # gradients of every packed row, in the input precision for half inputs (summed in float32 later)
     gdtype = torch.float32 if pq.dtype == torch.float32 else pq.dtype
-    pdq, pdk, pdv = (_alloc(b, h, mtot, d, device=dev, dtype=gdtype) for _ in range(3))
+    pdq, pdk, pdv = _alloc(3, b, h, mtot, d, device=dev, dtype=gdtype).unbind(0)
     args = (pq, pk, pv, pc, lo, hi, pdo, plse, pdel)
     for level0, row0, rows in ((True, 0, layout.m0), (False, layout.m0, mtot - layout.m0)):
         if not rows:
             continue
         first, step, num_win = _window(level0, causal)
         kw = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal, UNIFORM=uniform)
-        tk.window_bwd_dq_kernel[lambda meta: (rows // meta["BLOCK_M"], b * h)](*args, pdq, h, mtot, row0, **kw)
-        tk.window_bwd_dkdv_kernel[lambda meta: (rows // meta["BLOCK_N"], b * h)](*args, pdk, pdv, h, mtot, row0, **kw)
-    dq, dk, dv = (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))
+        tk.launch(tk.window_bwd_dq_kernel, lambda meta: (rows // meta["BLOCK_M"], b * h), *args, pdq, h, mtot, row0, **kw)
+        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta: (rows // meta["BLOCK_N"], b * h), *args, pdk, pdv, h, mtot,
+                  row0, **kw)
+    dq, dk, dv = grads if grads is not None else (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))
     tk.uncoarsen_kernel[(-(-n // tk.UNCOARSEN_BLOCK), b * h)](
         pdq, pdk, pdv, pc, pf, start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
@@ -352,6 +367,12 @@ def _grad(ctx, dout, *unused):
 _hattn_fwd.register_autograd(_grad, setup_context=_setup_context)
 
 
+def _eager_forward(ctx, q, k, v, valid, rot, tables, nr, causal, scale) -> torch.Tensor:
+    forward_out = _forward(q, k, v, valid, rot, tables, nr, causal, scale)
+    _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scale)
+    return forward_out[0]
+
+
 class _EagerHAttention(torch.autograd.Function):
     """The eager path: the same forward and backward as the custom ops, without the custom ops'
     dispatch (140-220 us less host time per forward + backward on a CPU VM, benchmarks/host_overhead.py;
@@ -359,15 +380,38 @@ class _EagerHAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, valid, rot, tables, nr, causal, scale):
-        forward_out = _forward(q, k, v, valid, rot, tables, nr, causal, scale)
-        _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scale)
-        return forward_out[0]
+        return _eager_forward(ctx, q, k, v, valid, rot, tables, nr, causal, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         grads = _backward(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform)
         return *grads, *(None,) * 6
+
+
+class _EagerHAttentionQKV(torch.autograd.Function):
+    """The eager path for q, k, v that are views of one (B, N, 3, H, D) tensor `qkv` (a fused projection's
+    output): takes `qkv` itself, so that the backward writes dq, dk, dv straight into one gradient of
+    its layout. Through q, k, v the autograd graph would stack the three gradients and copy the stack
+    into the projection's layout: two passes over three gradients per layer."""
+
+    @staticmethod
+    def forward(ctx, qkv, valid, rot, tables, nr, causal, scale):
+        return _eager_forward(ctx, *_split_qkv(qkv), valid, rot, tables, nr, causal, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        out = ctx.saved_tensors[0]
+        b, h, n, d = out.shape
+        dqkv = _alloc(b, n, 3, h, d, device=out.device, dtype=out.dtype)
+        _backward(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform, grads=_split_qkv(dqkv))
+        return dqkv, *(None,) * 6
+
+
+def _split_qkv(qkv: torch.Tensor):
+    """q, k, v (B, H, N, D) views of a (B, N, 3, H, D) tensor."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
 
 _ROTARY_TABLES: dict = {}
@@ -403,8 +447,12 @@ def fused_h_attention(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     rotary_freqs: torch.Tensor | None = None,
+    qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hierarchical attention with the Triton kernels (inputs assumed validated and supported)."""
+    """Hierarchical attention with the Triton kernels (inputs assumed validated and supported).
+
+    qkv: the (B, N, 3, H, D) tensor whose views q, k, v are (`_split_qkv`); eager calls then return
+    its gradient as one tensor of its layout (`_EagerHAttentionQKV`)."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
     valid = None
@@ -417,6 +465,8 @@ def fused_h_attention(
     tables = _layout_tables(q.shape[2], block_size, q.device)
     if torch.compiler.is_compiling() or _VIA_CUSTOM_OPS:
         return _hattn_fwd(q, k, v, valid, rot, tables, block_size, causal, scale)[0]
+    if qkv is not None and qkv.stride(-1) == 1:
+        return _EagerHAttentionQKV.apply(qkv, valid, rot, tables, block_size, causal, scale)
     return _EagerHAttention.apply(q, k, v, valid, rot, tables, block_size, causal, scale)
 
 

@@ -94,6 +94,7 @@ def h_attention(
     dropout_p: float = 0.0,
     rotary_freqs: torch.Tensor | None = None,
     impl: str = "auto",
+    _qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hierarchical attention (H-Transformer-1D) on (B, H, N, D) tensors; returns (B, H, N, D).
 
@@ -144,7 +145,7 @@ def h_attention(
     if impl == "triton" or _use_triton(q, block_size, dropout_p, impl):
         return fused.fused_h_attention(
             q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            rotary_freqs=rotary_freqs,
+            rotary_freqs=rotary_freqs, qkv=_qkv,
         )
     return blocked_h_attention(
         q,
@@ -156,3 +157,19 @@ def h_attention(
         scale=scale,
         dropout_p=dropout_p,
     )
+
+
+def h_attention_qkv(qkv: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`h_attention` on the queries, keys and values packed as a fused projection makes them:
+    qkv (B, N, 3, H, D), e.g. ``to_qkv(x).unflatten(-1, (3, heads, dim_head))``; returns (B, H, N, D).
+
+    The same as ``h_attention(q, k, v, **kwargs)`` with ``q, k, v = (t.transpose(1, 2) for t in
+    qkv.unbind(2))``, except that with the Triton kernels, outside torch.compile, the gradient comes back
+    as one tensor of qkv's layout: no stacking of dq, dk, dv and no copy into the projection's layout.
+    """
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, seq_len, 3, heads, dim_head), got {tuple(qkv.shape)}")
+    q, k, v = fused._split_qkv(qkv)
+    return h_attention(q, k, v, _qkv=qkv, **kwargs)

@@ -90,6 +90,28 @@ def _autotune(configs):
     return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_block}, **extra)
 
 
+_CHOSEN: dict = {}
+
+
+def launch(kernel, grid, *args, **consts) -> None:
+    """``kernel[grid](*args, **consts)`` for an autotuned kernel. The autotuner's first call for a
+    tuning key picks the tile (benchmarking the candidates when tuning is on); later calls with that key
+    launch the chosen tile directly, without the autotuner's per-call bookkeeping (14 µs of host time
+    per launch on a 2-core VM, about 1 ms per step of the base model's 72 window launches).
+    The key holds everything the choice depends on: the kernel, the constexpr arguments (which include
+    the autotuner's key), the inputs' dtype, the tiles tests force and whether tuning is on."""
+    if not isinstance(kernel, triton.runtime.autotuner.Autotuner):  # a stand-in (host-overhead benchmark)
+        kernel[grid](*args, **consts)
+        return
+    key = (kernel, args[0].dtype, FORCE_TILES, _autotune_enabled(), *consts.items())
+    config = _CHOSEN.get(key)
+    if config is None:
+        kernel[grid](*args, **consts)
+        _CHOSEN[key] = kernel.best_config
+        return
+    kernel.fn.run(*args, grid=grid, warmup=False, **consts, **config.all_kwargs())
+
+
 _FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
