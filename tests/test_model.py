@@ -67,6 +67,31 @@ def test_rotary_acts_on_queries_and_keys_only():
     assert torch.allclose(q @ k.transpose(-1, -2), shifted_q @ shifted_k.transpose(-1, -2))
 
 
+@pytest.mark.parametrize("causal,dim,n,masked", [(True, 9, 7, True), (False, 11, 5, True), (False, 8, 1, False), (True, 6, 1, False)])
+def test_token_shift_moves_the_slices_and_gets_the_adjoint_gradient(causal, dim, n, masked):
+    """shift_tokens against its definition written out position by position (the slices of
+    tensor_split: from the previous position, [non-causal: from the next,] kept), and gradcheck."""
+    from h_transformer_1d.model.layers import shift_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, n, dim, dtype=torch.float64, generator=gen)
+    mask = torch.rand(2, n, generator=gen) > 0.3 if masked else None
+    got = shift_tokens(x, mask, causal)
+    src = x if mask is None else x * mask[..., None]
+    chunks = src.tensor_split(2 if causal else 3, dim=-1)
+    exp = torch.zeros_like(x)
+    lo = 0
+    for chunk, amount in zip(chunks, (1, 0) if causal else (1, -1, 0)):
+        hi = lo + chunk.shape[-1]
+        for t in range(n):
+            if 0 <= t - amount < n:
+                exp[:, t, lo:hi] = chunk[:, t - amount]
+        lo = hi
+    assert torch.equal(got, exp)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: shift_tokens(x, mask, causal), (x,))
+
+
 @pytest.mark.parametrize("shift_tokens", [False, True])
 def test_causal_model_never_looks_ahead_and_sees_all_of_the_past(shift_tokens):
     model = tiny_model(causal=True, shift_tokens=shift_tokens, depth=1)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import h_attention
+from ..attention import h_attention, h_attention_qkv
 from ..attention.rotary import apply_rotary
 from ..attention.incremental import HierarchicalCache
 from ..attention.interface import check_block_size, check_key_padding_mask
@@ -25,6 +25,42 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary(x, positions, self.inv_freq)
 
 
+class _Shift(torch.autograd.Function):
+    """Each of x's feature slices `bounds[i]:bounds[i+1]` moved `amounts[i]` positions along the sequence
+    (+1: from the previous position, -1: from the next, 0: kept), zeros where nothing comes in.
+
+    One autograd node of three copies, where padding, slicing and concatenating the slices take four
+    nodes and an extra pass over the features in each direction (the base model does this 24 times a
+    step). The backward is the same move with the amounts negated."""
+
+    @staticmethod
+    def forward(ctx, x, bounds, amounts):
+        ctx.bounds, ctx.amounts = bounds, amounts
+        return _move(x, bounds, amounts, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _move(grad, ctx.bounds, ctx.amounts, -1), None, None
+
+
+def _move(x: torch.Tensor, bounds, amounts, sign: int) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.shape[1]
+    for lo, hi, amount in zip(bounds[:-1], bounds[1:], amounts):
+        amount *= sign
+        if amount == 0:
+            out[..., lo:hi].copy_(x[..., lo:hi])
+        elif n <= abs(amount):
+            out[..., lo:hi].zero_()
+        elif amount > 0:
+            out[:, amount:, lo:hi].copy_(x[:, :-amount, lo:hi])
+            out[:, :amount, lo:hi].zero_()
+        else:
+            out[:, :amount, lo:hi].copy_(x[:, -amount:, lo:hi])
+            out[:, amount:, lo:hi].zero_()
+    return out
+
+
 def shift_tokens(
     x: torch.Tensor, mask: torch.Tensor | None, causal: bool, previous: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -39,18 +75,14 @@ def shift_tokens(
         raise ValueError("previous features can only be shifted in causally")
     if mask is not None:
         x = x.masked_fill(~mask[..., None], 0.0)
-    shifts = (1, 0) if causal else (1, -1, 0)
-    chunks = x.tensor_split(len(shifts), dim=-1)
-    moved = []
-    for chunk, amount in zip(chunks, shifts):
-        if amount > 0 and previous is not None:  # causal shifts by exactly one position
-            chunk = torch.cat([previous.tensor_split(len(shifts), dim=-1)[0][:, None], chunk[:, :-1]], dim=1)
-        elif amount > 0:  # from the past
-            chunk = F.pad(chunk, (0, 0, amount, 0))[:, : x.shape[1]]
-        elif amount < 0:  # from the future
-            chunk = F.pad(chunk, (0, 0, 0, -amount))[:, -amount:]
-        moved.append(chunk)
-    return torch.cat(moved, dim=-1)
+    amounts = (1, 0) if causal else (1, -1, 0)
+    dim = x.shape[-1]  # the slices of x.tensor_split(len(amounts), dim=-1)
+    bounds = tuple(i * (dim // len(amounts)) + min(i, dim % len(amounts)) for i in range(len(amounts) + 1))
+    if previous is None:
+        return _Shift.apply(x, bounds, amounts)
+    # decoding: x continues a sequence whose last (masked) features are `previous`
+    head = torch.cat([previous[:, None, : bounds[1]], x[:, :-1, : bounds[1]]], dim=1)
+    return torch.cat([head, x[..., bounds[1] :]], dim=-1)
 
 
 def check_features(x, dim: int, name: str = "x") -> None:
@@ -115,12 +147,9 @@ class HAttention1D(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         self.rotary = RotaryEmbedding(dim_head)
 
-    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None):
-        """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`
-        (None: not applied, h_attention applies it)."""
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`."""
         qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
-        if positions is None:
-            return qkv.unbind(0)
         q, k = self.rotary(qkv[:2], positions).unbind(0)  # q and k in one rotation (positions (N,))
         return q, k, qkv[2]
 
@@ -142,19 +171,19 @@ class HAttention1D(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.attention == "dense" or cache is not None:  # rotated here (the cache keeps rotated q, k)
             q, k, v = self.project_qkv(x, torch.arange(n, device=x.device))
-            freqs = None
+            if self.attention == "dense":
+                out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
+            else:
+                out = h_attention(
+                    q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p
+                )
+                cache.prefill(q, k, v, key_padding_mask=mask)
         else:  # rotary inside h_attention: the Triton kernels rotate on the fly
-            q, k, v = self.project_qkv(x, None)
-            freqs = self.rotary.inv_freq
-        if self.attention == "dense":
-            out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
-        else:
-            out = h_attention(
-                q, k, v, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
-                rotary_freqs=freqs,
+            qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head))  # (B, N, 3, H, dim_head)
+            out = h_attention_qkv(
+                qkv, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
+                rotary_freqs=self.rotary.inv_freq,
             )  # (B, H, N, dim_head)
-        if cache is not None:
-            cache.prefill(q, k, v, key_padding_mask=mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def decode(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HierarchicalCache) -> torch.Tensor:
