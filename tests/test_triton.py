@@ -224,6 +224,44 @@ def test_packed_qkv_must_have_the_packed_shape():
         h_attention_qkv([1, 2, 3], block_size=16)
 
 
+def test_launch_asks_the_autotuner_again_for_every_new_key(monkeypatch):
+    """tk.launch: the autotuner picks a tile on the first launch per key; later launches with that key go
+    straight to the chosen tile. A change of any constexpr (block size NR, head size D, ...), of the input
+    dtype, of forced tiles or of tuning on/off is a new key, so a tile chosen for one never runs another."""
+    kernel = tk.window_fwd_kernel
+    tuned, direct = [], []
+
+    def autotune(*args, grid, **consts):
+        tuned.append(consts)
+        kernel.best_config = triton.Config({"BLOCK_M": consts["NR"], "BLOCK_N": consts["NR"]})
+
+    monkeypatch.setattr(tk, "_CHOSEN", {})
+    monkeypatch.setattr(kernel, "best_config", None, raising=False)  # restored afterwards
+    monkeypatch.setattr(kernel, "run", autotune)  # what kernel[grid](...) calls
+    monkeypatch.setattr(kernel.fn, "run", lambda *args, grid, warmup, **kw: direct.append(kw))
+    x32, x16 = torch.zeros(1), torch.zeros(1, dtype=torch.float16)
+    consts = dict(NR=16, D=32, CAUSAL=True)
+    tk.launch(kernel, None, x32, **consts)
+    tk.launch(kernel, None, x32, **consts)
+    assert len(tuned) == 1 and len(direct) == 1
+    assert direct[0].items() >= {**consts, "BLOCK_M": 16, "BLOCK_N": 16}.items()  # and the config's warps
+    for changed in (dict(consts, NR=32), dict(consts, D=64), dict(consts, CAUSAL=False)):
+        tk.launch(kernel, None, x32, **changed)
+    tk.launch(kernel, None, x16, **consts)
+    monkeypatch.setattr(tk, "FORCE_TILES", frozenset({(16, 16)}))
+    tk.launch(kernel, None, x32, **consts)
+    assert len(tuned) == 6 and len(direct) == 1
+    tk.launch(kernel, None, x32, **dict(consts, NR=32))  # chosen before FORCE_TILES changed: a new key
+    assert len(tuned) == 7
+    monkeypatch.setattr(tk, "FORCE_TILES", frozenset())
+    tk.launch(kernel, None, x32, **dict(consts, NR=32))
+    assert len(tuned) == 7 and direct[-1]["BLOCK_M"] == 32
+    tuning = tk._autotune_enabled()
+    monkeypatch.setenv("H_TRANSFORMER_1D_AUTOTUNE", "1" if not tuning else "0")  # tuning switched
+    tk.launch(kernel, None, x32, **dict(consts, NR=32))
+    assert len(tuned) == 8
+
+
 def test_fully_masked_sequence_gives_zeros():
     q, k, v = (torch.randn(2, 1, 40, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
