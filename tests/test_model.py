@@ -67,7 +67,9 @@ def test_rotary_acts_on_queries_and_keys_only():
     assert torch.allclose(q @ k.transpose(-1, -2), shifted_q @ shifted_k.transpose(-1, -2))
 
 
-@pytest.mark.parametrize("causal,dim,n,masked", [(True, 9, 7, True), (False, 11, 5, True), (False, 8, 1, False), (True, 6, 1, False)])
+@pytest.mark.parametrize(
+    "causal,dim,n,masked", [(True, 9, 7, True), (False, 11, 5, True), (False, 8, 1, False), (True, 6, 1, False)]
+)
 def test_token_shift_moves_the_slices_and_gets_the_adjoint_gradient(causal, dim, n, masked):
     """shift_tokens against its definition written out position by position (the slices of
     tensor_split: from the previous position, [non-causal: from the next,] kept), and gradcheck."""
@@ -90,6 +92,15 @@ def test_token_shift_moves_the_slices_and_gets_the_adjoint_gradient(causal, dim,
     assert torch.equal(got, exp)
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda x: shift_tokens(x, mask, causal), (x,))
+    # torch.func goes through it: per-sample gradients of a weighted sum equal autograd's, sample by sample
+    weight = torch.randn(n, dim, dtype=torch.float64, generator=gen)
+
+    def loss(t):
+        return (shift_tokens(t[None], None, causal)[0] * weight).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(x.detach())
+    one_by_one = [torch.autograd.grad(loss(t), t)[0] for t in x.detach().requires_grad_()]
+    assert torch.equal(per_sample, torch.stack(one_by_one))
 
 
 @pytest.mark.parametrize("shift_tokens", [False, True])

@@ -218,7 +218,8 @@ def test_packed_qkv_gets_its_gradient_as_one_tensor(n, causal, mask_kind):
 def test_packed_qkv_must_have_the_packed_shape():
     from h_transformer_1d.attention import h_attention_qkv
 
-    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seq_len, 3, heads, dim_head\), got \(2, 5, 2, 3, 4\)"):
+    expected = r"qkv must have shape \(batch, seq_len, 3, heads, dim_head\), got \(2, 5, 2, 3, 4\)"
+    with pytest.raises(ValueError, match=expected):
         h_attention_qkv(torch.zeros(2, 5, 2, 3, 4), block_size=16)
     with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
         h_attention_qkv([1, 2, 3], block_size=16)

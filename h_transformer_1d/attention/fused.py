@@ -284,7 +284,8 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
             continue
         first, step, num_win = _window(level0, causal)
         kw = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal, UNIFORM=uniform)
-        tk.launch(tk.window_bwd_dq_kernel, lambda meta: (rows // meta["BLOCK_M"], b * h), *args, pdq, h, mtot, row0, **kw)
+        tk.launch(tk.window_bwd_dq_kernel, lambda meta: (rows // meta["BLOCK_M"], b * h), *args, pdq, h, mtot, row0,
+                  **kw)
         tk.launch(tk.window_bwd_dkdv_kernel, lambda meta: (rows // meta["BLOCK_N"], b * h), *args, pdk, pdv, h, mtot,
                   row0, **kw)
     dq, dk, dv = grads if grads is not None else (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))

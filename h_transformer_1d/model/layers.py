@@ -33,10 +33,15 @@ class _Shift(torch.autograd.Function):
     nodes and an extra pass over the features in each direction (the base model does this 24 times a
     step). The backward is the same move with the amounts negated."""
 
+    generate_vmap_rule = True  # torch.func (vmap, grad, jacrev) goes through it, as through the plain ops
+
     @staticmethod
-    def forward(ctx, x, bounds, amounts):
-        ctx.bounds, ctx.amounts = bounds, amounts
+    def forward(x, bounds, amounts):
         return _move(x, bounds, amounts, 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.bounds, ctx.amounts = inputs[1], inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
