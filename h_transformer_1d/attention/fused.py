@@ -16,6 +16,7 @@ and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients b
 
 import contextlib
 import functools
+import math
 
 import torch
 
@@ -69,9 +70,7 @@ def _carve(flat: torch.Tensor, *shapes) -> list[torch.Tensor]:
     per tensor: each costs host time on every call)."""
     views, start = [], 0
     for shape in shapes:
-        size = 1
-        for extent in shape:
-            size *= extent
+        size = math.prod(shape)
         views.append(flat[start : start + size].view(shape))
         start += size
     return views
@@ -265,7 +264,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
     lo, hi, start_t, len_t = layout.split(tables)
     dev = pq.device
     pdo = _alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
-    plse, pdel = _carve(_alloc(2 * b * h * mtot, device=dev, dtype=torch.float32), (b, h, mtot), (b, h, mtot))
+    plse, pdel = _alloc(2, b, h, mtot, device=dev, dtype=torch.float32).unbind(0)
     for base, lvl in _levels_per_launch(layout, tk.LV):
         raw = base == 0
         n_in, row0 = (n, 0) if raw else (layout.lengths[base], layout.starts[base])

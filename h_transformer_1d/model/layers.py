@@ -152,9 +152,13 @@ class HAttention1D(nn.Module):
         self.to_out = nn.Linear(inner, dim)
         self.rotary = RotaryEmbedding(dim_head)
 
+    def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) -> the projection's output as (B, N, 3, H, dim_head), without rotary."""
+        return self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head))
+
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`."""
-        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head)).permute(2, 0, 3, 1, 4)
+        qkv = self.packed_qkv(x).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(qkv[:2], positions).unbind(0)  # q and k in one rotation (positions (N,))
         return q, k, qkv[2]
 
@@ -184,9 +188,8 @@ class HAttention1D(nn.Module):
                 )
                 cache.prefill(q, k, v, key_padding_mask=mask)
         else:  # rotary inside h_attention: the Triton kernels rotate on the fly
-            qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head))  # (B, N, 3, H, dim_head)
             out = h_attention_qkv(
-                qkv, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
+                self.packed_qkv(x), block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
                 rotary_freqs=self.rotary.inv_freq,
             )  # (B, H, N, dim_head)
         return self.to_out(out.transpose(1, 2).flatten(2))
