@@ -67,13 +67,17 @@ def test_rotary_acts_on_queries_and_keys_only():
     assert torch.allclose(q @ k.transpose(-1, -2), shifted_q @ shifted_k.transpose(-1, -2))
 
 
+@pytest.mark.parametrize("compiling", [False, True])
 @pytest.mark.parametrize(
     "causal,dim,n,masked", [(True, 9, 7, True), (False, 11, 5, True), (False, 8, 1, False), (True, 6, 1, False)]
 )
-def test_token_shift_moves_the_slices_and_gets_the_adjoint_gradient(causal, dim, n, masked):
+def test_token_shift_moves_the_slices_and_gets_the_adjoint_gradient(causal, dim, n, masked, compiling, monkeypatch):
     """shift_tokens against its definition written out position by position (the slices of
-    tensor_split: from the previous position, [non-causal: from the next,] kept), and gradcheck."""
+    tensor_split: from the previous position, [non-causal: from the next,] kept), and gradcheck;
+    both ways of computing it (one autograd node eagerly, plain ops under torch.compile)."""
     from h_transformer_1d.model.layers import shift_tokens
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, n, dim, dtype=torch.float64, generator=gen)
