@@ -315,7 +315,12 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path, m
 
 
 def snapshot(directory: Path) -> dict:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+    """Every file under directory (with TensorBoard installed, the run also holds a folder of event files)."""
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_resume_with_another_model_is_refused_and_touches_nothing(trained, tmp_path, capsys):
