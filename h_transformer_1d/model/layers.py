@@ -68,7 +68,8 @@ def _move(x: torch.Tensor, bounds, amounts, sign: int) -> torch.Tensor:
 
 def _shifted(x: torch.Tensor, bounds, amounts) -> torch.Tensor:
     """What _Shift computes, as padding, slicing and concatenation (for torch.compile: the copies of
-    _Shift would stay separate kernels there, about 3 ms a step of the base model on an H100)."""
+    _Shift would stay separate kernels there, 2 ms per compiled step of the base model on an H200,
+    benchmarks/results/cuda_graphs_shift_h200.md)."""
     n = x.shape[1]
     moved = []
     for lo, hi, amount in zip(bounds[:-1], bounds[1:], amounts):
@@ -98,10 +99,8 @@ def shift_tokens(
     amounts = (1, 0) if causal else (1, -1, 0)
     dim = x.shape[-1]  # the slices of x.tensor_split(len(amounts), dim=-1)
     bounds = tuple(i * (dim // len(amounts)) + min(i, dim % len(amounts)) for i in range(len(amounts) + 1))
-    if previous is None and torch.compiler.is_compiling():
-        return _shifted(x, bounds, amounts)  # plain ops, which the compiler fuses into their neighbours
-    if previous is None:
-        return _Shift.apply(x, bounds, amounts)
+    if previous is None:  # plain ops under the compiler, which fuses them into their neighbours
+        return _shifted(x, bounds, amounts) if torch.compiler.is_compiling() else _Shift.apply(x, bounds, amounts)
     # decoding: x continues a sequence whose last (masked) features are `previous`
     head = torch.cat([previous[:, None, : bounds[1]], x[:, :-1, : bounds[1]]], dim=1)
     return torch.cat([head, x[..., bounds[1] :]], dim=-1)
