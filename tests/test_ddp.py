@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo on the CPU) train like one process with the same global batch."""
 
+import contextlib
 import csv
 import os
 import subprocess
@@ -89,3 +90,22 @@ def test_two_processes_match_one(single, tmp_path, sharding):
         torch.testing.assert_close(b.model[name], weight, rtol=1e-4, atol=1e-5)
     assert set(b.optimizer["state"]) == set(a.optimizer["state"])
     assert sorted(b.rng) == ["cpu.0", "cpu.1"]
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_processes_wait_for_one_another_before_leaving_the_group_unless_failing(monkeypatch, failing):
+    """stop_runtime: a barrier before destroying the group on the normal path, none while an exception
+    propagates (the other processes may never reach it)."""
+    from h_transformer_1d.apps import train
+
+    calls = []
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with pytest.raises(RuntimeError) if failing else contextlib.nullcontext():
+        try:
+            if failing:
+                raise RuntimeError("a failed step")
+        finally:
+            train.stop_runtime()
+    assert calls == (["destroy"] if failing else ["barrier", "destroy"])

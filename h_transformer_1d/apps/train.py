@@ -131,7 +131,13 @@ def start_runtime(device_name: str, precision: str) -> Runtime:
 
 
 def stop_runtime() -> None:
+    """Leave the process group (called from `finally`). On the normal path every process first waits
+    for the others: gloo torn down by one process while another still writes the last checkpoint and
+    plot once aborted the early one at exit (SIGABRT, a CI run). Not while an exception propagates, when
+    the other processes may never arrive (torchrun stops them)."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
