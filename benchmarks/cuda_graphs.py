@@ -22,7 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-from scaling import environment, fmt, pyplot, save_figure, script_command, write_json, write_text
+from scaling import (
+    environment,
+    fmt,
+    pyplot,
+    save_figure,
+    script_command,
+    sdpa_kernels,
+    sdpa_line,
+    write_json,
+    write_text,
+)
 from tqdm import tqdm
 
 from h_transformer_1d.apps.config import NUM_TOKENS, PRESETS, build_model
@@ -82,6 +92,7 @@ def report(data: dict) -> str:
         "# Training steps with CUDA graphs: dense vs hierarchical attention",
         "",
         f"Card: **{meta['card']}**; torch {meta['torch']}; triton {meta['triton']}; git {meta['git']}; {meta['date']}.",
+        sdpa_line(meta.get("sdpa")),
         f"Command: `{meta['command']}`"
         + (" (H_TRANSFORMER_1D_AUTOTUNE=0: the kernels' default tiles)." if meta.get("autotune") == "0" else "."),
         (
@@ -150,6 +161,10 @@ def main() -> None:
                      "autotune": os.environ.get("H_TRANSFORMER_1D_AUTOTUNE", "1"),
                      "params": sum(p.numel() for p in build_model(base).parameters())},
             "rows": []}  # fmt: skip
+    try:
+        data["meta"]["sdpa"] = sdpa_kernels(args.batch, base.heads, args.context, base.dim_head)
+    except Exception as error:  # noqa: BLE001 (the study does not depend on it)
+        data["meta"]["sdpa"] = {"error": f"{type(error).__name__}: {error}"}
     configs = [(a, b, m) for a, b in attentions(args.blocks) for m in MODES]
     for attention, block, mode in tqdm(configs, desc="configurations"):
         cfg = dataclasses.replace(base, seq_len=args.context, batch_size=args.batch, attention=attention,

@@ -53,6 +53,8 @@ from scaling import (
     read_run_config,
     relative,
     script_command,
+    sdpa_kernels_in_child,
+    sdpa_line,
     steady_throughput,
     write_json,
     write_text,
@@ -252,6 +254,7 @@ def report(out_dir: Path, runs_dir: Path, study: dict) -> dict:
             f"Card: **{card_text}**; torch {env['torch']}; triton {env['triton']}; Python {env['python']}; "
             f"git {env['git']}; host {env['host']}; {env['date']}."
         ),
+        sdpa_line(env.get("sdpa")),
         "",
         f"Model: {model}; {fmt(params['hierarchical'], '.2f')}M / {fmt(params['dense'], '.2f')}M parameters "
         f"(hierarchical / dense); {precision}. Preset `{cfg['preset']}`; batch {cfg['batch_size']} x {cfg['seq_len']} "
@@ -674,9 +677,22 @@ def main() -> int:
         save()
         print(f"quality: stopped by {e}; report of what the runs logged in {out_dir}", file=sys.stderr)
         return 1
+    study["env"]["sdpa"] = probe_sdpa(args.device, runs_dir / "dense")
     save()
     print((out_dir / "quality.md").read_text())
     return 0
+
+
+def probe_sdpa(device: str, dense_run: Path) -> dict:
+    """Which SDPA backend the dense run used: its kernels at the run's shape, probed after the runs (the
+    GPU is free then), in a child process."""
+    if device != "cuda":
+        return {"error": "probed on CUDA only"}
+    cfg = read_run_config(dense_run)
+    if not cfg:
+        return {"error": f"no config.json in {dense_run}"}
+    micro_batch = cfg["batch_size"] // max(1, cfg.get("grad_accum", 1))
+    return sdpa_kernels_in_child(micro_batch, cfg["heads"], cfg["seq_len"], cfg["dim_head"])
 
 
 def settings_of(args, runs_dir: Path) -> dict:

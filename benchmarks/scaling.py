@@ -168,6 +168,78 @@ def environment(device: str) -> dict:
     }
 
 
+# substrings of the CUDA kernels of SDPA's fused backends (cuDNN, flash, memory-efficient)
+SDPA_KERNEL_MARKS = ("sdpa", "flash", "fmha", "attention", "attn")
+
+
+def sdpa_backend_of(kernels: list[str]) -> str:
+    """SDPA's backend named from the attention kernels one call launched (empty: the math backend, which
+    runs as matmuls and a softmax)."""
+    lower = " ".join(kernels).lower()
+    if not kernels:
+        return "math"
+    if "cudnn" in lower:
+        return "cuDNN attention"
+    if "flash" in lower:
+        return "flash attention"
+    if "fmha" in lower or "cutlass" in lower or "efficient" in lower:
+        return "memory-efficient attention"
+    return "other"
+
+
+def sdpa_kernels(batch: int, heads: int, seq_len: int, dim_head: int, causal: bool = True) -> dict:
+    """Which SDPA backend a dense run uses: the CUDA kernels that one bf16 forward and backward of
+    scaled_dot_product_attention launches at this shape (torch.profiler), as the model calls it (q, k, v
+    of shape batch x heads x seq_len x dim_head, is_causal). {"backend", "kernels", "shape"}."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = (
+        torch.randn(batch, heads, seq_len, dim_head, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa(q, k, v, is_causal=causal).sum().backward()  # warm-up: backend choice and cuDNN plans outside the trace
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sdpa(q, k, v, is_causal=causal).sum().backward()
+        torch.cuda.synchronize()
+    names = sorted({
+        e.name for e in prof.events()
+        if e.device_type == DeviceType.CUDA and any(m in e.name.lower() for m in SDPA_KERNEL_MARKS)
+    })  # fmt: skip
+    return {"backend": sdpa_backend_of(names), "kernels": names,
+            "shape": f"{batch}x{heads}x{seq_len}x{dim_head} bf16{' causal' if causal else ''}"}  # fmt: skip
+
+
+def sdpa_kernels_in_child(batch: int, heads: int, seq_len: int, dim_head: int, causal: bool = True) -> dict:
+    """sdpa_kernels in a child process, so that this one makes no CUDA context; {"error": ...} if it fails."""
+    shape = json.dumps([batch, heads, seq_len, dim_head, causal])
+    code = (
+        "import json, sys; from scaling import sdpa_kernels; print(json.dumps(sdpa_kernels(*json.loads(sys.argv[1]))))"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code, shape], cwd=BENCH_DIR, env=child_env(),
+                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sdpa_line(probe: dict | None) -> str:
+    """The report's line about sdpa_kernels' result."""
+    if not probe:
+        return "SDPA backend: not recorded."
+    if "error" in probe:
+        return f"SDPA backend: not recorded ({probe['error']})."
+    kernels = ", ".join(f"`{k[:90]}`" for k in probe["kernels"]) or "none of the fused backends'"
+    return (f"SDPA backend (dense attention): **{probe['backend']}**; kernels of one forward and backward at "
+            f"{probe['shape']}: {kernels}.")  # fmt: skip
+
+
 def child_env(extra: dict | None = None) -> dict:
     """The environment of a training process: ours, the repository on PYTHONPATH, multicast off."""
     env = dict(os.environ)

@@ -29,6 +29,7 @@ import time
 
 from scaling import (
     RESULTS_DIR,
+    SDPA_KERNEL_MARKS,
     child_env,
     environment,
     fmt,
@@ -43,13 +44,12 @@ from h_transformer_1d.apps.bench import UNTIMED_STEPS
 
 TARGET_SPEEDUP = 1.5  # the training tool issue: 1.5x dense's tokens/s (at context 4,096)
 OUR_KERNELS = ("window_", "coarsen_kernel", "fold_kernel", "uncoarsen_kernel")
-SDPA_KERNELS = ("sdpa", "flash", "fmha", "attention", "attn")
 QUICK_MODEL = {"dim": 64, "depth": 2, "heads": 2, "dim_head": 32}
 
 
 def is_attention_kernel(name: str) -> bool:
     lower = name.lower()
-    return any(k in lower for k in OUR_KERNELS + SDPA_KERNELS)
+    return any(k in lower for k in OUR_KERNELS + SDPA_KERNEL_MARKS)
 
 
 def split_kernel_time(events, steps: int) -> dict:

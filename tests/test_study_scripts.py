@@ -97,6 +97,8 @@ def test_quality_quick(studies):
     assert "| validation bpb at step 8" in md and ("✓" in md or "✗" in md)
     assert "--attention hierarchical" in md and "--attention dense" in md
     assert (out / "quality.png").read_bytes().startswith(PNG)
+    assert result["env"]["sdpa"] == {"error": "probed on CUDA only"}
+    assert "SDPA backend: not recorded (probed on CUDA only)." in md
 
 
 def test_quality_report_only(studies, tmp_path):
@@ -290,6 +292,12 @@ def test_cuda_graphs_report(tmp_path):
     assert "| dense (SDPA) | reduce-overhead | 40.0 | 2 | 1.00x | 2.00x | 5.0000 |" in md
     assert "| hierarchical, block 512 | reduce-overhead | failed: RuntimeError: a / b |" in md
     assert "Card: **Card X**" in md and "`cmd`" in md
+    assert "SDPA backend: not recorded." in md
+    meta["sdpa"] = {"backend": "flash attention", "kernels": ["flash_fwd_kernel", "flash_bwd_kernel"],
+                    "shape": "8x8x4096x64 bf16 causal"}  # fmt: skip
+    md = cuda_graphs.report({"meta": meta, "rows": rows})
+    assert ("SDPA backend (dense attention): **flash attention**; kernels of one forward and backward at "
+            "8x8x4096x64 bf16 causal: `flash_fwd_kernel`, `flash_bwd_kernel`.") in md  # fmt: skip
     cuda_graphs.plot({"meta": meta, "rows": rows}, tmp_path / "cg.png")
     assert (tmp_path / "cg.png").read_bytes().startswith(PNG)
 
@@ -367,3 +375,37 @@ def test_decode_repeats_keep_the_median_and_show_the_range():
     assert decode.fmt_ms({"ms_per_token": 21.1, "repeats_ms": [21.1]}) == "21.10"  # one run: no range
     assert decode.median_of([{"error": "a"}, {"error": "b"}]) == {"error": "a"}
     assert decode.median_of([{"ms_per_token": 2.0}, {"ms_per_token": 1.0}])["ms_per_token"] == 1.0  # lower middle
+
+
+@pytest.mark.parametrize(
+    "kernels, backend",
+    [
+        ([], "math"),
+        (["cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "cudnn_generated_bprop"], "cuDNN attention"),
+        (["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>"], "flash attention"),
+        (["fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "fmha_cutlassB_bf16"], "memory-efficient attention"),
+        (["some_attention_kernel"], "other"),
+    ],
+)
+def test_sdpa_backend_is_named_from_its_kernels(kernels, backend):
+    assert scaling.sdpa_backend_of(kernels) == backend
+
+
+def test_sdpa_probe_reports_a_failure_instead_of_raising(monkeypatch):
+    """Without CUDA (or when the probe dies), the studies record why rather than stop."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU in the child even on a GPU host
+    probe = scaling.sdpa_kernels_in_child(1, 2, 64, 16)
+    assert set(probe) == {"error"} and probe["error"]
+    assert scaling.sdpa_line(probe) == f"SDPA backend: not recorded ({probe['error']})."
+    assert quality.probe_sdpa("cpu", Path("nowhere")) == {"error": "probed on CUDA only"}
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_sdpa_probe_on_a_gpu():
+    """On a GPU the probe sees SDPA's kernels, forward and backward, and names a fused backend (the math
+    backend only runs where no fused one takes the shape: not at this one)."""
+    probe = scaling.sdpa_kernels_in_child(2, 4, 1024, 64)
+    assert "error" not in probe, probe
+    assert probe["backend"] in ("cuDNN attention", "flash attention", "memory-efficient attention"), probe
+    assert len(probe["kernels"]) >= 2 and probe["shape"] == "2x4x1024x64 bf16 causal"
+    assert probe == scaling.sdpa_kernels(2, 4, 1024, 64)
