@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import h_attention, h_attention_qkv
-from ..attention.rotary import apply_rotary
 from ..attention.incremental import HierarchicalCache
 from ..attention.interface import check_block_size, check_key_padding_mask
+from ..attention.rotary import apply_rotary
 
 
 class RotaryEmbedding(nn.Module):
