@@ -677,22 +677,22 @@ def main() -> int:
         save()
         print(f"quality: stopped by {e}; report of what the runs logged in {out_dir}", file=sys.stderr)
         return 1
-    study["env"]["sdpa"] = probe_sdpa(args.device, runs_dir / "dense")
+    study["env"]["sdpa"] = probe_sdpa(args.device, runs_dir / "dense", extra_env["dense"])
     save()
     print((out_dir / "quality.md").read_text())
     return 0
 
 
-def probe_sdpa(device: str, dense_run: Path) -> dict:
+def probe_sdpa(device: str, dense_run: Path, env: dict | None = None) -> dict:
     """Which SDPA backend the dense run used: its kernels at the run's shape, probed after the runs (the
-    GPU is free then), in a child process."""
+    GPU is free then), in a child process with the run's environment `env` (its GPU)."""
     if device != "cuda":
         return {"error": "probed on CUDA only"}
     cfg = read_run_config(dense_run)
     if not cfg:
         return {"error": f"no config.json in {dense_run}"}
     micro_batch = cfg["batch_size"] // max(1, cfg.get("grad_accum", 1))
-    return sdpa_kernels_in_child(micro_batch, cfg["heads"], cfg["seq_len"], cfg["dim_head"])
+    return sdpa_kernels_in_child(micro_batch, cfg["heads"], cfg["seq_len"], cfg["dim_head"], env=env)
 
 
 def settings_of(args, runs_dir: Path) -> dict:

@@ -213,14 +213,17 @@ def sdpa_kernels(batch: int, heads: int, seq_len: int, dim_head: int, causal: bo
             "shape": f"{batch}x{heads}x{seq_len}x{dim_head} bf16{' causal' if causal else ''}"}  # fmt: skip
 
 
-def sdpa_kernels_in_child(batch: int, heads: int, seq_len: int, dim_head: int, causal: bool = True) -> dict:
-    """sdpa_kernels in a child process, so that this one makes no CUDA context; {"error": ...} if it fails."""
+def sdpa_kernels_in_child(
+    batch: int, heads: int, seq_len: int, dim_head: int, causal: bool = True, env: dict | None = None
+) -> dict:
+    """sdpa_kernels in a child process (environment: child_env(env), e.g. the run's CUDA_VISIBLE_DEVICES), so
+    that this one makes no CUDA context; {"error": ...} if it fails."""
     shape = json.dumps([batch, heads, seq_len, dim_head, causal])
     code = (
         "import json, sys; from scaling import sdpa_kernels; print(json.dumps(sdpa_kernels(*json.loads(sys.argv[1]))))"
     )
     try:
-        out = subprocess.run([sys.executable, "-c", code, shape], cwd=BENCH_DIR, env=child_env(),
+        out = subprocess.run([sys.executable, "-c", code, shape], cwd=BENCH_DIR, env=child_env(env),
                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     except (OSError, subprocess.SubprocessError) as error:
         return {"error": f"{type(error).__name__}: {error}"}

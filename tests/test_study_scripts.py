@@ -391,10 +391,9 @@ def test_sdpa_backend_is_named_from_its_kernels(kernels, backend):
     assert scaling.sdpa_backend_of(kernels) == backend
 
 
-def test_sdpa_probe_reports_a_failure_instead_of_raising(monkeypatch):
+def test_sdpa_probe_reports_a_failure_instead_of_raising():
     """Without CUDA (or when the probe dies), the studies record why rather than stop."""
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU in the child even on a GPU host
-    probe = scaling.sdpa_kernels_in_child(1, 2, 64, 16)
+    probe = scaling.sdpa_kernels_in_child(1, 2, 64, 16, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, even on a GPU host
     assert set(probe) == {"error"} and probe["error"]
     assert scaling.sdpa_line(probe) == f"SDPA backend: not recorded ({probe['error']})."
     assert quality.probe_sdpa("cpu", Path("nowhere")) == {"error": "probed on CUDA only"}
