@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+from scaling import sdpa_kernels, sdpa_line
 
 HERE = Path(__file__).resolve().parent
 DIM, HEADS, DIM_HEAD, BLOCK = 512, 8, 64, 128
@@ -223,14 +224,23 @@ def worker(impl_set: str, quick: bool) -> dict:
     return out
 
 
-def sdpa_backend() -> str:
-    from torch.profiler import ProfilerActivity, profile
+def sdpa_probes() -> dict:
+    """Which SDPA backend the dense layer runs: scaling.sdpa_kernels (the CUDA kernels of one bf16 forward
+    and backward) at the layer's head shape, 16k tokens, non-causal and causal."""
+    out = {}
+    for causal in (False, True):
+        try:
+            out["causal" if causal else "non-causal"] = sdpa_kernels(1, HEADS, 16384, DIM_HEAD, causal=causal)
+        except Exception as error:  # noqa: BLE001 (a failed probe is recorded, it does not stop the benchmark)
+            out["causal" if causal else "non-causal"] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return out
 
-    q = torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    names = [e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key.lower()]
-    return ", ".join(sorted(set(names)))
+
+def sdpa_lines(sdpa) -> list[str]:
+    """The report's lines about the probes (a plain string: a result file written before the probes)."""
+    if isinstance(sdpa, str):
+        return [f"SDPA backend: {sdpa}."]
+    return [f"{kind.capitalize()}: {sdpa_line(probe)}" for kind, probe in (sdpa or {}).items()] or [sdpa_line(None)]
 
 
 def fmt(cell: dict | None, key: str, digits: int = 2) -> str:
@@ -246,7 +256,8 @@ def report(results: dict, env: dict, out_dir: Path) -> None:
     lines = [
         "# GPU benchmark: hierarchical attention vs dense SDPA vs h-transformer-1d 0.1.9",
         "",
-        f"Card: **{env['card']}**; torch {env['torch']}; triton {env['triton']}; SDPA backend: {env['sdpa']}.",
+        f"Card: **{env['card']}**; torch {env['torch']}; triton {env['triton']}.",
+        *sdpa_lines(env.get("sdpa")),
         "Command: `PYTHONPATH=. python benchmarks/attention_gpu.py --legacy-site <0.1.9 install>`.",
         "One attention layer with its projections (dim 512, 8 heads x 64, block 128), bf16 autocast, batch 1.",
         "Times are medians in ms; memory is the peak extra MiB during the step.",
@@ -263,11 +274,9 @@ def report(results: dict, env: dict, out_dir: Path) -> None:
             fb = [c.get("fwd_bwd") for c in cells]
             fo = [c.get("fwd") for c in cells]
 
-            def ratio(other):
-                if fb[0] and other and "ms" in fb[0] and "ms" in other:
-                    return f"{other['ms'] / fb[0]['ms']:.1f}x"
-                if fo[0] and "ms" in fo[0] and other is None:
-                    return "-"
+            def ratio(other, ours=fb[0]):
+                if ours and other and "ms" in ours and "ms" in other:
+                    return f"{other['ms'] / ours['ms']:.1f}x"
                 return "-"
 
             mem = [fmt(c.get("fwd_bwd") or c.get("fwd"), "peak_mib", 0) for c in cells]
@@ -340,7 +349,7 @@ def main() -> None:
     import triton
 
     env = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "sdpa": sdpa_backend()}
+           "sdpa": sdpa_probes()}
     results = {}
     runs = [("ours", str(HERE.parent))] + ([("legacy", str(args.legacy_site))] if args.legacy_site else [])
     for impl_set, path in runs:

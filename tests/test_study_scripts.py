@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import attention_gpu
 import cuda_graphs
 import decode
 import length_ratios
@@ -300,6 +301,34 @@ def test_cuda_graphs_report(tmp_path):
             "8x8x4096x64 bf16 causal: `flash_fwd_kernel`, `flash_bwd_kernel`.") in md  # fmt: skip
     cuda_graphs.plot({"meta": meta, "rows": rows}, tmp_path / "cg.png")
     assert (tmp_path / "cg.png").read_bytes().startswith(PNG)
+
+
+def test_attention_gpu_report_names_the_sdpa_backend(tmp_path):
+    """attention_gpu.py's report: a row per length with the ratio to ours, and a line per SDPA probe (a
+    failed probe shows its error; a result file from before the probes shows its op names)."""
+    env = {"card": "Card X", "torch": "2.x", "triton": "3.x", "sdpa": {
+        "non-causal": {"backend": "cuDNN attention", "kernels": ["cudnn_fprop", "cudnn_bprop"],
+                       "shape": "1x8x16384x64 bf16"},
+        "causal": {"error": "RuntimeError: no kernel"}}}  # fmt: skip
+    layer = [
+        {"impl": "ours", "causal": False, "n": 1024, "fwd_bwd": {"ms": 2.0, "peak_mib": 25.0}, "fwd": {"ms": 1.0, "peak_mib": 9.0}},
+        {"impl": "sdpa", "causal": False, "n": 1024, "fwd_bwd": {"ms": 3.0, "peak_mib": 22.0}, "fwd": {"ms": 0.5, "peak_mib": 8.0}},
+    ]  # fmt: skip
+    results = {
+        "ours": {"layer": layer[:1], "core": [], "model": []},
+        "sdpa": {"layer": layer[1:], "core": [], "model": []},
+    }
+    attention_gpu.report(results, env, tmp_path)
+    md = (tmp_path / "attention_gpu.md").read_text()
+    assert "| 1,024 | 2.00 | 3.00 | - | 1.5x | - | 1.00 | 0.50 | - | 25 | 22 | - |" in md
+    assert ("Non-causal: SDPA backend (dense attention): **cuDNN attention**; kernels of one forward and backward at "
+            "1x8x16384x64 bf16: `cudnn_fprop`, `cudnn_bprop`.") in md  # fmt: skip
+    assert "Causal: SDPA backend: not recorded (RuntimeError: no kernel)." in md
+    assert json.loads((tmp_path / "attention_gpu.json").read_text())["env"] == env
+    assert (tmp_path / "attention_gpu.png").read_bytes().startswith(PNG)
+    env["sdpa"] = "aten::_cudnn_attention_forward"
+    attention_gpu.report(results, env, tmp_path)
+    assert "SDPA backend: aten::_cudnn_attention_forward." in (tmp_path / "attention_gpu.md").read_text()
 
 
 def test_length_ratios_rejects_bad_rounds(tmp_path):
