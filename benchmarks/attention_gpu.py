@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from scaling import sdpa_kernels, sdpa_line
+from scaling import sdpa_kernels_or_error, sdpa_line
 
 HERE = Path(__file__).resolve().parent
 DIM, HEADS, DIM_HEAD, BLOCK = 512, 8, 64, 128
@@ -227,13 +227,8 @@ def worker(impl_set: str, quick: bool) -> dict:
 def sdpa_probes() -> dict:
     """Which SDPA backend the dense layer runs: scaling.sdpa_kernels (the CUDA kernels of one bf16 forward
     and backward) at the layer's head shape, 16k tokens, non-causal and causal."""
-    out = {}
-    for causal in (False, True):
-        try:
-            out["causal" if causal else "non-causal"] = sdpa_kernels(1, HEADS, 16384, DIM_HEAD, causal=causal)
-        except Exception as error:  # noqa: BLE001 (a failed probe is recorded, it does not stop the benchmark)
-            out["causal" if causal else "non-causal"] = {"error": f"{type(error).__name__}: {error}"[:300]}
-    return out
+    return {name: sdpa_kernels_or_error(1, HEADS, 16384, DIM_HEAD, causal=causal)
+            for name, causal in (("non-causal", False), ("causal", True))}  # fmt: skip
 
 
 def sdpa_lines(sdpa) -> list[str]:

@@ -28,7 +28,7 @@ from scaling import (
     pyplot,
     save_figure,
     script_command,
-    sdpa_kernels,
+    sdpa_kernels_or_error,
     sdpa_line,
     write_json,
     write_text,
@@ -161,10 +161,7 @@ def main() -> None:
                      "autotune": os.environ.get("H_TRANSFORMER_1D_AUTOTUNE", "1"),
                      "params": sum(p.numel() for p in build_model(base).parameters())},
             "rows": []}  # fmt: skip
-    try:
-        data["meta"]["sdpa"] = sdpa_kernels(args.batch, base.heads, args.context, base.dim_head)
-    except Exception as error:  # noqa: BLE001 (the study does not depend on it)
-        data["meta"]["sdpa"] = {"error": f"{type(error).__name__}: {error}"}
+    data["meta"]["sdpa"] = sdpa_kernels_or_error(args.batch, base.heads, args.context, base.dim_head)
     configs = [(a, b, m) for a, b in attentions(args.blocks) for m in MODES]
     for attention, block, mode in tqdm(configs, desc="configurations"):
         cfg = dataclasses.replace(base, seq_len=args.context, batch_size=args.batch, attention=attention,

@@ -213,6 +213,14 @@ def sdpa_kernels(batch: int, heads: int, seq_len: int, dim_head: int, causal: bo
             "shape": f"{batch}x{heads}x{seq_len}x{dim_head} bf16{' causal' if causal else ''}"}  # fmt: skip
 
 
+def sdpa_kernels_or_error(batch: int, heads: int, seq_len: int, dim_head: int, causal: bool = True) -> dict:
+    """sdpa_kernels in this process; {"error": ...} if it fails (a study records that and goes on)."""
+    try:
+        return sdpa_kernels(batch, heads, seq_len, dim_head, causal)
+    except Exception as error:  # noqa: BLE001 (no study depends on the probe)
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+
+
 def sdpa_kernels_in_child(
     batch: int, heads: int, seq_len: int, dim_head: int, causal: bool = True, env: dict | None = None
 ) -> dict:

@@ -426,6 +426,8 @@ def test_sdpa_probe_reports_a_failure_instead_of_raising():
     assert set(probe) == {"error"} and probe["error"]
     assert scaling.sdpa_line(probe) == f"SDPA backend: not recorded ({probe['error']})."
     assert quality.probe_sdpa("cpu", Path("nowhere")) == {"error": "probed on CUDA only"}
+    probe = scaling.sdpa_kernels_or_error(1, 2, 64, -1)  # an impossible shape: fails on any host
+    assert set(probe) == {"error"} and probe["error"]
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
