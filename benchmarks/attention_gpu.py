@@ -231,10 +231,8 @@ def sdpa_probes() -> dict:
             for name, causal in (("non-causal", False), ("causal", True))}  # fmt: skip
 
 
-def sdpa_lines(sdpa) -> list[str]:
-    """The report's lines about the probes (a plain string: a result file written before the probes)."""
-    if isinstance(sdpa, str):
-        return [f"SDPA backend: {sdpa}."]
+def sdpa_lines(sdpa: dict | None) -> list[str]:
+    """The report's lines about the probes, one per mask."""
     return [f"{kind.capitalize()}: {sdpa_line(probe)}" for kind, probe in (sdpa or {}).items()] or [sdpa_line(None)]
 
 
