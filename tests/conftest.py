@@ -12,32 +12,6 @@ os.environ.setdefault("H_TRANSFORMER_1D_AUTOTUNE", "0")
 import pytest  # noqa: E402
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative L2 error of a against the reference b (0 when both are zero)."""
-    a, b = a.detach().double(), b.detach().double()
-    denom = b.norm()
-    return float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())
-
-
-def make_mask(kind: str, batch: int, n: int, generator: torch.Generator) -> torch.Tensor | None:
-    """Key padding masks (True = real token) of the shapes users produce."""
-    if kind == "none":
-        return None
-    mask = torch.ones(batch, n, dtype=torch.bool)
-    for b in range(batch):
-        cut = int(torch.randint(0, max(n // 2, 1), (1,), generator=generator)) + b
-        if kind == "end":
-            mask[b, n - cut :] = False if cut else True
-        elif kind == "start":
-            mask[b, :cut] = False
-        elif kind == "gaps":
-            mask[b] = torch.rand(n, generator=generator) > 0.3
-        else:
-            raise ValueError(kind)
-    mask[0, 0] = True  # keep one real token in the first row
-    return mask
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

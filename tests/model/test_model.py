@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
-from conftest import rel_err
+from helpers import rel_err
 from h_transformer_1d import AutoregressiveWrapper, CausalHAttention1D, HAttention1D, HTransformer1D
 
 

@@ -7,7 +7,7 @@ sizes; with one, the realistic sizes below run too.
 import pytest
 import torch
 
-from conftest import make_mask, rel_err
+from helpers import make_mask, rel_err
 from h_transformer_1d import h_attention
 from h_transformer_1d.attention import fused
 
