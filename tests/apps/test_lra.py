@@ -8,26 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+import h_transformer_1d
 from h_transformer_1d import HTransformer1D
 from h_transformer_1d.apps.cli import main
+from h_transformer_1d.apps.core import checkpoint
 from h_transformer_1d.apps.lra import listops
+from h_transformer_1d.apps.lra.config import LISTOPS, ListOpsConfig
 from h_transformer_1d.apps.lra.listops import Bounds, ListOpsError
 from h_transformer_1d.apps.lra.model import SequenceClassifier
-from h_transformer_1d.apps.lra.train import ListOpsConfig, learning_rate, load_split
+from h_transformer_1d.apps.lra.train import learning_rate, load_split
 
 SMALL = Bounds(max_depth=4, max_args=5, min_length=10, max_length=40)
 SMALL_FLAGS = ["--min-length", "10", "--max-length", "60", "--workers", "1"]
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "64", "--block-size", "4"]
 TINY += ["--batch-size", "8", "--warmup-steps", "2", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine can be 50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def depth(tree) -> int:
@@ -282,7 +276,8 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["lra", "listops", "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *TINY]) == 1
     err = capsys.readouterr().err
     assert "h-transformer-1d lra listops prepare --out" in err and "Traceback" not in err
-    assert main(["lra", "listops", "train", "--data", str(tmp_path), *TINY, "--block-size", "6"]) == 2
+    assert main(["lra", "listops", "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *TINY,
+                 "--block-size", "6"]) == 2  # fmt: skip
     assert "--block-size must be a power of two" in capsys.readouterr().err
     assert main(["lra", "listops", "evaluate", "--checkpoint", str(tmp_path)]) == 1
     assert "not a complete checkpoint" in capsys.readouterr().err
@@ -321,8 +316,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     assert rows("resumed") == rows("straight")
     results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "resumed")]
     assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
-    _, a, _ = lra_train.load_checkpoint(tmp_path / "straight")
-    _, b, _ = lra_train.load_checkpoint(tmp_path / "resumed")
+    a, b = (h_transformer_1d.load(tmp_path / run) for run in ("straight", "resumed"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -360,8 +354,8 @@ def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tm
     assert "step 3: the training loss is nan (not finite)" in err and "checkpoint of step 2" in err
     assert "Traceback" not in err
     monkeypatch.setattr(lra_train, "build_classifier", real)
-    _, model, step = lra_train.load_checkpoint(out)
-    assert step == 2 and all(torch.isfinite(t).all() for t in model.state_dict().values())
+    saved = checkpoint.load(out, LISTOPS)
+    assert saved.step == 2 and all(torch.isfinite(t).all() for t in saved.model.values())
     assert not (out / "results.json").exists()
 
 
