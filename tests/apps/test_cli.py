@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import h_transformer_1d
+from h_transformer_1d import AutoregressiveWrapper
 from h_transformer_1d.apps import data
 from h_transformer_1d.apps.cli import build_parser, main
 from h_transformer_1d.apps.config import LM, PRESETS, Config, build_model, resolve
 from h_transformer_1d.apps.core import checkpoint
+from h_transformer_1d.apps.core.checkpoint import CheckpointError
 from h_transformer_1d.apps.core.config import ConfigError, fields_of, flag
 from h_transformer_1d.apps.train import learning_rate
 from h_transformer_1d.model import cache as cache_module
@@ -252,6 +256,42 @@ def test_evaluate_and_generate(trained, capsys):
     assert 0 < bpb < 9
     assert main(["generate", "--checkpoint", str(trained), "--prompt", "def ", "--length", "20"]) == 0
     assert len(capsys.readouterr().out) > 0
+
+
+def test_load_returns_the_trained_language_model(trained, tmp_path):
+    model = h_transformer_1d.load(trained)
+    assert isinstance(model, AutoregressiveWrapper) and not model.training
+    saved = checkpoint.load(trained, LM)
+    assert all(torch.equal(t, saved.model[name]) for name, t in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    x = torch.tensor([list(b"def f(x):")])
+    assert model.net(x).shape == (1, 9, 256) and model.generate(x, 4).shape == (1, 4)
+    assert h_transformer_1d.load(str(trained), device=torch.device("cpu")).net.dim == 32
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        h_transformer_1d.load(tmp_path / "none")
+    with pytest.raises(ValueError, match="is not a complete checkpoint: missing model.safetensors, config.json"):
+        h_transformer_1d.load(tmp_path)
+
+
+def test_checkpoints_of_the_earlier_version_still_load_and_resume(trained, tmp_path):
+    """Before `--steps`, the config held `max_steps`, no `task`, and one dropout for attention and feed-forward."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in trained.iterdir():
+        if p.is_file():
+            (old / p.name).write_bytes(p.read_bytes())
+    record = json.loads((old / "config.json").read_text())
+    del record["task"]
+    cfg = record["config"]
+    cfg["max_steps"] = cfg.pop("steps")
+    del cfg["attn_dropout"]
+    cfg["dropout"] = 0.25
+    (old / "config.json").write_text(json.dumps(record))
+    saved = checkpoint.load(old, LM)
+    assert (saved.config.steps, saved.config.dropout, saved.config.attn_dropout) == (6, 0.25, 0.25)
+    assert isinstance(h_transformer_1d.load(old), AutoregressiveWrapper)
+    assert main(["train", "--out", str(old), "--resume", "--steps", "7", "--eval-every", "7"]) == 0
+    assert checkpoint.load(old, LM).step == 7
 
 
 @pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")

@@ -262,6 +262,11 @@ def test_prepare_train_evaluate(tmp_path, capsys):
     assert main(["lra", "listops", "evaluate", "--checkpoint", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"test accuracy: {results['test_accuracy']:.4f}" in printed
+    model = h_transformer_1d.load(out)
+    assert isinstance(model, SequenceClassifier) and not model.training and model.pool == "cls"
+    assert model(torch.tensor([[listops.CLS, *listops.encode("[MAX 2 9 ]")]])).shape == (1, listops.NUM_CLASSES)
+    assert main(["evaluate", "--checkpoint", str(out)]) == 1  # the language model's evaluate
+    assert "is a listops checkpoint, not one of h-transformer-1d train" in capsys.readouterr().err
 
     assert main(["lra", "listops", "train", "--data", str(data), "--out", str(out), *TINY, "--steps", "1"]) == 1
     assert "already holds a checkpoint" in capsys.readouterr().err
@@ -314,10 +319,23 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
 
     assert [r[0] for r in rows("resumed")] == [str(i) for i in range(1, 8)]
     assert rows("resumed") == rows("straight")
+
     results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "resumed")]
     assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
     a, b = (h_transformer_1d.load(tmp_path / run) for run in ("straight", "resumed"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    # --resume keeps the model: a flag that would change it is refused, naming it with both values
+    resumed = tmp_path / "resumed"
+    before = {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()}
+    assert main(["lra", "listops", "train", "--out", str(resumed), "--resume", "--dim", "64", "--pool", "mean"]) == 2
+    err = capsys.readouterr().err
+    assert "dim=32 (asked: --dim 64)" in err and "pool='cls' (asked: --pool 'mean')" in err
+    assert {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()} == before
+    # ... and takes the training settings it is given: here two more steps
+    assert main(["lra", "listops", "train", "--out", str(resumed), "--resume", "--steps", "9"]) == 0
+    assert [r[0] for r in rows("resumed")] == [str(i) for i in range(1, 10)]
+    assert checkpoint.load(resumed, LISTOPS).config.steps == 9
 
 
 def test_resume_needs_a_resumable_checkpoint(tmp_path, capsys):
