@@ -1,6 +1,6 @@
 """Quickstart: the seed README example, then a tiny causal model learning a byte sequence on the CPU.
 
-    python examples/quickstart.py            # about a minute on 2 CPU cores
+    python examples/quickstart.py            # a few minutes on a 2-core CPU
 """
 
 import time
