@@ -1,9 +1,10 @@
 """Quickstart: the seed README example, then a tiny causal model learning a byte sequence on the CPU.
 
-    python examples/quickstart.py            # about a minute on 2 CPU cores
+    python examples/quickstart.py            # a few minutes on a 2-core CPU
 """
 
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -33,7 +34,7 @@ def seed_readme_example() -> None:
 
 def train_tiny(steps: int = 100, seq_len: int = 256) -> None:
     torch.manual_seed(0)
-    text = (open(__file__, "rb").read() * 4)[: 64 * 1024]
+    text = (Path(__file__).read_bytes() * 4)[: 64 * 1024]
     data = torch.tensor(list(text), dtype=torch.long)
     model = HTransformer1D(
         num_tokens=256, dim=128, depth=2, max_seq_len=seq_len, causal=True, heads=4, dim_head=32, block_size=16

@@ -1,4 +1,8 @@
-"""`bench`: a few training steps on random bytes per attention kind; tokens/s and peak memory."""
+"""`bench`: a few training steps on random bytes per attention kind; tokens/s and peak memory.
+
+Only what changes the time of a step is a flag of `bench`: the model, the batch (--batch-size, --grad-accum),
+dropout (a non-zero attention dropout leaves the fused kernels) and the system flags.
+"""
 
 import dataclasses
 import resource
@@ -7,9 +11,12 @@ import time
 import torch
 
 from .config import NUM_TOKENS, Config, build_model, validate
-from .train import Runtime, adamw
+from .core.runtime import Runtime
+from .core.training import adamw
 
 UNTIMED_STEPS = 2  # compilation, allocator warm-up
+# the Config fields besides the model's that change the time of a step: bench's flags
+BENCH_FLAGS = ("batch_size", "grad_accum", "dropout", "attn_dropout", "device", "precision", "compile")
 
 
 def peak_memory_mib(rt: Runtime) -> float:

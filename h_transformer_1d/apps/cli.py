@@ -1,34 +1,30 @@
 """The `h-transformer-1d` command: train, evaluate, generate, bench, lra (also `python -m h_transformer_1d`)."""
 
 import argparse
-import dataclasses
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from ..model.cache import compiled_steps_refused
-from . import checkpoint, data
-from .bench import bench
-from .checkpoint import CheckpointError
-from .config import (
-    FIELDS,
-    PRESETS,
-    ConfigError,
-    add_config_flags,
-    add_field_flag,
-    build_model,
-    check_same_model,
-    resolve,
-)
+from . import data
+from .bench import BENCH_FLAGS, UNTIMED_STEPS, bench
+from .config import LM, PRESETS, resolve
+from .core import checkpoint
+from .core.checkpoint import CheckpointError
+from .core.cli import add_evaluate_flags, add_train_flags, non_negative_float, open_run, positive_int, unit_interval
+from .core.config import ConfigError, add_config_flags, add_field_flag, given
+from .core.runtime import start_runtime, stop_runtime
+from .core.training import DivergedError
 from .data import DataError
 from .lra.cli import add_commands as add_lra_commands
-from .train import DivergedError, evaluate_bpb, generate_text, start_runtime, stop_runtime, train
+from .train import evaluate_bpb, generate_text, train
 
 PROG = "h-transformer-1d"
 EXAMPLES = """examples:
   h-transformer-1d train                                  # tiny model on the standard library, a few CPU minutes
   h-transformer-1d train --preset base --data enwik8.zip  # the seed README model (GPU)
-  h-transformer-1d train --out runs/tiny --resume --max-steps 500
+  h-transformer-1d train --out runs/tiny --resume --steps 1000   # train longer
   torchrun --nproc_per_node 8 -m h_transformer_1d train --preset base --data enwik8.zip
   h-transformer-1d evaluate --checkpoint runs/tiny
   h-transformer-1d generate --checkpoint runs/tiny --prompt 'def main(' --length 200
@@ -38,32 +34,19 @@ EXAMPLES = """examples:
 
 
 def command_train(args) -> None:
-    flags = given(args)
-    if args.resume:
-        out = Path(args.out or "runs/tiny")
-        ckpt = checkpoint.load(out, training=True)
-        cfg, _ = resolve(flags, stored=ckpt.config)
-        check_same_model(ckpt.config, cfg, f"--out {out}")
-    else:
-        ckpt = None
-        cfg, preset = resolve(flags)
-        out = Path(args.out or f"runs/{preset}")
-        if checkpoint.exists(out):
-            raise CheckpointError(
-                f"--out {out} already holds a checkpoint: pass --resume to continue it, or choose another --out"
-            )
-    if cfg.data is not None:  # the checkpoint remembers where its data came from
-        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
+    def resolve_run(flags, stored):
+        cfg, preset = resolve(flags, stored)
+        return cfg, f"runs/{preset or 'tiny'}"
+
+    cfg, out, ckpt = open_run(LM, args, resolve_run)
     train(cfg, out, ckpt)
 
 
 def load_model(args):
     """The model of `--checkpoint` on the requested device, and its runtime."""
-    ckpt = checkpoint.load(Path(args.checkpoint))
+    ckpt = checkpoint.load(Path(args.checkpoint), LM)
     rt = start_runtime(getattr(args, "device", "auto"), getattr(args, "precision", "auto"))
-    model = build_model(ckpt.config)
-    model.load_state_dict(ckpt.model)
-    return ckpt, model.to(rt.device).eval(), rt
+    return ckpt, LM.model_of(ckpt, rt.device), rt
 
 
 def command_evaluate(args) -> None:
@@ -110,52 +93,29 @@ def command_generate(args) -> None:
 
 
 def command_bench(args) -> None:
-    flags = given(args)
+    flags = given(args, LM.config)
     cfg, _ = resolve(flags)
     kinds = (cfg.attention,) if "attention" in flags else ("hierarchical", "dense")
-    bench(cfg, kinds, args.steps, start_runtime(cfg.device, cfg.precision))
+    bench(cfg, kinds, args.timed_steps, start_runtime(cfg.device, cfg.precision))
 
 
-def given(args) -> dict:
-    """The run flags given on the command line (absent ones are no attributes: argparse.SUPPRESS)."""
-    return {k: v for k, v in vars(args).items() if k in FIELDS or k in ("preset", "config")}
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when it runs uninstalled."""
+    try:
+        return metadata.version("h-transformer-1d")
+    except metadata.PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def add_run_flags(parser) -> None:
+def add_preset_flag(parser) -> None:
     parser.add_argument(
         "--preset",
         choices=tuple(PRESETS),
         default=argparse.SUPPRESS,
         help="tiny: ~1.9M parameters, minutes on a laptop CPU (default); "
-        "base: the seed README model, 12 x 512, context 8192, for a GPU",
-    )
-    parser.add_argument(
-        "--config",
-        metavar="TOML",
-        default=argparse.SUPPRESS,
-        help="TOML file of settings (keys as the flags: dim = 256, seq_len = 512, preset = 'base'); "
-        "flags override it, it overrides the preset",
+        "base: the seed README model, 12 x 512, context 8192, for a GPU; a TOML --config may name it too",
     )
 
 
@@ -168,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=formatter,
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
@@ -181,16 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the last checkpoint exactly.",
         epilog=EXAMPLES,
     )
-    add_run_flags(p)
-    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/PRESET)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the checkpoint in --out: weights, optimizer, schedule, step, RNG and data position; "
-        "flags may change training settings, never the model's shape",
-    )
-    add_config_flags(p)
-    p.set_defaults(run=command_train)
+    add_preset_flag(p)
+    add_train_flags(p, LM, "runs/PRESET", PRESETS)
+    p.set_defaults(run=command_train, resumable=True)
 
     p = commands.add_parser(
         "evaluate",
@@ -198,28 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the bits per byte of a checkpoint on a split of its data (every byte of the split, "
         "in non-overlapping windows of the training context, unless --max-batches).",
     )
-    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a directory written by train --out")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="which split (default: test)")
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        metavar="N",
-        help="windows per forward pass (default: the checkpoint's micro-batch)",
-    )
+    add_evaluate_flags(p, LM, ("test", "val", "train"), "windows per forward pass (default: the checkpoint's micro-batch)")
     p.add_argument(
         "--max-batches",
         type=positive_int,
         metavar="N",
         help="evaluate only N batches of windows spread over the split (default: the whole split)",
     )
-    for name in ("data", "device", "precision"):
-        add_field_flag(p, name)
     p.set_defaults(run=command_evaluate)
 
     p = commands.add_parser(
         "generate", help="continue a prompt with a checkpoint", description="Print a sampled continuation of --prompt."
     )
-    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a directory written by train --out")
+    p.add_argument("--checkpoint", metavar="DIR", required=True, help=f"a directory written by {LM.command}")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, the model starts after a newline)")
     p.add_argument("--length", type=positive_int, default=256, metavar="N", help="bytes to generate (default: 256)")
     p.add_argument(
@@ -239,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         " a minute, worth it for long outputs (on the CPU needs torch >= 2.13)",
     )
     for name in ("device", "precision"):
-        add_field_flag(p, name)
+        add_field_flag(p, LM.config, name)
     p.set_defaults(run=command_generate)
 
     p = commands.add_parser(
@@ -247,11 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="training throughput (tokens/s, peak memory) of a preset",
         formatter_class=formatter,
         description="Time a few training steps on random bytes and print tokens/s and peak memory, for hierarchical "
-        "and dense attention (or only --attention).",
+        "and dense attention (or only --attention). The flags are those of train that change the time of a step.",
     )
-    add_run_flags(p)
-    p.add_argument("--steps", type=positive_int, default=5, metavar="N", help="timed steps (default: 5)")
-    add_config_flags(p, ("model", "optimization", "system"))
+    add_preset_flag(p)
+    p.add_argument("--config", metavar="TOML", default=argparse.SUPPRESS, help="TOML file of settings, as for train")
+    p.add_argument("--steps", dest="timed_steps", type=positive_int, default=5, metavar="N",
+                   help=f"timed steps, after {UNTIMED_STEPS} untimed ones (default: 5)")  # fmt: skip
+    add_config_flags(p, LM.config, ("model",), PRESETS)
+    step = p.add_argument_group("the step")
+    for name in BENCH_FLAGS:
+        add_field_flag(step, LM.config, name, PRESETS)
     p.set_defaults(run=command_bench)
     add_lra_commands(commands)
     return parser
@@ -268,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         if not quiet:
-            resume = " (--resume continues from the last checkpoint in --out)" if args.command == "train" else ""
+            resume = " (--resume continues from the last checkpoint in --out)" if hasattr(args, "resumable") else ""
             print(f"\n{PROG} {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
     return 0

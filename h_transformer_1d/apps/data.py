@@ -116,9 +116,9 @@ def require_bytes(corpus: Corpus, split: str, seq_len: int) -> None:
 def windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(len(starts), seq_len + 1) token windows, as uint8 (make them int64 on the device: 8x less to copy).
 
-    Copied as contiguous slices: a gather through int64 indices took 6 ms of host time per step of
-    8 x 4,097 bytes under torch.profiler on an H200's 16-core host (0.1 ms on a 2-core VM; why it was
-    slow there is not known), and an eager step of the base model keeps that host about as busy as the GPU."""
+    Copied as contiguous slices, not gathered through int64 indices: on a GPU host the gather was a large
+    share of the host time of a step (benchmarks/results/train_speed/), and an eager step of the base
+    model keeps the host about as busy as the GPU."""
     return torch.stack([tokens[start : start + seq_len + 1] for start in starts.tolist()])
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from h_transformer_1d.apps import checkpoint, data
+import h_transformer_1d
+from h_transformer_1d import AutoregressiveWrapper
+from h_transformer_1d.apps import data
 from h_transformer_1d.apps.cli import build_parser, main
-from h_transformer_1d.apps.config import FIELDS, PRESETS, ConfigError, build_model, flag, resolve
+from h_transformer_1d.apps.config import LM, PRESETS, Config, build_model, resolve
+from h_transformer_1d.apps.core import checkpoint
+from h_transformer_1d.apps.core.checkpoint import CheckpointError
+from h_transformer_1d.apps.core.config import ConfigError, fields_of, flag
 from h_transformer_1d.apps.train import learning_rate
 from h_transformer_1d.model import cache as cache_module
 from h_transformer_1d.model.cache import StaticDecoder
@@ -40,15 +46,6 @@ TINY = [
     "--device",
     "cpu",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine can be 50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_text(n_lines: int = 1500, seed: int = 0) -> str:
@@ -83,7 +80,7 @@ def trained(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "tiny"
     torch.set_num_threads(1)
     assert (
-        train(out, corpus, "--max-steps", "6", "--eval-every", "3", "--sample-every", "3", "--sample-length", "16") == 0
+        train(out, corpus, "--steps", "6", "--eval-every", "3", "--sample-every", "3", "--sample-length", "16") == 0
     )
     return out
 
@@ -100,16 +97,17 @@ def test_help_explains_every_flag(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for name in FIELDS:
+    for name in fields_of(Config):
         assert flag(name) in text
 
 
-def test_module_entry_point_runs():
+def test_module_entry_point_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "h_transformer_1d", "--help"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "h_transformer_1d", "--help"], capture_output=True, text=True, check=False, cwd=tmp_path
     )
     assert out.returncode == 0
     assert "train" in out.stdout and "evaluate" in out.stdout and "generate" in out.stdout and "bench" in out.stdout
+    assert "--version" in out.stdout
 
 
 def test_presets():
@@ -144,7 +142,7 @@ def test_learning_rate_schedule():
     cfg = PRESETS["tiny"]
     assert learning_rate(cfg, cfg.warmup_steps) == pytest.approx(cfg.lr)
     assert learning_rate(cfg, 1) == pytest.approx(cfg.lr / cfg.warmup_steps)
-    assert learning_rate(cfg, cfg.max_steps) == pytest.approx(cfg.lr / 10)
+    assert learning_rate(cfg, cfg.steps) == pytest.approx(cfg.lr / 10)
 
 
 @pytest.mark.parametrize(
@@ -179,7 +177,7 @@ def test_bad_flags_are_argparse_errors(args, capsys):
 
 
 def test_missing_or_too_small_data(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path / "nope.txt"), *TINY]) == 1
+    assert main(["train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "n"), *TINY]) == 1
     assert "--data" in capsys.readouterr().err
     small = tmp_path / "small.txt"
     small.write_text("x" * 500)
@@ -247,7 +245,7 @@ def test_train_writes_checkpoint_metrics_and_plot(trained, capsys):
     assert [int(r["step"]) for r in log] == list(range(1, 7))
     assert [bool(r["val_bpb"]) for r in log] == [False, False, True, False, False, True]
     assert all(0 < float(r["train_bpb"]) < 10 for r in log)
-    ckpt = checkpoint.load(trained, training=True)
+    ckpt = checkpoint.load(trained, LM, training=True)
     assert ckpt.step == 6 and ckpt.config.dim == 32
 
 
@@ -258,6 +256,42 @@ def test_evaluate_and_generate(trained, capsys):
     assert 0 < bpb < 9
     assert main(["generate", "--checkpoint", str(trained), "--prompt", "def ", "--length", "20"]) == 0
     assert len(capsys.readouterr().out) > 0
+
+
+def test_load_returns_the_trained_language_model(trained, tmp_path):
+    model = h_transformer_1d.load(trained)
+    assert isinstance(model, AutoregressiveWrapper) and not model.training
+    saved = checkpoint.load(trained, LM)
+    assert all(torch.equal(t, saved.model[name]) for name, t in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    x = torch.tensor([list(b"def f(x):")])
+    assert model.net(x).shape == (1, 9, 256) and model.generate(x, 4).shape == (1, 4)
+    assert h_transformer_1d.load(str(trained), device=torch.device("cpu")).net.dim == 32
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        h_transformer_1d.load(tmp_path / "none")
+    with pytest.raises(ValueError, match="is not a complete checkpoint: missing model.safetensors, config.json"):
+        h_transformer_1d.load(tmp_path)
+
+
+def test_checkpoints_of_the_earlier_version_still_load_and_resume(trained, tmp_path):
+    """Before `--steps`, the config held `max_steps`, no `task`, and one dropout for attention and feed-forward."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in trained.iterdir():
+        if p.is_file():
+            (old / p.name).write_bytes(p.read_bytes())
+    record = json.loads((old / "config.json").read_text())
+    del record["task"]
+    cfg = record["config"]
+    cfg["max_steps"] = cfg.pop("steps")
+    del cfg["attn_dropout"]
+    cfg["dropout"] = 0.25
+    (old / "config.json").write_text(json.dumps(record))
+    saved = checkpoint.load(old, LM)
+    assert (saved.config.steps, saved.config.dropout, saved.config.attn_dropout) == (6, 0.25, 0.25)
+    assert isinstance(h_transformer_1d.load(old), AutoregressiveWrapper)
+    assert main(["train", "--out", str(old), "--resume", "--steps", "7", "--eval-every", "7"]) == 0
+    assert checkpoint.load(old, LM).step == 7
 
 
 @pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
@@ -290,7 +324,7 @@ def test_bench_prints_a_table(capsys):
 
 
 def test_resume_logs_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path, monkeypatch, capsys):
-    common = ["--max-steps", "8", "--eval-every", "4", "--dropout", "0.1", "--grad-accum", "2"]
+    common = ["--steps", "8", "--eval-every", "4", "--dropout", "0.1", "--grad-accum", "2"]
     assert train(tmp_path / "straight", corpus, *common) == 0
 
     real_batch = data.train_batch
@@ -302,15 +336,15 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path, m
 
     monkeypatch.setattr(data, "train_batch", interrupted_batch)
     assert train(tmp_path / "resumed", corpus, *common) == 130
-    assert checkpoint.load(tmp_path / "resumed").step == 4
+    assert checkpoint.load(tmp_path / "resumed", LM).step == 4
     monkeypatch.setattr(data, "train_batch", real_batch)
     assert main(["train", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
 
     keys = ("step", "tokens", "lr", "train_bpb", "val_bpb")
     straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
-    a = checkpoint.load(tmp_path / "straight", training=True)
-    b = checkpoint.load(tmp_path / "resumed", training=True)
+    a = checkpoint.load(tmp_path / "straight", LM, training=True)
+    b = checkpoint.load(tmp_path / "resumed", LM, training=True)
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
 
 
@@ -325,7 +359,7 @@ def snapshot(directory: Path) -> dict:
 
 def test_resume_with_another_model_is_refused_and_touches_nothing(trained, tmp_path, capsys):
     before = snapshot(trained)
-    assert main(["train", "--out", str(trained), "--resume", "--dim", "64", "--max-steps", "9"]) == 2
+    assert main(["train", "--out", str(trained), "--resume", "--dim", "64", "--steps", "9"]) == 2
     err = capsys.readouterr().err
     assert "dim=32" in err and "--dim 64" in err and "Traceback" not in err
     assert main(["train", "--out", str(trained), "--resume", "--preset", "tiny"]) == 2
@@ -359,7 +393,7 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(trained, tmp_path, damage, 
         text = (bad / "config.json").read_text().replace('"dim": 32', '"dim": 48', 1)
         (bad / "config.json").write_text(text)
     before = snapshot(bad)
-    assert main(["train", "--out", str(bad), "--resume", "--max-steps", "9"]) == 1
+    assert main(["train", "--out", str(bad), "--resume", "--steps", "9"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("h-transformer-1d train: error:") and "Traceback" not in err
     assert str(bad) in err
@@ -381,6 +415,7 @@ def test_error_exit_has_no_traceback_in_a_subprocess(tmp_path):
         capture_output=True,
         text=True,
         env=env,
+        cwd=tmp_path,
         check=False,
     )
     assert out.returncode == 1
@@ -412,18 +447,18 @@ def test_nonfinite_loss_stops_before_the_next_checkpoint(corpus, tmp_path, monke
 
     monkeypatch.setattr(train_module, "build_model", poisoned)
     out = tmp_path / "run"
-    assert train(out, corpus, "--max-steps", "8", "--eval-every", str(eval_every)) == 1
+    assert train(out, corpus, "--steps", "8", "--eval-every", str(eval_every)) == 1
     err = capsys.readouterr().err
     assert f"step {first_nan}: the training loss is nan (not finite)" in err and f"checkpoint of step {kept}" in err
     assert "Traceback" not in err
-    saved = checkpoint.load(out, training=True)
+    saved = checkpoint.load(out, LM, training=True)
     assert saved.step == kept and all(torch.isfinite(t).all() for t in saved.model.values())
     log = rows(out)
     assert {int(r["step"]) for r in log} <= set(range(1, first_nan)) and all(float(r["train_bpb"]) < 99 for r in log)
 
 
 def test_adamw_is_fused_only_when_every_parameter_is_on_a_gpu():
-    from h_transformer_1d.apps.train import adamw, decay_groups
+    from h_transformer_1d.apps.core.training import adamw, decay_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     groups = decay_groups(model, 0.1)
@@ -439,7 +474,7 @@ def test_adamw_is_fused_only_when_every_parameter_is_on_a_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pending_loss_reads_the_value_it_was_given_on_gpu():
-    from h_transformer_1d.apps.train import PendingLoss
+    from h_transformer_1d.apps.core.training import PendingLoss
 
     loss = torch.tensor(1.5, device="cuda")
     pending = PendingLoss(loss)
@@ -466,9 +501,9 @@ def test_tokens_per_s_is_each_steps_share_of_the_time_between_loss_reads(corpus,
     monkeypatch.setattr(train_module.PendingLoss, "value", one_second)
     out = tmp_path / "run"
     assert (
-        train(out, corpus, "--max-steps", "7", "--eval-every", "3", "--sample-every", "2", "--sample-length", "4") == 0
+        train(out, corpus, "--steps", "7", "--eval-every", "3", "--sample-every", "2", "--sample-length", "4") == 0
     )
-    cfg = checkpoint.load(out).config
+    cfg = checkpoint.load(out, LM).config
     log = rows(out)
     assert [int(r["step"]) for r in log] == list(range(1, 8))
     assert [float(r["tokens_per_s"]) for r in log] == [pytest.approx(cfg.batch_size * cfg.seq_len, rel=1e-5)] * 7

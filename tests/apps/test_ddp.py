@@ -11,8 +11,9 @@ import pytest
 import torch
 from test_cli import TINY, make_text
 
-from h_transformer_1d.apps import checkpoint
 from h_transformer_1d.apps.cli import main
+from h_transformer_1d.apps.config import LM
+from h_transformer_1d.apps.core import checkpoint
 
 ARGS = [
     *TINY,
@@ -20,7 +21,7 @@ ARGS = [
     "8",
     "--grad-accum",
     "2",
-    "--max-steps",
+    "--steps",
     "4",
     "--eval-every",
     "2",
@@ -76,7 +77,8 @@ def test_two_processes_match_one(single, tmp_path, sharding):
         *sharding,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    # --standalone: the rendezvous takes a free port, so runs in parallel (pytest-xdist) never collide
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 2:") == 1  # only process 0 prints
 
@@ -85,7 +87,7 @@ def test_two_processes_match_one(single, tmp_path, sharding):
     for (_, train_a, val_a), (_, train_b, val_b) in zip(expected, got):
         assert train_b == pytest.approx(train_a, rel=1e-4)
         assert (val_a is None) == (val_b is None) and (val_a is None or val_b == pytest.approx(val_a, rel=1e-4))
-    a, b = checkpoint.load(reference, training=True), checkpoint.load(out, training=True)
+    a, b = checkpoint.load(reference, LM, training=True), checkpoint.load(out, LM, training=True)
     for name, weight in a.model.items():
         torch.testing.assert_close(b.model[name], weight, rtol=1e-4, atol=1e-5)
     assert set(b.optimizer["state"]) == set(a.optimizer["state"])
@@ -96,16 +98,16 @@ def test_two_processes_match_one(single, tmp_path, sharding):
 def test_processes_wait_for_one_another_before_leaving_the_group_unless_failing(monkeypatch, failing):
     """stop_runtime: a barrier before destroying the group on the normal path, none while an exception
     propagates (the other processes may never reach it)."""
-    from h_transformer_1d.apps import train
+    from h_transformer_1d.apps.core import runtime
 
     calls = []
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(train.dist, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(runtime.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(runtime.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(runtime.dist, "destroy_process_group", lambda: calls.append("destroy"))
     with pytest.raises(RuntimeError) if failing else contextlib.nullcontext():
         try:
             if failing:
                 raise RuntimeError("a failed step")
         finally:
-            train.stop_runtime()
+            runtime.stop_runtime()
     assert calls == (["destroy"] if failing else ["barrier", "destroy"])

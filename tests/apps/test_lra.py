@@ -8,26 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+import h_transformer_1d
 from h_transformer_1d import HTransformer1D
 from h_transformer_1d.apps.cli import main
+from h_transformer_1d.apps.core import checkpoint
 from h_transformer_1d.apps.lra import listops
+from h_transformer_1d.apps.lra.config import LISTOPS, ListOpsConfig
 from h_transformer_1d.apps.lra.listops import Bounds, ListOpsError
 from h_transformer_1d.apps.lra.model import SequenceClassifier
-from h_transformer_1d.apps.lra.train import ListOpsConfig, learning_rate, load_split
+from h_transformer_1d.apps.lra.train import learning_rate, load_split
 
 SMALL = Bounds(max_depth=4, max_args=5, min_length=10, max_length=40)
 SMALL_FLAGS = ["--min-length", "10", "--max-length", "60", "--workers", "1"]
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "64", "--block-size", "4"]
 TINY += ["--batch-size", "8", "--warmup-steps", "2", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine can be 50x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def depth(tree) -> int:
@@ -268,6 +262,11 @@ def test_prepare_train_evaluate(tmp_path, capsys):
     assert main(["lra", "listops", "evaluate", "--checkpoint", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"test accuracy: {results['test_accuracy']:.4f}" in printed
+    model = h_transformer_1d.load(out)
+    assert isinstance(model, SequenceClassifier) and not model.training and model.pool == "cls"
+    assert model(torch.tensor([[listops.CLS, *listops.encode("[MAX 2 9 ]")]])).shape == (1, listops.NUM_CLASSES)
+    assert main(["evaluate", "--checkpoint", str(out)]) == 1  # the language model's evaluate
+    assert "is a listops checkpoint, not one of h-transformer-1d train" in capsys.readouterr().err
 
     assert main(["lra", "listops", "train", "--data", str(data), "--out", str(out), *TINY, "--steps", "1"]) == 1
     assert "already holds a checkpoint" in capsys.readouterr().err
@@ -282,7 +281,8 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["lra", "listops", "train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *TINY]) == 1
     err = capsys.readouterr().err
     assert "h-transformer-1d lra listops prepare --out" in err and "Traceback" not in err
-    assert main(["lra", "listops", "train", "--data", str(tmp_path), *TINY, "--block-size", "6"]) == 2
+    assert main(["lra", "listops", "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *TINY,
+                 "--block-size", "6"]) == 2  # fmt: skip
     assert "--block-size must be a power of two" in capsys.readouterr().err
     assert main(["lra", "listops", "evaluate", "--checkpoint", str(tmp_path)]) == 1
     assert "not a complete checkpoint" in capsys.readouterr().err
@@ -319,11 +319,23 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
 
     assert [r[0] for r in rows("resumed")] == [str(i) for i in range(1, 8)]
     assert rows("resumed") == rows("straight")
+
     results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "resumed")]
     assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
-    _, a, _ = lra_train.load_checkpoint(tmp_path / "straight")
-    _, b, _ = lra_train.load_checkpoint(tmp_path / "resumed")
+    a, b = (h_transformer_1d.load(tmp_path / run) for run in ("straight", "resumed"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    # --resume keeps the model: a flag that would change it is refused, naming it with both values
+    resumed = tmp_path / "resumed"
+    before = {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()}
+    assert main(["lra", "listops", "train", "--out", str(resumed), "--resume", "--dim", "64", "--pool", "mean"]) == 2
+    err = capsys.readouterr().err
+    assert "dim=32 (asked: --dim 64)" in err and "pool='cls' (asked: --pool 'mean')" in err
+    assert {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()} == before
+    # ... and takes the training settings it is given: here two more steps
+    assert main(["lra", "listops", "train", "--out", str(resumed), "--resume", "--steps", "9"]) == 0
+    assert [r[0] for r in rows("resumed")] == [str(i) for i in range(1, 10)]
+    assert checkpoint.load(resumed, LISTOPS).config.steps == 9
 
 
 def test_resume_needs_a_resumable_checkpoint(tmp_path, capsys):
@@ -360,8 +372,8 @@ def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tm
     assert "step 3: the training loss is nan (not finite)" in err and "checkpoint of step 2" in err
     assert "Traceback" not in err
     monkeypatch.setattr(lra_train, "build_classifier", real)
-    _, model, step = lra_train.load_checkpoint(out)
-    assert step == 2 and all(torch.isfinite(t).all() for t in model.state_dict().values())
+    saved = checkpoint.load(out, LISTOPS)
+    assert saved.step == 2 and all(torch.isfinite(t).all() for t in saved.model.values())
     assert not (out / "results.json").exists()
 
 

@@ -2,6 +2,9 @@
 
 listops.py  the ListOps data: generator, evaluator, TSV files, tokens
 model.py    SequenceClassifier: a non-causal HTransformer1D body with a pooling head
-train.py    the recipe: configuration, training loop, evaluation, checkpoints
+config.py   the recipe's configuration (ListOpsConfig) and the classifier it builds
+train.py    the data as tensors, the training loop, evaluation
 cli.py      the `lra` command line
+
+Configuration flags, checkpoints, optimizer, runtime and logs come from the application core (../core/).
 """

@@ -6,17 +6,15 @@ import os
 import time
 from pathlib import Path
 
-from ..train import format_duration, start_runtime
+from ..core import checkpoint
+from ..core.cli import add_evaluate_flags, add_train_flags, open_run, positive_int
+from ..core.config import overrides
+from ..core.runtime import start_runtime
+from ..core.training import format_duration
 from . import listops
-from .train import FIELDS, ListOpsConfig, accuracy, flag, load_checkpoint, load_split, train
+from .config import LISTOPS, ListOpsConfig
+from .train import accuracy, load_split, train
 
-GROUPS = {
-    "model": "model",
-    "optimization": "optimization",
-    "data": "data",
-    "evaluation": "evaluation and checkpoints",
-    "system": "system",
-}
 EXAMPLES = """examples:
   h-transformer-1d lra listops prepare --out data/listops        # 96,000 / 2,000 / 2,000 examples, minutes
   h-transformer-1d lra listops train --data data/listops         # LRA's configuration, hierarchical attention (GPU)
@@ -35,45 +33,33 @@ def command_prepare(args) -> None:
     print(f"wrote {files} to {out} in {format_duration(time.perf_counter() - start)}")
 
 
+def resolve(flags: dict, stored: ListOpsConfig | None) -> tuple[ListOpsConfig, str]:
+    """The run's configuration (the recipe's defaults, or the checkpoint's, under a TOML file and the flags) and
+    its default --out."""
+    values, _ = overrides(ListOpsConfig, flags)
+    cfg = dataclasses.replace(stored if stored is not None else ListOpsConfig(), **values)
+    return cfg, f"runs/listops-{cfg.attention}"
+
+
 def command_train(args) -> None:
-    cfg = ListOpsConfig(**{name: getattr(args, name) for name in FIELDS})
-    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))  # the checkpoint remembers its data
-    train(cfg, Path(args.out or f"runs/listops-{cfg.attention}"), resume=args.resume)
+    cfg, out, ckpt = open_run(LISTOPS, args, resolve)
+    train(cfg, out, ckpt)
 
 
 def command_evaluate(args) -> None:
     directory = Path(args.checkpoint)
-    cfg, model, step = load_checkpoint(directory)
-    rt = start_runtime(args.device, args.precision)
-    data_dir = Path(args.data or cfg.data)
+    ckpt = checkpoint.load(directory, LISTOPS)
+    cfg = ckpt.config
+    rt = start_runtime(getattr(args, "device", "auto"), getattr(args, "precision", "auto"))
+    data_dir = Path(getattr(args, "data", cfg.data))
     split = load_split(data_dir, args.split).to(rt.device)
-    result = accuracy(model.to(rt.device), split, cfg, rt, args.batch_size or cfg.batch_size, progress=True)
+    model = LISTOPS.model_of(ckpt, rt.device)
+    result = accuracy(model, split, cfg, rt, args.batch_size or cfg.batch_size, progress=True)
     print(f"{args.split} accuracy: {result:.4f}")
-    print(f"({len(split):,} examples of {data_dir}; checkpoint {directory} at step {step}, {cfg.attention} attention)")
-
-
-def count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def add_field_flags(parser) -> None:
-    """One flag per ListOpsConfig field, its default the recipe's."""
-    for group, title in GROUPS.items():
-        arg_group = parser.add_argument_group(title)
-        for name, f in FIELDS.items():
-            if f.metadata["group"] != group:
-                continue
-            shown = "%(default).4g" if f.type is float else "%(default)s"
-            kwargs = {"dest": name, "default": f.default, "help": f.metadata["help"] + f" (default: {shown})"}
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-            else:
-                kwargs["type"] = f.type if f.type in (int, float) else str
-                kwargs["metavar"] = {int: "N", float: "X"}.get(f.type, "DIR" if name == "data" else "NAME")
-            arg_group.add_argument(flag(name), **kwargs)
+    print(
+        f"({len(split):,} examples of {data_dir}; checkpoint {directory} at step {ckpt.step}, "
+        f"{cfg.attention} attention)"
+    )
 
 
 def add_commands(commands) -> None:
@@ -104,9 +90,9 @@ def add_commands(commands) -> None:
         "basic_test.tsv in LRA's layout. The same --seed and bounds give the same files, whatever --workers.",
     )
     p.add_argument("--out", metavar="DIR", default="data/listops", help="output directory (default: %(default)s)")
-    p.add_argument("--num-train", type=count, default=96000, metavar="N", help="training examples (default: 96000)")
-    p.add_argument("--num-val", type=count, default=2000, metavar="N", help="validation examples (default: 2000)")
-    p.add_argument("--num-test", type=count, default=2000, metavar="N", help="test examples (default: 2000)")
+    for split, count, what in (("train", 96000, "training"), ("val", 2000, "validation"), ("test", 2000, "test")):
+        p.add_argument(f"--num-{split}", type=positive_int, default=count, metavar="N",
+                       help=f"{what} examples (default: {count})")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     bounds = listops.Bounds()
     p.add_argument(
@@ -121,7 +107,7 @@ def add_commands(commands) -> None:
     )
     p.add_argument(
         "--workers",
-        type=count,
+        type=positive_int,
         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         metavar="N",
         help="processes sampling in parallel (default: the CPU cores, %(default)s)",
@@ -132,34 +118,20 @@ def add_commands(commands) -> None:
         "train",
         help="train a classifier (LRA's configuration with the study's learning rate by default)",
         formatter_class=formatter,
-        description="Train the ListOps classifier; every flag defaults to LRA's configuration except the study's peak lr 1.5e-4 and clipping at 1. Writes to --out: "
-        "model.safetensors and config.json (at every validation and at the end), metrics.csv, curves.png "
-        "(train and validation accuracy) and results.json (test accuracy of the final model, time, memory).",
+        description="Train the ListOps classifier; every flag defaults to LRA's configuration except the study's "
+        "peak lr 1.5e-4 and clipping at 1. Writes to --out: a checkpoint (model.safetensors, config.json, "
+        "train_state.*: at every validation and at the end), metrics.csv, curves.png (train and validation "
+        "accuracy) and results.json (test accuracy of the final model, time, memory). Ctrl-C stops; --resume "
+        "continues from the last checkpoint exactly.",
         epilog=EXAMPLES,
     )
-    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/listops-ATTENTION)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from its last checkpoint (weights, optimizer, RNG, step) with its "
-        "saved configuration; the other flags are ignored",
-    )
-    add_field_flags(p)
-    p.set_defaults(run=command_train)
+    add_train_flags(p, LISTOPS, "runs/listops-ATTENTION")
+    p.set_defaults(run=command_train, resumable=True)
 
     p = actions.add_parser(
         "evaluate",
         help="accuracy of a checkpoint on a split",
         description="Print the accuracy of a checkpoint written by `lra listops train` on a split of its data.",
     )
-    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a directory written by lra listops train --out")
-    p.add_argument("--split", choices=tuple(listops.SPLITS), default="test", help="which split (default: test)")
-    p.add_argument("--data", metavar="DIR", help="directory of the .tsv files (default: the checkpoint's)")
-    p.add_argument(
-        "--batch-size", type=count, metavar="N", help="sequences per forward pass (default: the checkpoint's)"
-    )
-    p.add_argument("--device", default="auto", metavar="NAME", help="auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto = bf16 on GPUs that support it"
-    )
+    add_evaluate_flags(p, LISTOPS, tuple(listops.SPLITS), "sequences per forward pass (default: the checkpoint's)")
     p.set_defaults(run=command_evaluate)

@@ -1,21 +1,12 @@
-"""The ListOps recipe: its configuration, the data as tensors, the training loop, evaluation, checkpoints.
-
-The defaults are LRA's ListOps setting: 4 layers, width 512, 8 heads, feed-forward 1024, batch 32,
-5,000 steps, sequences of up to 2,000 tokens, Adam (0.9, 0.98, eps 1e-9) with decoupled weight
-decay 0.1, a linear warmup over 1,000 steps then decay as 1/sqrt(step) (LRA's
-"constant * linear_warmup * rsqrt_decay"), with two exceptions found best in our study
-(docs/lra_listops.md): a peak learning rate of 1.5e-4 instead of LRA's 0.05/sqrt(1000) = 1.58e-3,
-and the gradient norm clipped to 1 (LRA: no clipping). `--lr 0.0015811 --grad-clip 0` restores LRA's.
+"""The ListOps recipe: the data as tensors, the training loop and evaluation (its configuration: config.py).
 
 A run writes to --out: model.safetensors, config.json and train_state.* (optimizer, RNG and progress,
 at every validation and at the end), metrics.csv, curves.png and results.json (the test accuracy of
-the final model). `resume=True` continues the run in --out exactly where its last checkpoint stands.
+the final model). A `resume` checkpoint continues the run in --out exactly where it stands.
 """
 
 import dataclasses
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,21 +14,29 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from ...model import HTransformer1D
-from .. import checkpoint
-from ..checkpoint import CheckpointError
-from ..config import ConfigError, _opt
+from ..core import checkpoint
+from ..core.config import ConfigError
+from ..core.metrics import MetricsLog
+from ..core.plots import plot_curves
+from ..core.runtime import Runtime, start_runtime
+from ..core.training import (
+    adamw,
+    check_finite,
+    decay_groups,
+    finished,
+    format_duration,
+    progress_bar,
+    restore_training_state,
+    save_checkpoint,
+    warmup_rsqrt,
+)
 from ..data import DataError
-from ..metrics import MetricsLog
-from ..plots import plot_curves
-from ..train import Runtime, adamw, check_finite, decay_groups, format_duration, start_runtime
 from . import listops
-from .model import POOLS, SequenceClassifier
+from .config import LISTOPS, ListOpsConfig, build_classifier, validate
 
-TASK = "listops"
+TASK = LISTOPS.task
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so per-shape work (cuDNN
 # attention plans, kernel layouts) is done a dozen times per run rather than at almost every step.
 LENGTH_MULTIPLE = 128
@@ -46,105 +45,9 @@ SCALARS = ("lr", "train_loss", "train_acc", "val_acc", "examples_per_s")
 RESULTS = "results.json"
 
 
-@dataclass(frozen=True)
-class ListOpsConfig:
-    """A run of the recipe; the defaults are LRA's ListOps configuration, except the peak learning rate and
-    gradient clipping (the study's best, see the module docstring)."""
-
-    dim: int = _opt(512, "model width", "model")
-    depth: int = _opt(4, "number of layers", "model")
-    heads: int = _opt(8, "attention heads", "model")
-    dim_head: int = _opt(64, "width of one attention head (even)", "model")
-    ff_mult: int = _opt(2, "feed-forward width as a multiple of --dim (2: 1024 for width 512)", "model")
-    block_size: int = _opt(16, "hierarchical attention block size Nr (a power of two >= 2)", "model")
-    seq_len: int = _opt(2000, "longest input in tokens, <cls> included; longer inputs are truncated", "model")
-    attention: str = _opt("hierarchical", "attention kind", "model", ("hierarchical", "dense"))
-    pool: str = _opt(
-        "cls", "classify from a <cls> token's features (LRA's choice), or from the mean of the real tokens'", "model",
-        POOLS
-    )
-    dropout: float = _opt(0.1, "dropout in the feed-forward layers (LRA: 0.1)", "optimization")
-    attn_dropout: float = _opt(
-        0.0,
-        "dropout on the attention weights (LRA: 0.1; the fused GPU kernels need 0, else the slower "
-        "blocked PyTorch path runs)",
-        "optimization",
-    )
-    batch_size: int = _opt(32, "sequences per optimizer step", "optimization")
-    steps: int = _opt(5000, "optimizer steps in the whole run", "optimization")
-    lr: float = _opt(
-        1.5e-4, "peak learning rate, reached after the warmup (LRA: 0.05 / sqrt(1000) = 0.0015811)", "optimization"
-    )
-    warmup_steps: int = _opt(1000, "linear warmup steps; then the rate decays as 1/sqrt(step)", "optimization")
-    weight_decay: float = _opt(0.1, "decoupled weight decay on matrices and embeddings", "optimization")
-    grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off, as in LRA)", "optimization")
-    data: str = _opt("data/listops", "directory of basic_{train,val,test}.tsv (see: lra listops prepare)", "data")
-    seed: int = _opt(0, "seed for initialization and batch order", "data")
-    eval_every: int = _opt(250, "validation accuracy (whole split) and a checkpoint every N steps", "evaluation")
-    device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N, ...", "system")
-    precision: str = _opt(
-        "auto", "auto = bf16 autocast on GPUs that support it, else fp32", "system", ("auto", "bf16", "fp32")
-    )
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(ListOpsConfig)}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def validate(cfg: ListOpsConfig) -> None:
-    def fail(name: str, expected: str):
-        raise ConfigError(f"{flag(name)} must be {expected}, got {getattr(cfg, name)!r}")
-
-    for name in ("dim", "depth", "heads", "dim_head", "ff_mult", "seq_len", "batch_size", "steps", "eval_every"):
-        if getattr(cfg, name) < 1:
-            fail(name, "a positive integer")
-    for name in ("warmup_steps", "seed"):
-        if getattr(cfg, name) < 0:
-            fail(name, "an integer >= 0")
-    if cfg.dim_head % 2:
-        fail("dim_head", "even (rotary position embeddings rotate pairs of features)")
-    if cfg.block_size < 2 or cfg.block_size & (cfg.block_size - 1):
-        fail("block_size", "a power of two >= 2")
-    if cfg.pool == "cls" and cfg.seq_len < 2:
-        fail("seq_len", "at least 2 with --pool cls (the <cls> token and one more)")
-    if not cfg.lr > 0:
-        fail("lr", "a number > 0")
-    for name in ("weight_decay", "grad_clip"):
-        if not getattr(cfg, name) >= 0:
-            fail(name, "a number >= 0")
-    for name in ("dropout", "attn_dropout"):
-        if not 0 <= getattr(cfg, name) < 1:
-            fail(name, "in [0, 1)")
-    for name in ("attention", "pool", "precision"):
-        if getattr(cfg, name) not in FIELDS[name].metadata["choices"]:
-            fail(name, f"one of {', '.join(FIELDS[name].metadata['choices'])}")
-
-
-def build_classifier(cfg: ListOpsConfig) -> SequenceClassifier:
-    body = HTransformer1D(
-        num_tokens=len(listops.VOCAB),
-        dim=cfg.dim,
-        depth=cfg.depth,
-        max_seq_len=cfg.seq_len,
-        causal=False,
-        heads=cfg.heads,
-        dim_head=cfg.dim_head,
-        block_size=cfg.block_size,
-        ff_mult=cfg.ff_mult,
-        attn_dropout=cfg.attn_dropout,
-        ff_dropout=cfg.dropout,
-        attention=cfg.attention,
-    )
-    return SequenceClassifier(body, listops.NUM_CLASSES, cfg.pool, hidden=cfg.dim * cfg.ff_mult)  # LRA: mlp_dim
-
-
 def learning_rate(cfg: ListOpsConfig, step: int) -> float:
     """Linear warmup to --lr at --warmup-steps, then lr * sqrt(warmup / step) (steps count from 1)."""
-    warmup = max(cfg.warmup_steps, 1)
-    return cfg.lr * min(step / warmup, math.sqrt(warmup / step))
+    return warmup_rsqrt(step, cfg.lr, cfg.warmup_steps)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -235,106 +138,19 @@ def accuracy(model, split: Split, cfg: ListOpsConfig, rt: Runtime, batch_size: i
     return correct.item() / len(split)
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
-
-
-def save_checkpoint(out_dir: Path, cfg: ListOpsConfig, model, step: int, optimizer=None, progress=None) -> None:
-    """model.safetensors, config.json and, with an optimizer, train_state.safetensors (optimizer and
-    RNG states) and train_state.json (`progress`, param groups), each written atomically."""
-    meta = {"format": str(checkpoint.FORMAT), "step": str(step)}
-    weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    checkpoint.atomic_write(out_dir / checkpoint.MODEL, safetensors_bytes(weights, metadata=meta))
-    record = {"format": checkpoint.FORMAT, "step": step, "task": TASK, "config": dataclasses.asdict(cfg)}
-    checkpoint.atomic_write(out_dir / checkpoint.CONFIG, checkpoint.json_bytes(record))
-    if optimizer is None:
-        return
-    state = optimizer.state_dict()
-    tensors = {
-        f"optimizer.{index}.{name}": t.detach().contiguous().cpu()
-        for index, entries in state["state"].items()
-        for name, t in entries.items()
-    }
-    tensors["rng.cpu"] = torch.get_rng_state()
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    checkpoint.atomic_write(out_dir / checkpoint.STATE_TENSORS, safetensors_bytes(tensors, metadata=meta))
-    record = {"format": checkpoint.FORMAT, "step": step, **(progress or {}), "param_groups": state["param_groups"]}
-    checkpoint.atomic_write(out_dir / checkpoint.STATE_JSON, checkpoint.json_bytes(record))
-
-
-def load_training_state(directory: Path, step: int, num_params: int) -> tuple[dict, dict, dict]:
-    """(optimizer state dict, RNG states, progress) of the checkpoint in `directory` at `step`."""
-    for name in (checkpoint.STATE_TENSORS, checkpoint.STATE_JSON):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} cannot be resumed: missing {name} (written by this version's train)")
-    progress = checkpoint.read_json(directory / checkpoint.STATE_JSON)
-    tensor_step, tensors = checkpoint.read_safetensors(directory / checkpoint.STATE_TENSORS)
-    if {tensor_step, progress["step"]} != {step}:
-        raise CheckpointError(f"{directory} mixes files of different saves: the last save was interrupted")
-    groups = progress.pop("param_groups", None)
-    if not isinstance(groups, list) or sorted(i for g in groups for i in g.get("params", [])) != list(range(num_params)):
-        raise CheckpointError(f"{directory / checkpoint.STATE_JSON}: its optimizer does not fit the model")
-    optimizer, rng = {"state": {}, "param_groups": groups}, {}
-    for key, t in tensors.items():
-        kind, _, rest = key.partition(".")
-        if kind == "rng":
-            rng[rest] = t
-        else:
-            index, _, name = rest.partition(".")
-            optimizer["state"].setdefault(int(index), {})[name] = t
-    return optimizer, rng, progress
-
-
-def load_checkpoint(directory: Path) -> tuple[ListOpsConfig, SequenceClassifier, int]:
-    """The configuration, model (weights loaded, on the CPU) and step of a checkpoint written by train."""
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory")
-    for name in (checkpoint.MODEL, checkpoint.CONFIG):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} is not a complete checkpoint: missing {name}")
-    record = checkpoint.read_json(directory / checkpoint.CONFIG)
-    if record.get("task") != TASK or not isinstance(record.get("config"), dict):
-        raise CheckpointError(f"{directory / checkpoint.CONFIG} is not a ListOps checkpoint (lra listops train)")
-    values = record["config"]
-    if set(values) != set(FIELDS):
-        raise CheckpointError(f"{directory / checkpoint.CONFIG}: not a configuration of this version")
-    try:
-        cfg = ListOpsConfig(**values)
-        validate(cfg)
-    except (TypeError, ConfigError) as e:
-        raise CheckpointError(f"{directory / checkpoint.CONFIG}: {e}") from None
-    step, weights = checkpoint.read_safetensors(directory / checkpoint.MODEL)
-    if step != record["step"]:
-        raise CheckpointError(f"{directory} mixes files of steps {step} and {record['step']}: a save was interrupted")
-    model = build_classifier(cfg)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{directory / checkpoint.MODEL} does not fit its config.json: {e}") from None
-    return cfg, model, step
-
-
 # --- training -------------------------------------------------------------------------------------
 
 
-def device_name(rt: Runtime) -> str:
-    return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
-
-
-def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
-    """Train the recipe into `out_dir`; returns what results.json holds. `resume`: continue the
-    checkpoint in `out_dir` with its own configuration (`cfg` is not used then)."""
+def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | None = None) -> dict | None:
+    """Train the recipe into `out_dir`, or continue the checkpoint `resume` (whose model `cfg` must keep);
+    returns what results.json holds (None when a resumed run already stands at --steps)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("lra listops train runs in one process; start it without torchrun")
-    saved = None
-    if resume:
-        cfg, saved_model, start_step = load_checkpoint(out_dir)
-        saved = (saved_model.state_dict(), start_step)
-    elif checkpoint.exists(out_dir):
-        raise CheckpointError(f"--out {out_dir} already holds a checkpoint: choose another --out, or --resume it")
     validate(cfg)
     rt = start_runtime(cfg.device, cfg.precision)
+    start_step = resume.step if resume else 0
+    if finished(start_step, cfg.steps, out_dir, rt):
+        return None
     data_dir = Path(cfg.data)
     rt.print(f"reading {data_dir} ...")
     train_set, val_set, test_set = (load_split(data_dir, split).to(rt.device) for split in listops.SPLITS)
@@ -344,21 +160,17 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
     truncated = sum(int((s.lengths > cfg.seq_len - cls).sum()) for s in (train_set, val_set, test_set))
 
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg).to(rt.device)
+    model = build_classifier(cfg)
+    if resume:
+        model.load_state_dict(resume.model)
+    model.to(rt.device)
     num_params = sum(p.numel() for p in model.parameters())
-    groups = decay_groups(model, cfg.weight_decay)
-    optimizer = adamw(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
-    start_step, best, val_acc, elapsed = 0, (-1.0, 0), float("nan"), 0.0  # best: validation accuracy, step
-    if saved is not None:
-        weights, start_step = saved
-        state, rng, progress = load_training_state(out_dir, start_step, sum(len(g["params"]) for g in groups))
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state)
-        torch.set_rng_state(rng["cpu"])
-        if rt.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], rt.device)
-        best = (progress.get("best_val_acc", -1.0), progress.get("best_val_step", 0))
-        val_acc, elapsed = progress.get("val_acc", float("nan")), progress.get("elapsed_s", 0.0)
+    optimizer = adamw(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
+    best, val_acc, elapsed = (-1.0, 0), float("nan"), 0.0  # best: validation accuracy, step
+    if resume:
+        restore_training_state(model, optimizer, resume, cfg.seed, rt)
+        best = (resume.state.get("best_val_acc", -1.0), resume.state.get("best_val_step", 0))
+        val_acc, elapsed = resume.state.get("val_acc", float("nan")), resume.state.get("elapsed_s", 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out_dir, start_step, columns=COLUMNS, scalars=SCALARS)
     rt.print(
@@ -370,8 +182,7 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
         f"training: {rt.device.type} ({'bf16 autocast' if rt.bf16 else 'fp32'}), batch {cfg.batch_size}, "
         f"steps {start_step + 1}..{cfg.steps} -> {out_dir}" + (" (resumed)" if start_step else ""),
     )
-    bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)  # fmt: skip
+    bar = progress_bar(cfg.steps, start_step, rt)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     start, last_saved = time.perf_counter() - elapsed, start_step
@@ -411,7 +222,7 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
         if "val_acc" in row:
             progress = {"val_acc": val_acc, "best_val_acc": best[0], "best_val_step": best[1],
                         "elapsed_s": row["elapsed_s"]}  # fmt: skip
-            save_checkpoint(out_dir, cfg, model, step, optimizer, progress)
+            save_checkpoint(out_dir, LISTOPS, cfg, model, optimizer, rt, step, progress)
             last_saved = step
             plot_curves(out_dir, train_key="train_acc", val_key="val_acc", label="accuracy")
     bar.close()
@@ -434,7 +245,7 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: bool = False) -> dict:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 2)
         if rt.device.type == "cuda"
         else None,
-        "device": device_name(rt),
+        "device": rt.device_name,
         "precision": "bf16" if rt.bf16 else "fp32",
         "torch": torch.__version__,
         "config": dataclasses.asdict(cfg),

@@ -1,7 +1,7 @@
 """Checkpoints: a directory of four files, each written atomically (temporary file, then os.replace).
 
     model.safetensors        weights                                   metadata: step
-    config.json              the run's Config                          {"format", "step", "config"}
+    config.json              the run's configuration                   {"format", "step", "task", "config"}
     train_state.safetensors  optimizer tensors, RNG states per process  metadata: step
     train_state.json         step, tokens, time, optimizer groups      {"format", "step", ...}
 
@@ -12,6 +12,7 @@ refused with a clear message and nothing is touched.
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .config import Config, ConfigError, build_model, from_dict, to_dict
+from .config import ConfigError, from_dict, to_dict, validate
 
 FORMAT = 1
+# config.json names the application that wrote it; language-model checkpoints of earlier versions name none
+UNNAMED_TASK = "lm"
 MODEL, CONFIG, STATE_TENSORS, STATE_JSON = (
     "model.safetensors",
     "config.json",
@@ -35,11 +38,28 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit; the message names the file."""
 
 
+@dataclass(frozen=True)
+class App:
+    """What the core needs to know of an application to save, check and load its runs."""
+
+    task: str  # written to config.json
+    config: type  # its configuration dataclass
+    build_model: Callable  # configuration -> the module whose weights a checkpoint holds
+    command: str  # the command that writes its runs, for messages
+    upgrade: Callable[[dict], dict] | None = None  # a stored configuration of an earlier version -> this one's
+
+    def model_of(self, ckpt: "Checkpoint", device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The model of a checkpoint with its weights, in eval mode on `device`."""
+        model = self.build_model(ckpt.config)
+        model.load_state_dict(ckpt.model)
+        return model.to(device).eval()
+
+
 @dataclass
 class Checkpoint:
     directory: Path
     step: int
-    config: Config
+    config: object  # the App's configuration
     model: dict[str, torch.Tensor]
     optimizer: dict | None = None  # {"state": {fqn: {name: tensor}}, "param_groups": [...]}
     rng: dict[str, torch.Tensor] | None = None  # "cpu.<rank>" / "cuda.<rank>" -> state
@@ -65,9 +85,10 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def save(
     directory: Path,
+    app: App,
     *,
     step: int,
-    config: Config,
+    config,
     model: dict[str, torch.Tensor],
     optimizer: dict,
     rng: dict[str, torch.Tensor],
@@ -78,7 +99,7 @@ def save(
     meta = {"format": str(FORMAT), "step": str(step)}
     weights = {name: t.detach().contiguous() for name, t in model.items()}
     atomic_write(directory / MODEL, safetensors_bytes(weights, metadata=meta))
-    atomic_write(directory / CONFIG, json_bytes({"format": FORMAT, "step": step, "config": to_dict(config)}))
+    atomic_write(directory / CONFIG, json_bytes({"format": FORMAT, "step": step, "task": app.task, "config": to_dict(config)}))
     tensors = {
         f"optimizer.{fqn}.{name}": t.contiguous() for fqn, s in optimizer["state"].items() for name, t in s.items()
     }
@@ -114,11 +135,12 @@ def read_safetensors(path: Path) -> tuple[int, dict[str, torch.Tensor]]:
     return int(meta["step"]), tensors
 
 
-def check_weights(weights: dict[str, torch.Tensor], cfg: Config, path: Path) -> None:
+def check_weights(weights: dict[str, torch.Tensor], app: App, cfg, path: Path) -> None:
     """The weights must be exactly those of the model that `cfg` builds: names, shapes and dtypes."""
     try:
+        validate(cfg)
         with torch.device("meta"):
-            expected = build_model(cfg).state_dict()
+            expected = app.build_model(cfg).state_dict()
     except ConfigError as e:
         raise CheckpointError(f"{path.parent / CONFIG}: {e}") from None
     missing = sorted(set(expected) - set(weights))
@@ -137,23 +159,38 @@ def check_weights(weights: dict[str, torch.Tensor], cfg: Config, path: Path) -> 
         raise CheckpointError(f"{path} does not fit the model of {path.parent / CONFIG}: {details}")
 
 
-def load(directory: Path, training: bool = False) -> Checkpoint:
-    """Read and check a checkpoint; `training` also reads the optimizer and RNG state (for --resume)."""
+def read_record(directory: Path, needed: tuple[str, ...] = (MODEL, CONFIG)) -> dict:
+    """config.json of a checkpoint directory holding the files `needed`."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
-    needed = FILES if training else (MODEL, CONFIG)
     missing = [name for name in needed if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"{directory} is not a complete checkpoint: missing {', '.join(missing)}")
-
     record = read_json(directory / CONFIG)
+    if not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{directory / CONFIG} holds no configuration")
+    return record
+
+
+def task_of(directory: Path) -> str:
+    """The application that wrote the checkpoint in `directory`."""
+    return read_record(directory).get("task", UNNAMED_TASK)
+
+
+def load(directory: Path, app: App, training: bool = False) -> Checkpoint:
+    """Read and check a checkpoint of `app`; `training` also reads the optimizer and RNG state (for --resume)."""
+    record = read_record(directory, FILES if training else (MODEL, CONFIG))
+    task = record.get("task", UNNAMED_TASK)
+    if task != app.task:
+        raise CheckpointError(f"{directory / CONFIG} is a {task} checkpoint, not one of {app.command}")
     steps = {CONFIG: record["step"]}
     steps[MODEL], weights = read_safetensors(directory / MODEL)
     try:
-        cfg = from_dict(record.get("config", {}), str(directory / CONFIG))
-    except ConfigError as e:
+        values = app.upgrade(record["config"]) if app.upgrade else record["config"]
+        cfg = from_dict(app.config, values, str(directory / CONFIG))
+    except (ConfigError, TypeError) as e:
         raise CheckpointError(str(e)) from None
-    check_weights(weights, cfg, directory / MODEL)
+    check_weights(weights, app, cfg, directory / MODEL)
     ckpt = Checkpoint(directory, record["step"], cfg, weights)
     if training:
         ckpt.state = read_json(directory / STATE_JSON)

@@ -1,4 +1,4 @@
-"""The PNG that people look at: train and validation bits per byte (or another metric) against steps."""
+"""The PNG that people look at: a training metric and its validation value against steps (curves.png)."""
 
 import io
 from pathlib import Path
@@ -18,9 +18,7 @@ def smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def plot_curves(
-    out_dir: Path, train_key: str = "train_bpb", val_key: str = "val_bpb", label: str = "bits per byte"
-) -> Path:
+def plot_curves(out_dir: Path, train_key: str, val_key: str, label: str) -> Path:
     """Columns `train_key` (smoothed) and `val_key` of metrics.csv against steps, into curves.png."""
     import matplotlib
 

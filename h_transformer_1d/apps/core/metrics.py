@@ -6,8 +6,6 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 
-COLUMNS = ("step", "tokens", "lr", "train_bpb", "val_bpb", "tokens_per_s", "elapsed_s")
-SCALARS = ("lr", "train_bpb", "val_bpb", "tokens_per_s")  # the columns mirrored to TensorBoard
 FILE = "metrics.csv"
 
 
@@ -23,13 +21,12 @@ def format_row(row: dict) -> dict:
 
 
 class MetricsLog:
-    """Rows after `start_step` from an earlier run are dropped, so a resumed log reads like one run.
+    """The application's `columns` (step among them), `scalars` of them mirrored to TensorBoard.
 
-    `columns` (step among them) and `scalars` default to the language model's; other applications
-    (lra/) log their own.
+    Rows after `start_step` from an earlier run are dropped, so a resumed log reads like one run.
     """
 
-    def __init__(self, out_dir: Path, start_step: int, columns=COLUMNS, scalars=SCALARS):
+    def __init__(self, out_dir: Path, start_step: int, columns: tuple[str, ...], scalars: tuple[str, ...]):
         self.columns, self.scalars = columns, scalars
         path = out_dir / FILE
         kept = [r for r in read_rows(path) if start_step and int(r["step"]) <= start_step]
