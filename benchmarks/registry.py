@@ -221,6 +221,14 @@ def measure_decode(case: dict, opts) -> dict:
 
     impl, context, device = case["impl"], case["context"], opts.device
     legacy = impl == "0.1.9"
+    if impl not in ("cached", "eager"):  # recomputing: k tokens, fewer if the last context's time says k won't fit
+        k = opts.reps or (2 if opts.quick else 16 if device == "cuda" else 4)
+        before = [r for r in opts.rows if r.get("impl") == impl and r.get("ms_per_token")]
+        if before:
+            estimate = before[-1]["ms_per_token"] * context / before[-1]["context"] / 1e3
+            if estimate > opts.budget:
+                return {"note": f"skipped: about {estimate:.0f} s per token"}
+            k = max(1, min(k, int(opts.budget / estimate)))
     pkg = import_package(legacy)
     if legacy:
         from h_transformer_1d.autoregressive_wrapper import AutoregressiveWrapper
@@ -251,14 +259,6 @@ def measure_decode(case: dict, opts) -> dict:
         return {"ms_per_token": statistics.fmean(times), "median_ms": statistics.median(times), "max_ms": max(times),
                 "tokens": tokens, "prefill_s": prefill_s,
                 "cache_mib": sum(t.numel() * t.element_size() for t in state) / 2**20 or None}  # fmt: skip
-    # recomputing: k tokens, fewer when the previous context's time per token says k would not fit the budget
-    k = opts.reps or (2 if opts.quick else 16 if device == "cuda" else 4)
-    before = [r for r in opts.rows if r.get("impl") == impl and r.get("ms_per_token")]
-    if before:
-        estimate = before[-1]["ms_per_token"] * context / before[-1]["context"] / 1e3
-        if estimate > opts.budget:
-            return {"note": f"skipped: about {estimate:.0f} s per token"}
-        k = max(1, min(k, int(opts.budget / estimate)))
     wrapper = AutoregressiveWrapper(model)
     kwargs = {} if legacy else {"use_cache": False, "temperature": 0.0}
     with torch.no_grad():
@@ -449,7 +449,7 @@ def quality_headline(rows):
 
 
 def bench_cases(opts):
-    contexts, blocks = ([128, 256], [16, 32]) if opts.quick else ([4096, 16384], [512])
+    contexts, blocks = ([128, 256], [16]) if opts.quick else ([4096, 16384], [512])
     modes = ["eager"] if opts.quick else ["eager", "compile"]
     return [{"label": f"{c} {m} {a}" + (f" {b}" if b else ""), "context": c, "mode": m, "attention": a, "block": b,
              "config": f"{a}, block {b}" if b else "dense (SDPA)"}
@@ -646,7 +646,8 @@ STUDIES = {s.name: s for s in [
           plot=("k", "tokens_per_s", [], None)),
     Study("lra_listops", "Long Range Arena ListOps: `lra listops train` variants (the recipe's defaults plus flags), "
           "hierarchical vs dense; test accuracy of the final model, validation accuracy, time, memory", "any",
-          lambda opts: [{"label": v} for v in (["hier", "dense"] if opts.quick else LRA_VARIANTS)], measure_lra,
+          lambda opts: [{"label": v} for v in (["hier", "dense"] if opts.quick and not opts.cases else LRA_VARIANTS)],
+          measure_lra,
           training=True, setup=lra_setup, baselines=("ours", "SDPA"),
           headline=lambda rows: "; ".join(f"{r['label']}: test {r['test_accuracy']:.2%}" for r in rows
                                           if r.get("test_accuracy") is not None and r["label"] in ("hier", "dense")),

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "temporary directory)")  # fmt: skip
     p.add_argument("--tag", help="report file names <study>_<tag>.* (e.g. a seed) instead of <study>.*")
     p.add_argument("--device", choices=["cpu", "cuda"], help="for studies that run on either (default: cuda if any)")
-    p.add_argument("--cases", nargs="+", metavar="LABEL", help="only the cases whose labels start with one of these (labels: see the JSON)")
+    p.add_argument("--cases", nargs="+", metavar="LABEL", help="only these cases: a label, or its first words (`layer`, `4096 eager`; labels: see the JSON)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
     p.add_argument("--reps", type=int, help="timed repetitions / decoded tokens / rounds / steps (study default)")
     p.add_argument("--budget", type=float, default=60.0, help="seconds of timed repetitions per case (default 60)")
@@ -92,8 +92,8 @@ def measure_in_legacy_worker(study, case: dict, opts) -> dict:
     why = ensure_legacy(opts.legacy_dir)
     if why:
         return {"error": f"0.1.9 not installed: {why}"}
-    payload = json.dumps({"case": case, "opts": {k: str(v) if isinstance(v, Path) else v
-                                                  for k, v in vars(opts).items() if k != "rows"}})  # fmt: skip
+    payload = json.dumps({"case": case, "opts": {k: str(v) if isinstance(v, Path) else v  # rows: decode's budget
+                                                  for k, v in vars(opts).items()}}, default=str)  # fmt: skip
     command = [sys.executable, str(Path(__file__).resolve()), study.name, "--worker", payload]
     done = subprocess.run(command, env=child_env(legacy=opts.legacy_dir), capture_output=True, text=True,
                           check=False, timeout=opts.budget * 20 + 600)  # fmt: skip
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.extra = shlex.split(opts.extra)
     if opts.worker:  # a 0.1.9 case: run it here and print the row
         job = json.loads(opts.worker)
-        args = {**job["opts"], "runs": Path(job["opts"]["runs"]), "rows": [], "worker": True}
+        args = {**job["opts"], "runs": Path(job["opts"]["runs"]), "worker": True}
         print(RESULT_TAG + json.dumps(measure(study, job["case"], SimpleNamespace(**args))))
         return 0
     opts.device = resolve_device(study, opts.device)
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         env["sdpa"] = sdpa_probe(opts.device, *study.sdpa(opts))
     if study.setup:
         study.setup(opts)
-    cases = [c for c in study.cases(opts) if not opts.cases or any(c["label"].startswith(p) for p in opts.cases)]
+    cases = [c for c in study.cases(opts)
+             if not opts.cases or any(c["label"] == p or c["label"].startswith(p + " ") for p in opts.cases)]
     for i, case in enumerate(cases):
         if opts.jobs > 1:
             case["gpu"] = i % opts.jobs
