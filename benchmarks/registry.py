@@ -156,7 +156,7 @@ ATTENTION = {
     "index": [("section", "part", "s"), ("causal", "causal", ""), ("n", "N", ",")],
     "values": [("ms", "fwd+bwd ms", ",.2f"), ("fwd_ms", "fwd ms", ",.2f"), ("peak_mib", "MiB", ",.0f")],
     "plot": ("n", "ms", ["section", "causal"], "impl"),
-    "sdpa": lambda opts: (1, HEADS, 4096 if opts.quick else 16384, DIM_HEAD, True),
+    "sdpa": lambda opts: (1, HEADS, 1024 if opts.quick else 16384, DIM_HEAD, True),
 }  # fmt: skip
 
 
@@ -363,6 +363,7 @@ def cuda_graphs_headline(rows):
 # ------------------------------------------------------------------- training through the CLI (subprocesses)
 
 QUICK_MODEL = ["--dim", "64", "--depth", "2", "--heads", "2", "--dim-head", "32", "--block-size", "16"]
+QUICK_DATA = ["--data", str(Path(__file__).resolve().parents[1] / "h_transformer_1d")]  # small: loads in no time
 
 
 def cli(*args) -> list[str]:
@@ -392,7 +393,7 @@ def quality_cases(opts):
 
 def quality_train_args(opts) -> list[str]:
     if opts.quick:
-        args = ["--preset", "tiny", *QUICK_MODEL, "--seq-len", "128", "--batch-size", "4", "--max-steps", "8",
+        args = ["--preset", "tiny", *QUICK_MODEL, *QUICK_DATA, "--seq-len", "128", "--batch-size", "4", "--max-steps", "8",
                 "--warmup-steps", "2", "--eval-every", "4", "--eval-batches", "1"]  # fmt: skip
     else:
         args = ["--preset", "base", "--block-size", "512", "--seq-len", "4096", "--batch-size", "8", "--max-steps",
@@ -497,7 +498,7 @@ def measure_scaling(case: dict, opts) -> dict:
 
         if k > torch.cuda.device_count():
             return {"note": f"skipped: {torch.cuda.device_count()} GPU(s) visible"}
-    model = ["--preset", "tiny", *QUICK_MODEL, "--seq-len", "128"] if opts.quick else ["--preset", "base"]
+    model = ["--preset", "tiny", *QUICK_MODEL, *QUICK_DATA, "--seq-len", "128"] if opts.quick else ["--preset", "base"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(k),
                *cli("train", *model, "--batch-size", k * per_gpu, "--max-steps", steps, "--eval-every", steps,
                     "--eval-batches", 1, "--sample-every", 0, "--device", opts.device, *opts.extra)[1:],

@@ -46,10 +46,9 @@ def runner(*args: str, cwd: Path, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)  # fmt: skip
 
 
-def run_done(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = runner(*args, cwd=cwd)
-    out = proc.communicate(timeout=timeout)[0]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+def run_done(*args: str) -> int:
+    """run.py in this process (no interpreter start-up): its exit status; SystemExit passes through."""
+    return run.main(list(args))
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +143,8 @@ def test_quality_quick(studies):
 def test_quality_report_only(studies, tmp_path):
     """The report is re-made from the run directories alone."""
     done = run_done("quality", "--quick", "--device", "cpu", "--report-only", "--runs", str(studies / "quality_runs"),
-                    "--out", str(tmp_path), cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
+                    "--out", str(tmp_path))  # fmt: skip
+    assert done == 0
     before = {r["label"]: r.get("bpb_at") for r in load(studies, "quality")["rows"]}
     assert {r["label"]: r.get("bpb_at") for r in json.loads((tmp_path / "quality.json").read_text())["rows"]} == before
     assert (tmp_path / "quality.png").read_bytes().startswith(PNG)
@@ -165,8 +164,8 @@ def test_quality_report_of_stopped_runs(tmp_path):
     write_metrics(tmp_path / "runs" / "dense", header, [row(1, 100, "", 10), row(2, 200, 3.1, 100),
                                                         row(3, 300, "", 100)])  # fmt: skip
     done = run_done("quality", "--quick", "--device", "cpu", "--report-only", "--runs", str(tmp_path / "runs"),
-                    "--out", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
+                    "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done == 0
     rows = {r["label"]: r for r in json.loads((tmp_path / "out" / "quality.json").read_text())["rows"]}
     h = rows["hierarchical"]
     assert h["at_step"] == 2 and h["bpb_vs_dense_pct"] == pytest.approx((3.0 / 3.1 - 1) * 100)
@@ -230,8 +229,8 @@ def test_lra_listops_report_of_a_stopped_and_a_diverged_run(tmp_path):
     write_metrics(tmp_path / "hier", header, ["1,32,0.1,2.3,0.1,,10,1", "2,64,0.1,2.2,0.1,0.25,10,2"])
     write_metrics(tmp_path / "dense", header, ["1,32,0.1,2.3,0.1,0.3,10,1", "2,64,0.1,nan,0.1,0.1,10,2"])
     done = run_done("lra_listops", "--report-only", "--device", "cpu", "--cases", "hier", "dense", "--runs",
-                    str(tmp_path), "--out", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
+                    str(tmp_path), "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done == 0
     rows = {r["label"]: r for r in json.loads((tmp_path / "out" / "lra_listops.json").read_text())["rows"]}
     assert rows["hier"]["best_val_accuracy"] == 0.25 and not rows["hier"]["finished"]
     assert rows["dense"]["note"] == "unfinished: 2 steps logged; loss NaN from step 2"
@@ -243,14 +242,15 @@ def test_lra_listops_report_of_a_stopped_and_a_diverged_run(tmp_path):
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("name", [n for n, s in registry.STUDIES.items() if s.device == "cuda"])
 def test_gpu_studies_are_refused_on_the_cpu(name, tmp_path):
-    done = run_done(name, "--quick", "--out", str(tmp_path), cwd=tmp_path, timeout=60)
-    assert done.returncode != 0 and f"{name} needs a CUDA GPU and torch sees none" in done.stdout
+    with pytest.raises(SystemExit, match=f"{name} needs a CUDA GPU and torch sees none on this machine"):
+        run_done(name, "--quick", "--out", str(tmp_path))
     assert not list(tmp_path.iterdir())
 
 
 def test_a_cpu_study_refuses_another_device(tmp_path):
-    done = run_done("length_ratios", "--device", "cuda", "--out", str(tmp_path), cwd=tmp_path, timeout=60)
-    assert done.returncode != 0 and "length_ratios runs on cpu only, not on cuda" in done.stdout
+    with pytest.raises(SystemExit, match="length_ratios runs on cpu only, not on cuda"):
+        run_done("length_ratios", "--device", "cuda", "--out", str(tmp_path))
+    assert not list(tmp_path.iterdir())
 
 
 def test_legacy_cases_run_in_a_worker_that_sees_only_the_old_package(tmp_path):
@@ -263,8 +263,8 @@ def test_legacy_cases_run_in_a_worker_that_sees_only_the_old_package(tmp_path):
         "class HAttention1D:\n    def __init__(self, *a, **k):\n        raise AssertionError('the stand-in 0.1.9')\n")
     (tmp_path / "legacy" / ".installed").write_text("stand-in\n")
     done = run_done("attention_cpu", "--quick", "--cases", "layer ours non-causal 256", "layer 0.1.9 non-causal 256",
-                    "--legacy-dir", str(tmp_path / "legacy"), "--out", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
+                    "--legacy-dir", str(tmp_path / "legacy"), "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done == 0
     rows = {r["impl"]: r for r in json.loads((tmp_path / "out" / "attention_cpu.json").read_text())["rows"]}
     assert rows["0.1.9"]["error"] == "AssertionError: the stand-in 0.1.9" and rows["ours"]["ms"] > 0
     md = (tmp_path / "out" / "attention_cpu.md").read_text()
