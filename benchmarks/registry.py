@@ -393,10 +393,10 @@ def quality_cases(opts):
 
 def quality_train_args(opts) -> list[str]:
     if opts.quick:
-        args = ["--preset", "tiny", *QUICK_MODEL, *QUICK_DATA, "--seq-len", "128", "--batch-size", "4", "--max-steps", "8",
+        args = ["--preset", "tiny", *QUICK_MODEL, *QUICK_DATA, "--seq-len", "128", "--batch-size", "4", "--steps", "8",
                 "--warmup-steps", "2", "--eval-every", "4", "--eval-batches", "1"]  # fmt: skip
     else:
-        args = ["--preset", "base", "--block-size", "512", "--seq-len", "4096", "--batch-size", "8", "--max-steps",
+        args = ["--preset", "base", "--block-size", "512", "--seq-len", "4096", "--batch-size", "8", "--steps",
                 "600", "--warmup-steps", "40", "--lr", "1e-3", "--eval-every", "50", "--eval-batches", "8"]  # fmt: skip
     return args + ["--seed", str(opts.seed), "--sample-every", "0", "--device", opts.device, *opts.extra]
 
@@ -412,7 +412,7 @@ def measure_quality(case: dict, opts) -> dict:
     if not metrics:
         return {"error": f"no metrics.csv in {run_dir}" + (f" (exit {rc})" if rc else "")}
     config = json.loads((run_dir / "config.json").read_text())["config"] if (run_dir / "config.json").is_file() else {}
-    row = {"status": status(rc, metrics[-1]["step"] == config.get("max_steps")), "steps": metrics[-1]["step"],
+    row = {"status": status(rc, metrics[-1]["step"] == config.get("steps")), "steps": metrics[-1]["step"],
            "evals": [[m["step"], m["val_bpb"], m["tokens"]] for m in metrics if m.get("val_bpb") is not None],
            "config": config, "throughput": steady_throughput(metrics, 2 if opts.quick else 20)}  # fmt: skip
     row["tokens_per_s"] = (row["throughput"] or {}).get("tokens_per_s")
@@ -500,7 +500,7 @@ def measure_scaling(case: dict, opts) -> dict:
             return {"note": f"skipped: {torch.cuda.device_count()} GPU(s) visible"}
     model = ["--preset", "tiny", *QUICK_MODEL, *QUICK_DATA, "--seq-len", "128"] if opts.quick else ["--preset", "base"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(k),
-               *cli("train", *model, "--batch-size", k * per_gpu, "--max-steps", steps, "--eval-every", steps,
+               *cli("train", *model, "--batch-size", k * per_gpu, "--steps", steps, "--eval-every", steps,
                     "--eval-batches", 1, "--sample-every", 0, "--device", opts.device, *opts.extra)[1:],
                "--out", str(opts.runs / case["label"])]  # fmt: skip
     rc = train(command, opts.runs / case["label"], case, opts)
