@@ -83,7 +83,8 @@ def load_corpus(path: str | None) -> Corpus:
         root, files = stdlib_files()
         if not files:
             raise DataError(f"found no standard-library sources under {root}; pass --data PATH")
-        corpus = split_files(f"Python standard library ({root}, {len(files)} files)", files)
+        # the folder's name, not its path: descriptions end up in committed benchmark reports
+        corpus = split_files(f"Python standard library ({Path(root).name}, {len(files)} files)", files)
     else:
         p = Path(path)
         try:
