@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_mask, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import make_mask, rel_err
 from h_transformer_1d import h_attention
 from h_transformer_1d.attention import covering_level, hierarchical_attention_reference
 
@@ -58,7 +58,7 @@ def test_golden_vectors(impl):
     cases = sorted({key.split(".")[0] for key in golden})
     assert cases
     for case in cases:
-        n, block_size, causal, masked = golden[f"{case}.meta"].tolist()
+        _n, block_size, causal, masked = golden[f"{case}.meta"].tolist()
         out = h_attention(
             golden[f"{case}.q"],
             golden[f"{case}.k"],
@@ -101,7 +101,7 @@ def test_blocked_matches_reference_float64(n, nr, causal, mask_kind, d):
     q, k, v = random_qkv(2, 3, n, d, generator=gen)
     mask = make_mask(mask_kind, 2, n, gen)
     grad_out = torch.randn(2, 3, n, d, dtype=torch.float64, generator=gen)
-    kw = dict(block_size=nr, causal=causal, key_padding_mask=mask)
+    kw = {"block_size": nr, "causal": causal, "key_padding_mask": mask}
     expected = forward_backward(hierarchical_attention_reference, q, k, v, grad_out, **kw)
     got = forward_backward(h_attention, q, k, v, grad_out, **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
@@ -118,7 +118,7 @@ def test_low_precision_within_tolerance(dtype, tol, causal):
     q, k, v = random_qkv(2, 3, n, d, generator=gen)
     mask = make_mask("gaps", 2, n, gen)
     grad_out = torch.randn(2, 3, n, d, dtype=torch.float64, generator=gen)
-    kw = dict(block_size=nr, causal=causal, key_padding_mask=mask)
+    kw = {"block_size": nr, "causal": causal, "key_padding_mask": mask}
     expected = forward_backward(hierarchical_attention_reference, q, k, v, grad_out, **kw)
     low = [t.to(dtype) for t in (q, k, v)]
     got = forward_backward(h_attention, *low, grad_out.to(dtype), **kw)

@@ -20,8 +20,8 @@ def forward_backward(fn, q, k, v, grad_out, **kw):
 @pytest.mark.parametrize("n,mask_kind", [(256, "none"), (203, "gaps"), (300, "end")])
 def test_chunks_and_head_groups_match_reference(monkeypatch, chunk_elements, group_bytes, causal, n, mask_kind):
     # one block per chunk, a few blocks per chunk, or several heads per group with chunks spanning heads
-    monkeypatch.setattr(blocked, "_CHUNK_ELEMENTS_CPU", chunk_elements)
-    monkeypatch.setattr(blocked, "_GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS_CPU", chunk_elements)
+    monkeypatch.setattr(blocked, "GROUP_BYTES", group_bytes)
     gen = torch.Generator().manual_seed(n + causal)
     b, h, d, nr = 2, 3, 16, 16
     # non-contiguous inputs, as the attention layers pass them

@@ -11,7 +11,7 @@ def qkv(*shape):
 
 
 def model(**kw):
-    args = dict(num_tokens=20, dim=16, depth=1, max_seq_len=64, heads=2, dim_head=8, block_size=4)
+    args = {"num_tokens": 20, "dim": 16, "depth": 1, "max_seq_len": 64, "heads": 2, "dim_head": 8, "block_size": 4}
     return HTransformer1D(**{**args, **kw})
 
 
