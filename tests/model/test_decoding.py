@@ -450,7 +450,7 @@ def test_static_state_is_logarithmic(capacity):
     assert static.levels == levels
     assert static.ring.shape == (levels * 2 * nr, b, h, 2 * d + 1)
     assert static.queries.shape == (levels, b, h, d)
-    stored = sum(t.numel() for t in static.state_tensors())
+    stored = sum(t.numel() for t in static.stored_tensors())
     assert stored == levels * (2 * nr * b * h * (2 * d + 1) + b * h * d + b) + 1
     # within the eager cache's bound on kept groups (two blocks a level), plus a query per level
     assert stored <= stored_slots_bound(capacity, nr) * b * h * (2 * d + 1) + levels * (b * h * d + b) + 1
@@ -509,7 +509,7 @@ def test_static_decoder_checks_its_input(monkeypatch):
         with pytest.raises(ValueError, match="capacity"):
             decoder.step(torch.zeros(2, dtype=torch.long))
         _, cache = prefill(model, torch.randint(0, 29, (2, 9)))
-        monkeypatch.setattr(cache_module, "_torch_version", lambda: (2, 11))
+        monkeypatch.setattr(cache_module, "torch_version", lambda: (2, 11))
         with pytest.raises(ValueError, match=r"compile=True on the CPU needs torch >= 2\.13"):
             StaticDecoder(model, cache, 20, compile=True)
     if not torch.cuda.is_available():
@@ -519,7 +519,7 @@ def test_static_decoder_checks_its_input(monkeypatch):
             AutoregressiveWrapper(model).generate(torch.randint(0, 29, (2, 9)), 4, cuda_graph=True)
 
 
-@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+@pytest.mark.skipif(cache_module.torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
 def test_compiled_static_decoder_equals_full_forward():
     """The step through torch.compile (inductor's CPU code here) computes the same logits."""
     model = small_model(torch.float32, shift_tokens=True)
@@ -530,7 +530,7 @@ def test_compiled_static_decoder_equals_full_forward():
 
 
 @pytest.mark.skipif(
-    DEVICE == "cpu" and cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13"
+    DEVICE == "cpu" and cache_module.torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13"
 )
 def test_generate_with_compiled_steps(monkeypatch):
     """generate(compile=True) decodes through a compiled StaticDecoder: the same greedy tokens as the
@@ -558,7 +558,7 @@ def test_generate_with_compiled_steps(monkeypatch):
     assert len(made) == 2
 
 
-@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+@pytest.mark.skipif(cache_module.torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
 def test_compiled_static_decoder_falls_back_past_the_recompile_limit():
     """A new state shape per decoder recompiles; once torch gives up, the step runs uncompiled."""
     model = small_model(torch.float32)
