@@ -1,4 +1,4 @@
-"""Bad input raises a clear error naming the argument and what was expected (DESIGN.md section 5)."""
+"""Bad input raises a clear error naming the argument and what was expected."""
 
 import pytest
 import torch
