@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import stored_slots_bound
 
-from h_transformer_1d import AutoregressiveWrapper, HTransformer1D
+from h_transformer_1d import AutoregressiveWrapper, CausalHAttention1D, HTransformer1D
+from h_transformer_1d.attention import HierarchicalCache
 from h_transformer_1d.model import cache as cache_module
 from h_transformer_1d.model.cache import DecodingCache, StaticDecoder, decode_step, prefill
 
@@ -61,7 +62,7 @@ def decode_all(model, tokens, mask, prompt_len, static=False, **static_options):
 @pytest.mark.parametrize("static", [False, True])
 def test_decoded_logits_equal_full_forward(dtype, reversible, shift, static):
     model = small_model(dtype, reversible=reversible, shift_tokens=shift)
-    tokens = torch.randint(0, 29, (1, 330))
+    tokens = torch.randint(0, 29, (1, 150))  # positions up to level 5 of blocks of 4
     with torch.no_grad():
         full = model(tokens)
         for prompt_len in (1, 5, 37):
@@ -73,7 +74,7 @@ def test_decoded_logits_equal_full_forward(dtype, reversible, shift, static):
 @pytest.mark.parametrize("reversible,shift", [(False, True), (True, True), (True, False)])
 def test_batch_with_left_padded_prompts(reversible, shift, static):
     model = small_model(reversible=reversible, shift_tokens=shift)
-    n, prompt_len = 200, 45
+    n, prompt_len = 120, 45
     tokens = torch.randint(0, 29, (3, n))
     mask = torch.ones(3, n, dtype=torch.bool)
     mask[0, :7] = False
@@ -89,9 +90,22 @@ def test_decoding_runs_past_max_seq_len(static):
     short = small_model(max_seq_len=64, shift_tokens=True)
     long = small_model(max_seq_len=256, shift_tokens=True)
     long.load_state_dict(short.state_dict())
-    tokens = torch.randint(0, 29, (2, 200))
+    tokens = torch.randint(0, 29, (2, 130))  # twice max_seq_len
     with torch.no_grad():
         torch.testing.assert_close(decode_all(short, tokens, None, 50, static), long(tokens), rtol=0, atol=1e-9)
+
+
+def test_layer_steps_equal_its_full_forward():
+    """One CausalHAttention1D with a HierarchicalCache: the prompt fills it, then each later position goes
+    through the layer's `step` (forward with a filled cache), equal to the layer on the whole sequence."""
+    layer = CausalHAttention1D(16, heads=2, dim_head=8, block_size=4).double()
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    cache = HierarchicalCache(4)
+    with torch.no_grad():
+        outs = [layer(x[:, :10], cache=cache)] + [layer(x[:, t : t + 1], cache=cache) for t in range(10, 40)]
+        torch.testing.assert_close(torch.cat(outs, 1), layer(x), rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="one position"):
+            layer(x[:, :2], cache=cache)
 
 
 def test_model_cache_memory_is_logarithmic():
@@ -126,8 +140,8 @@ def test_decode_step_checks_its_input():
 def test_greedy_tokens_with_and_without_cache():
     wrapper = AutoregressiveWrapper(small_model(torch.float32, shift_tokens=True))
     prompt = torch.randint(0, 29, (2, 23))
-    cached = wrapper.generate(prompt, 150, temperature=0.0)
-    recomputed = wrapper.generate(prompt, 150, temperature=0.0, use_cache=False)
+    cached = wrapper.generate(prompt, 80, temperature=0.0)
+    recomputed = wrapper.generate(prompt, 80, temperature=0.0, use_cache=False)
     assert torch.equal(cached, recomputed)
 
 
@@ -200,8 +214,8 @@ def test_kernel_decoder_equals_full_forward(dtype):
     """StaticDecoder through the Triton step (which turns q and k by rotary itself) against the full forward."""
     pytest.importorskip("triton")
     model = small_model(dtype, reversible=True, shift_tokens=True).to(DEVICE)
-    tokens = torch.randint(0, 29, (2, 56), device=DEVICE)
-    mask = torch.ones(2, 56, dtype=torch.bool, device=DEVICE)
+    tokens = torch.randint(0, 29, (2, 40), device=DEVICE)  # steps 20..39: level 3 appears at 32
+    mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
     mask[1, :6] = False
     with torch.no_grad():
         full = model(tokens, mask=mask)
@@ -244,12 +258,12 @@ def test_kernel_decoder_on_a_gpu_that_is_not_current():
 def test_static_decoder_greedy_tokens_equal_generate():
     wrapper = AutoregressiveWrapper(small_model(torch.float32, shift_tokens=True))
     prompt = torch.randint(0, 29, (2, 23))
-    expected = wrapper.generate(prompt, 150, temperature=0.0)
+    expected = wrapper.generate(prompt, 80, temperature=0.0)
     with torch.no_grad():
         logits, cache = prefill(wrapper.net, prompt)
-        decoder = StaticDecoder(wrapper.net, cache, 23 + 150)
+        decoder = StaticDecoder(wrapper.net, cache, 23 + 80)
         out = [logits[:, -1].argmax(-1)]
-        for _ in range(149):
+        for _ in range(79):
             out.append(decoder.step(out[-1]).argmax(-1))
     assert torch.equal(torch.stack(out, 1), expected)
 
