@@ -34,7 +34,7 @@ def step_all(q, k, v, mask, prompt_len, block_size, static=False, kernel=None):
 @pytest.mark.parametrize("block_size", [2, 4, 8])
 @pytest.mark.parametrize("prompt_len", [0, 1, 5, 37, 64])
 def test_steps_match_parallel_attention(block_size, prompt_len, static):
-    b, h, n, d = 2, 2, 300, 8
+    b, h, n, d = 2, 2, 150, 8  # positions up to level 6 of blocks of 2
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
     mask = torch.ones(b, n, dtype=torch.bool)
     mask[1, : min(prompt_len, 3)] = False  # left padding; decoded positions are always real
@@ -100,7 +100,7 @@ def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, pa
     from h_transformer_1d.attention import decode_kernels
 
     monkeypatch.setattr(decode_kernels, "CHUNK", chunk)  # ring slots per level program (the package default on a GPU)
-    b, h, n = 2, 2, 75
+    b, h, n = 2, 2, 45  # each case steps past a position where a new level appears
     generator = torch.Generator().manual_seed(block_size + prompt_len)
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
     mask = torch.ones(b, n, dtype=torch.bool)
@@ -124,7 +124,7 @@ def test_kernel_takes_q_k_v_of_different_layouts(dtype):
     through its own strides (in float32 all three reach the kernel as they are; in float64 q is
     scaled on the host first)."""
     pytest.importorskip("triton")
-    b, h, n, d, p = 3, 2, 40, 8, 7
+    b, h, n, d, p = 3, 2, 24, 8, 7
     generator = torch.Generator().manual_seed(5)
     qkv = torch.randn(b, n, 3, h, d, dtype=torch.float64, generator=generator)
     q = qkv[:, :, 0].transpose(1, 2)  # (b, h, n, d): a view of the packed projection
@@ -147,7 +147,7 @@ def test_steps_turn_q_and_k_by_rotary(dtype, d, kernel):
     (dim_head 6: the kernel's feature lanes past D are masked)."""
     if kernel:
         pytest.importorskip("triton")
-    b, h, n, p = 2, 3, 45, 6
+    b, h, n, p = 2, 3, 30, 6
     generator = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
     freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)  # the model's rotary frequencies
