@@ -86,21 +86,21 @@ def test_cache_memory_is_logarithmic():
 
 
 @pytest.mark.parametrize(
-    "dtype,block_size,prompt_len,padding,d,chunk",
+    "dtype,block_size,prompt_len,padding,d,chunk,n",
     [
-        (torch.float64, 2, 0, "none", 8, 64),
-        (torch.float64, 4, 13, "left", 8, 4),  # two chunks of ring slots per level program
-        (torch.float64, 4, 9, "whole row", 6, 64),  # a prompt row without real tokens; dim_head 6
-        (torch.float32, 8, 21, "left", 8, 4),  # four chunks
+        (torch.float64, 2, 0, "none", 8, 64, 30),  # an empty prompt; levels 1 to 3 appear while stepping
+        (torch.float64, 4, 13, "left", 8, 4, 45),  # two chunks of ring slots per level program
+        (torch.float64, 4, 9, "whole row", 6, 64, 45),  # a prompt row without real tokens; dim_head 6
+        (torch.float32, 8, 21, "left", 8, 4, 45),  # four chunks
     ],
 )
-def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, padding, d, chunk, monkeypatch):
+def test_kernel_steps_match_parallel_attention(dtype, block_size, prompt_len, padding, d, chunk, n, monkeypatch):
     """The two-launch step against the parallel forward, and its state against the PyTorch step's."""
     pytest.importorskip("triton")
     from h_transformer_1d.attention import decode_kernels
 
     monkeypatch.setattr(decode_kernels, "CHUNK", chunk)  # ring slots per level program (the package default on a GPU)
-    b, h, n = 2, 2, 45  # each case steps past a position where a new level appears
+    b, h = 2, 2  # each case steps past a position where a new level appears
     generator = torch.Generator().manual_seed(block_size + prompt_len)
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, generator=generator) for _ in range(3))
     mask = torch.ones(b, n, dtype=torch.bool)
