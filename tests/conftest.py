@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 # one tile configuration per kernel: tests check correctness, and autotuning would compile every one
 os.environ.setdefault("H_TRANSFORMER_1D_AUTOTUNE", "0")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,6 @@
-"""Helpers shared by the tests: error measures and masks of the shapes users produce."""
+"""Helpers shared by the tests: error measures, masks of the shapes users produce, memory bounds."""
+
+import math
 
 import torch
 
@@ -18,7 +20,7 @@ def make_mask(kind: str, batch: int, n: int, generator: torch.Generator) -> torc
     for b in range(batch):
         cut = int(torch.randint(0, max(n // 2, 1), (1,), generator=generator)) + b
         if kind == "end":
-            mask[b, n - cut :] = False if cut else True
+            mask[b, n - cut :] = not cut
         elif kind == "start":
             mask[b, :cut] = False
         elif kind == "gaps":
@@ -27,3 +29,8 @@ def make_mask(kind: str, batch: int, n: int, generator: torch.Generator) -> torc
             raise ValueError(kind)
     mask[0, 0] = True  # keep one real token in the first row
     return mask
+
+
+def stored_slots_bound(t: int, nr: int) -> float:
+    """Groups kept over all levels: two blocks per level with keys, about 2 * nr for all younger levels."""
+    return 2 * nr * (math.log2(t / nr) + 3)

@@ -1,16 +1,18 @@
 """Hierarchical attention: the definition (`reference`), the blocked PyTorch path and `h_attention`."""
 
 from .blocked import blocked_h_attention
+from .geometry import covering_level, level_lengths, num_levels
 from .incremental import HierarchicalCache
 from .interface import h_attention, h_attention_qkv
-from .reference import covering_level, hierarchical_attention_reference, num_levels
+from .reference import hierarchical_attention_reference
 
 __all__ = [
+    "HierarchicalCache",
+    "blocked_h_attention",
+    "covering_level",
     "h_attention",
     "h_attention_qkv",
-    "blocked_h_attention",
-    "HierarchicalCache",
     "hierarchical_attention_reference",
-    "covering_level",
+    "level_lengths",
     "num_levels",
 ]

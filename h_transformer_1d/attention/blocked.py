@@ -2,7 +2,7 @@
 
 Each level is computed at its own resolution as a batch of small windows, yielding per query a
 running max ``m``, a sum of weights ``l`` and a weighted sum of values ``o``. Levels are merged coarse
-to fine with log-sum-exp arithmetic, so the whole row shares one softmax (DESIGN.md section 3).
+to fine with log-sum-exp arithmetic, so the whole row shares one softmax (docs/design.md).
 
 Without dropout this runs as one autograd node (`_HierarchicalAttention`) that goes through the
 windows chunk by chunk and recomputes the scores in backward, so no score tensor is ever stored;
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .reference import level_lengths
+from .geometry import level_lengths, window_offsets
 
 
 class Partial(NamedTuple):
@@ -47,7 +47,7 @@ def _shift_blocks(xb: torch.Tensor, offset: int) -> torch.Tensor:
     return F.pad(xb, [0, 0] * (xb.dim() - 3) + [0, offset])[:, :, offset:]
 
 
-def _window_partial(
+def window_partial(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float
 ) -> Partial:
     """Softmax state of block queries q (B,H,nb,R,D) over window keys k, v (B,H,nb,K,D).
@@ -68,7 +68,8 @@ def _window_partial(
     return Partial(m.reshape(b, h, nb * r), l.reshape(b, h, nb * r), o.reshape(b, h, nb * r, d))
 
 
-def _merge(a: Partial, b: Partial) -> Partial:
+def merge(a: Partial, b: Partial) -> Partial:
+    """The softmax state of the union of the keys of a and b (log-sum-exp arithmetic)."""
     m = torch.maximum(a.m, b.m)
     wa, wb = torch.exp(a.m - m), torch.exp(b.m - m)
     return Partial(m, a.l * wa + b.l * wb, a.o * wa[..., None] + b.o * wb[..., None])
@@ -134,12 +135,12 @@ def _masked_log(count: torch.Tensor) -> torch.Tensor:
 
 def _attend(q, k, v, count, nr, causal, level, dropout_p) -> Partial:
     """One level: queries q and keys k, v (B,H,M,D) at that level's resolution, counts (B,M)."""
-    offsets = _level_offsets(causal, level)
+    offsets = window_offsets(causal, level)
     b, h, m, d = q.shape
     bias = _key_bias(_masked_log(count), nr, offsets)
     allowed = _level_mask(nr, causal, level, q.device)
     bias = bias.masked_fill(~allowed, float("-inf"))
-    return _window_partial(
+    return window_partial(
         q.reshape(b, h, m // nr, nr, d), _window(k, nr, offsets), _window(v, nr, offsets), bias, dropout_p
     )
 
@@ -193,11 +194,6 @@ def coarse_levels(q0, k0, v0, count, lengths: list[int], causal: bool):
         yield (q_acc if causal else q_acc / denom), k_acc / denom, v_acc / denom, c_acc
 
 
-def _level_offsets(causal: bool, level: int) -> tuple[int, ...]:
-    """Block offsets of a level's key window, relative to the query block."""
-    return ((-1, 0, 1) if not causal else (-1, 0)) if level == 0 else ((-1, 1) if not causal else (-1,))
-
-
 def _blocked_autograd(q0, k0, v0, count, lengths, nr, causal, dropout_p):
     """Merged softmax state of the fine level, every operation recorded by autograd (dropout)."""
     top = len(lengths) - 1
@@ -210,8 +206,8 @@ def _blocked_autograd(q0, k0, v0, count, lengths, nr, causal, dropout_p):
     state = None
     for level in range(top, 0, -1):
         part = coarse[level - 1]
-        state = part if state is None else _merge(_upsample(state, lengths[level]), part)
-    return fine if state is None else _merge(_upsample(state, lengths[0]), fine)
+        state = part if state is None else merge(_upsample(state, lengths[level]), part)
+    return fine if state is None else merge(_upsample(state, lengths[0]), fine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,22 +227,22 @@ def _blocked_autograd(q0, k0, v0, count, lengths, nr, causal, dropout_p):
 # level through the means (or, causal queries, the first valid position) that made them.
 
 _LOG2E = 1.4426950408889634
-_CHUNK_ELEMENTS_CPU = 1 << 19  # scores per chunk and thread
-_CHUNK_ELEMENTS_GPU = 1 << 26
-_GROUP_BYTES = 1 << 22  # fine-level bytes of one of q, k, v in a group of heads
+CHUNK_ELEMENTS_CPU = 1 << 19  # scores per chunk and thread
+CHUNK_ELEMENTS_GPU = 1 << 26
+GROUP_BYTES = 1 << 22  # fine-level bytes of one of q, k, v in a group of heads
 
 
 def _chunk_blocks(nr: int, width: int, device) -> int:
-    elements = _CHUNK_ELEMENTS_GPU if device.type != "cpu" else _CHUNK_ELEMENTS_CPU * max(1, torch.get_num_threads())
+    elements = CHUNK_ELEMENTS_GPU if device.type != "cpu" else CHUNK_ELEMENTS_CPU * max(1, torch.get_num_threads())
     return max(1, elements // (nr * width))
 
 
 def _groups(x: int, m0: int, d: int, elt: int, device) -> list[tuple[int, int]]:
-    """Ranges of the X = B*H heads done together: groups of about _GROUP_BYTES of fine-level data,
+    """Ranges of the X = B*H heads done together: groups of about GROUP_BYTES of fine-level data,
     their number rounded (not rounded up), so a length just past a power of two does not add a group."""
     if device.type != "cpu":
         return [(0, x)]
-    count = max(1, min(x, round(x * m0 * d * elt / _GROUP_BYTES)))
+    count = max(1, min(x, round(x * m0 * d * elt / GROUP_BYTES)))
     size = -(-x // count)
     return [(x0, min(x0 + size, x)) for x0 in range(0, x, size)]
 
@@ -277,7 +273,7 @@ def _level_metas(valid: torch.Tensor, lengths: list[int], nr: int, causal: bool,
     for level, length in enumerate(lengths):
         if level:
             count = _pair_sum(count[:, None], length)[:, 0]
-        offsets = _level_offsets(causal, level)
+        offsets = window_offsets(causal, level)
         key_bias = _key_bias(torch.log2(count), nr, offsets).reshape(-1, len(offsets) * nr)
         mask_bias = None
         if causal or level:

@@ -30,7 +30,8 @@ import triton.language as tl
 from .fused import launch_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-# the level launch's ring slots and warps per program (benchmarks/decode_kernel.py times the choices)
+# the level launch's ring slots and warps per program: the fastest settings at batch 1
+# (benchmarks/results/decode_kernel/; a module setting, so that the benchmark can sweep it)
 CHUNK = 32
 LEVEL_WARPS = 1
 
@@ -243,7 +244,7 @@ def _static_step(cache, q, k, v, rotary):
     # (q stands in for the pointers the kernel does not read without rotary; shapes: checked by `step`)
     cos, sin = (q, q) if rotary is None else (x if x.is_contiguous() else x.contiguous() for x in rotary)
     block_d, block_l = triton.next_power_of_2(d), triton.next_power_of_2(levels)
-    if CHUNK < 1 or CHUNK & (CHUNK - 1):  # a module setting (benchmarks/decode_kernel.py sweeps it)
+    if CHUNK < 1 or CHUNK & (CHUNK - 1):  # a module setting: checked where it is read
         raise ValueError(f"decode_kernels.CHUNK must be a power of two, got {CHUNK}")
     chunk = min(CHUNK, triton.next_power_of_2(2 * nr))
     chunks = triton.cdiv(2 * nr, chunk)

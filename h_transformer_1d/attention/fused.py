@@ -17,15 +17,18 @@ and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients b
 import contextlib
 import functools
 import math
+import os
 
 import torch
 
-from .reference import level_lengths, num_levels
+from .geometry import level_lengths, num_levels, window_offsets
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MIN_BLOCK, MAX_BLOCK = 16, 512
 LOG2E = 1.4426950408889634  # the kernels keep scores in base 2: level-0 queries carry it
+# True: eager calls go through the custom ops too, as torch.compile does (tests compare both paths)
+VIA_CUSTOM_OPS = False
 
 
 def uniform_levels(n: int, nr: int, has_mask: bool) -> bool:
@@ -41,6 +44,18 @@ def supports(q: torch.Tensor, block_size: int, allow_float32: bool = False) -> b
         and q.shape[-1] in SUPPORTED_HEAD_DIMS
         and MIN_BLOCK <= block_size <= MAX_BLOCK
     )
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on `t`: a CUDA tensor, or a CPU one under TRITON_INTERPRET=1 (tests),
+    with triton installed."""
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def launch_device(t: torch.Tensor):
@@ -60,8 +75,9 @@ def _on_device_of_first_argument(fn):
     return run
 
 
-def _alloc(*shape, device, dtype) -> torch.Tensor:
-    """Every kernel output comes from here, so tests can poison it with NaN."""
+def alloc(*shape, device, dtype) -> torch.Tensor:
+    """Every kernel output comes from here, so that tests can poison it with NaN (an element a kernel
+    forgets to write then shows up)."""
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
@@ -78,20 +94,19 @@ def _carve(flat: torch.Tensor, *shapes) -> list[torch.Tensor]:
 
 def _alloc_bnhd(b, h, n, d, device, dtype) -> torch.Tensor:
     """A (B, H, N, D) tensor stored as (B, N, H, D): merging heads afterwards is a free view."""
-    return _alloc(b, n, h, d, device=device, dtype=dtype).transpose(1, 2)
+    return alloc(b, n, h, d, device=device, dtype=dtype).transpose(1, 2)
 
 
 def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
-    """(FIRST, STEP, NUM_WIN): the key blocks c + FIRST + w * STEP of query block c (the coarse kernels
-    walk them; at level 0 they are contiguous and the kernels take the span directly)."""
-    if level0:
-        return (-1, 1, 2) if causal else (-1, 1, 3)
-    return (-1, 2, 1) if causal else (-1, 2, 2)
+    """(FIRST, STEP, NUM_WIN): the key blocks c + FIRST + w * STEP of query block c, `window_offsets` as
+    the kernels walk them (at level 0 they are contiguous and the kernels take the span directly)."""
+    offsets = window_offsets(causal, 0 if level0 else 1)
+    return offsets[0], 1 if level0 else 2, len(offsets)  # coarse windows skip the query's own block
 
 
-class _Layout:
+class Layout:
     """Where each level lives in the packed buffers (host-side numbers; the device tables that the
-    kernels read come from `_layout_tables`)."""
+    kernels read come from `layout_tables`)."""
 
     def __init__(self, n: int, nr: int):
         self.lengths = level_lengths(n, nr)  # rows of each level in the packed buffers
@@ -112,7 +127,7 @@ class _Layout:
         return -(-rows // (1 << lvl))
 
     def split(self, tables: torch.Tensor):
-        """The four tables in `_layout_tables`' order: lo and hi (per packed block: the block range of
+        """The four tables in `layout_tables`' order: lo and hi (per packed block: the block range of
         its level), and the start and length of each level (padded)."""
         nb, nl = self.blocks, (tables.numel() - 2 * self.blocks) // 2
         return tables[:nb], tables[nb : 2 * nb], tables[2 * nb : 2 * nb + nl], tables[2 * nb + nl :]
@@ -121,16 +136,16 @@ class _Layout:
 _LAYOUTS: dict = {}
 
 
-def _layout(n: int, nr: int) -> _Layout:
+def packed_layout(n: int, nr: int) -> Layout:
     layout = _LAYOUTS.get((n, nr))
     if layout is None:
         if len(_LAYOUTS) >= 256:  # many distinct lengths (variable-length batches): start over
             _LAYOUTS.clear()
-        layout = _LAYOUTS[(n, nr)] = _Layout(n, nr)
+        layout = _LAYOUTS[(n, nr)] = Layout(n, nr)
     return layout
 
 
-def _build_tables(n: int, nr: int, device) -> torch.Tensor:
+def build_layout_tables(n: int, nr: int, device) -> torch.Tensor:
     """One int32 tensor: lo and hi per packed block, then the start and length of each level, padded
     with zeros for the levels that the coarsen and fold launches read past the top (masked off).
 
@@ -152,30 +167,30 @@ def _build_tables(n: int, nr: int, device) -> torch.Tensor:
     return torch.cat(parts)
 
 
-_TABLES: dict = {}
+LAYOUT_TABLES: dict = {}
 
 
-def _layout_tables(n: int, nr: int, device) -> torch.Tensor:
+def layout_tables(n: int, nr: int, device) -> torch.Tensor:
     """Cached per shape in eager calls (building them costs launches); built in the traced graph under
     torch.compile, so that no cached tensor lives in a CUDA graph's memory pool."""
     if torch.compiler.is_compiling():
-        return _build_tables(n, nr, device)
+        return build_layout_tables(n, nr, device)
     from .triton_kernels import COARSEN_LV, LV
 
     key = (n, nr, str(device), LV, COARSEN_LV)  # the padding follows the launches' level counts
-    tables = _TABLES.get(key)
+    tables = LAYOUT_TABLES.get(key)
     if tables is None:
-        if len(_TABLES) >= 256:
-            _TABLES.clear()
+        if len(LAYOUT_TABLES) >= 256:
+            LAYOUT_TABLES.clear()
         # not an inference tensor, even when the first call runs under torch.inference_mode: a later
         # call with autograd saves the tables for backward
         with torch.inference_mode(False):
-            tables = _TABLES[key] = _build_tables(n, nr, device)
+            tables = LAYOUT_TABLES[key] = build_layout_tables(n, nr, device)
     return tables
 
 
 
-def _levels_per_launch(layout: _Layout, per_launch: int):
+def _levels_per_launch(layout: Layout, per_launch: int):
     """(base, levels) of each chained coarsen or fold launch."""
     base = 0
     while True:
@@ -191,9 +206,9 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
     b, h, n, d = q.shape
     dev = q.device
     # three allocations: the custom op returns these, and its outputs may not alias one another
-    pq, pk, pv = (_alloc(b, h, layout.mtot, d, device=dev, dtype=q.dtype) for _ in range(3))
-    pc = _alloc(b, layout.mtot, device=dev, dtype=torch.float32)
-    pf = _alloc(b, layout.mtot, device=dev, dtype=torch.int32)
+    pq, pk, pv = (alloc(b, h, layout.mtot, d, device=dev, dtype=q.dtype) for _ in range(3))
+    pc = alloc(b, layout.mtot, device=dev, dtype=torch.float32)
+    pf = alloc(b, layout.mtot, device=dev, dtype=torch.int32)
     has_mask = valid is not None
     packed_strides = (pq.stride(0), pq.stride(1), pq.stride(2)) * 3
     for base, lvl in _levels_per_launch(layout, tk.COARSEN_LV):
@@ -217,20 +232,20 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
 
 @_on_device_of_first_argument
 def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
-    """rot: the (2, N, D/2) rotary cos and sin tables, or None; tables: `_layout_tables(N, nr)`."""
+    """rot: the (2, N, D/2) rotary cos and sin tables, or None; tables: `layout_tables(N, nr)`."""
     from . import triton_kernels as tk
 
     rot = None if rot is None else rot.unbind(0)
     b, h, n, d = q.shape
-    layout = _layout(n, nr)
+    layout = packed_layout(n, nr)
     lo, hi, start_t, len_t = layout.split(tables)
     pq, pk, pv, pc, pf = _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t)
     mc = layout.mtot - layout.m0
     rows = max(mc, 1)  # never read without coarse levels, but kernels want a real pointer
-    sa, sm, sl = _carve(_alloc(b * h * rows * (d + 2), device=q.device, dtype=torch.float32),
+    sa, sm, sl = _carve(alloc(b * h * rows * (d + 2), device=q.device, dtype=torch.float32),
                         (b, h, rows, d), (b, h, rows), (b, h, rows))  # one allocation for three
     out = _alloc_bnhd(b, h, n, d, q.device, q.dtype)
-    lse = _alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
+    lse = alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
     common = (pq, pk, pv, pc, lo, hi, start_t, sm, sl, sa, out, lse, *out.stride()[:3], h,
               layout.mtot, layout.m0, n)
     uniform = uniform_levels(n, nr, valid is not None)
@@ -260,11 +275,11 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
     rot = None if rot is None else rot.unbind(0)
     b, h, mtot, d = pq.shape
     n = out.shape[2]
-    layout = _layout(n, nr)
+    layout = packed_layout(n, nr)
     lo, hi, start_t, len_t = layout.split(tables)
     dev = pq.device
-    pdo = _alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
-    plse, pdel = _alloc(2, b, h, mtot, device=dev, dtype=torch.float32).unbind(0)
+    pdo = alloc(b, h, mtot, d, device=dev, dtype=pq.dtype)
+    plse, pdel = alloc(2, b, h, mtot, device=dev, dtype=torch.float32).unbind(0)
     for base, lvl in _levels_per_launch(layout, tk.LV):
         raw = base == 0
         n_in, row0 = (n, 0) if raw else (layout.lengths[base], layout.starts[base])
@@ -276,17 +291,18 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
         )
     # gradients of every packed row, in the input precision for half inputs (summed in float32 later)
     gdtype = torch.float32 if pq.dtype == torch.float32 else pq.dtype
-    pdq, pdk, pdv = _alloc(3, b, h, mtot, d, device=dev, dtype=gdtype).unbind(0)
+    pdq, pdk, pdv = alloc(3, b, h, mtot, d, device=dev, dtype=gdtype).unbind(0)
     args = (pq, pk, pv, pc, lo, hi, pdo, plse, pdel)
     for level0, row0, rows in ((True, 0, layout.m0), (False, layout.m0, mtot - layout.m0)):
         if not rows:
             continue
         first, step, num_win = _window(level0, causal)
-        kw = dict(NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=level0, CAUSAL=causal, UNIFORM=uniform)
-        tk.launch(tk.window_bwd_dq_kernel, lambda meta: (rows // meta["BLOCK_M"], b * h), *args, pdq, h, mtot, row0,
-                  **kw)
-        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta: (rows // meta["BLOCK_N"], b * h), *args, pdk, pdv, h, mtot,
-                  row0, **kw)
+        kw = {"NR": nr, "D": d, "FIRST": first, "STEP": step, "NUM_WIN": num_win, "LEVEL0": level0,
+              "CAUSAL": causal, "UNIFORM": uniform}
+        tk.launch(tk.window_bwd_dq_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_M"], b * h), *args, pdq, h,
+                  mtot, row0, **kw)
+        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_N"], b * h), *args, pdk,
+                  pdv, h, mtot, row0, **kw)
     dq, dk, dv = grads if grads is not None else (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))
     tk.uncoarsen_kernel[(-(-n // tk.UNCOARSEN_BLOCK), b * h)](
         pdq, pdk, pdv, pc, pf, start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
@@ -309,7 +325,7 @@ def _hattn_fwd(
     rot: torch.Tensor | None, tables: torch.Tensor, nr: int, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (B,H,N,D), valid (B,N) bool or None, rot (2, N, D/2) float32 cos and sin of the rotary
-    angles (or None: no rotary), tables: `_layout_tables(N, nr)` (int32 on q's device).
+    angles (or None: no rotary), tables: `layout_tables(N, nr)` (int32 on q's device).
     Returns the output (B,H,N,D), the base-2 lse per level-0 row (B,H,M0) and the packed levels
     (q, k, v, counts, first tokens) kept for backward."""
     return _forward(q, k, v, valid, rot, tables, nr, causal, scale)
@@ -351,7 +367,7 @@ def _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scal
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, valid, rot, tables, nr, causal, scale = inputs
+    q, _, _, valid, rot, tables, nr, causal, scale = inputs
     _keep_for_backward(ctx, output, q, valid, rot, tables, nr, causal, scale)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept only for backward
@@ -375,7 +391,7 @@ def _eager_forward(ctx, q, k, v, valid, rot, tables, nr, causal, scale) -> torch
 
 class _EagerHAttention(torch.autograd.Function):
     """The eager path: the same forward and backward as the custom ops, without the custom ops'
-    dispatch (140-220 us less host time per forward + backward on a CPU VM, benchmarks/host_overhead.py;
+    dispatch, whose host time per call counts at small sizes (benchmarks/results/host_overhead/);
     torch.compile traces the custom ops instead, `fused_h_attention`)."""
 
     @staticmethod
@@ -397,27 +413,27 @@ class _EagerHAttentionQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, valid, rot, tables, nr, causal, scale):
-        return _eager_forward(ctx, *_split_qkv(qkv), valid, rot, tables, nr, causal, scale)
+        return _eager_forward(ctx, *split_qkv(qkv), valid, rot, tables, nr, causal, scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         out = ctx.saved_tensors[0]
         b, h, n, d = out.shape
-        dqkv = _alloc(b, n, 3, h, d, device=out.device, dtype=out.dtype)
-        _backward(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform, grads=_split_qkv(dqkv))
+        dqkv = alloc(b, n, 3, h, d, device=out.device, dtype=out.dtype)
+        _backward(dout, *ctx.saved_tensors, ctx.nr, ctx.causal, ctx.scale, ctx.uniform, grads=split_qkv(dqkv))
         return dqkv, *(None,) * 6
 
 
-def _split_qkv(qkv: torch.Tensor):
+def split_qkv(qkv: torch.Tensor):
     """q, k, v (B, H, N, D) views of a (B, N, 3, H, D) tensor."""
     return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
 
 
-_ROTARY_TABLES: dict = {}
+ROTARY_TABLES: dict = {}
 
 
-def _rotary_table(n: int, freqs: torch.Tensor) -> torch.Tensor:
+def rotary_table(n: int, freqs: torch.Tensor) -> torch.Tensor:
     """(2, n, D/2) float32: cos and sin of position * freqs, as `rotary.apply_rotary` computes them.
 
     Cached per (n, frequencies): a model's layers share one table."""
@@ -428,12 +444,12 @@ def _rotary_table(n: int, freqs: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return build()
     key = (n, freqs.data_ptr(), freqs._version, str(freqs.device))
-    table = _ROTARY_TABLES.get(key)
+    table = ROTARY_TABLES.get(key)
     if table is None:
-        if len(_ROTARY_TABLES) >= 16:
-            _ROTARY_TABLES.clear()
-        with torch.inference_mode(False):  # as in _layout_tables: saved for backward by later calls
-            table = _ROTARY_TABLES[key] = build()
+        if len(ROTARY_TABLES) >= 16:
+            ROTARY_TABLES.clear()
+        with torch.inference_mode(False):  # as in layout_tables: saved for backward by later calls
+            table = ROTARY_TABLES[key] = build()
     return table
 
 
@@ -451,7 +467,7 @@ def fused_h_attention(
 ) -> torch.Tensor:
     """Hierarchical attention with the Triton kernels (inputs assumed validated and supported).
 
-    qkv: the (B, N, 3, H, D) tensor whose views q, k, v are (`_split_qkv`); eager calls then return
+    qkv: the (B, N, 3, H, D) tensor whose views q, k, v are (`split_qkv`); eager calls then return
     its gradient as one tensor of its layout (`_EagerHAttentionQKV`)."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
@@ -461,13 +477,11 @@ def fused_h_attention(
         if valid.stride(-1) != 1:
             valid = valid.contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    rot = None if rotary_freqs is None else _rotary_table(q.shape[2], rotary_freqs.to(q.device))
-    tables = _layout_tables(q.shape[2], block_size, q.device)
-    if torch.compiler.is_compiling() or _VIA_CUSTOM_OPS:
+    rot = None if rotary_freqs is None else rotary_table(q.shape[2], rotary_freqs.to(q.device))
+    tables = layout_tables(q.shape[2], block_size, q.device)
+    if torch.compiler.is_compiling() or VIA_CUSTOM_OPS:
         return _hattn_fwd(q, k, v, valid, rot, tables, block_size, causal, scale)[0]
     if qkv is not None and qkv.stride(-1) == 1:
         return _EagerHAttentionQKV.apply(qkv, valid, rot, tables, block_size, causal, scale)
     return _EagerHAttention.apply(q, k, v, valid, rot, tables, block_size, causal, scale)
 
-
-_VIA_CUSTOM_OPS = False  # tests: run eager calls through the custom ops too

@@ -1,6 +1,6 @@
 """Causal hierarchical attention one position at a time, from a cache of O(block_size * log t) vectors.
 
-DESIGN.md section 2. For position t and level l >= 1, let ``g = t >> l`` (t's level-l group) and
+docs/design.md (decoding). For position t and level l >= 1, let ``g = t >> l`` (t's level-l group) and
 ``c = g // block_size``. The level-l keys are the groups of block ``c - 1`` (only its first half when g
 sits in the first half of its block: the level below covers the rest), and the query is q at the first
 valid position of group g. All those key groups are complete before g starts, so the level's softmax
@@ -23,9 +23,18 @@ from typing import NamedTuple
 
 import torch
 
-from .blocked import Partial, _merge, _window_partial
-from .interface import _triton_usable, check_block_size, check_key_padding_mask
-from .rotary import rotate
+from .blocked import Partial, merge, window_partial
+from .fused import triton_usable
+from .geometry import top_causal_level
+from .interface import check_block_size, check_key_padding_mask
+from .rotary import rotary_angles, rotate
+
+
+class StepInputs(NamedTuple):
+    """What the attention steps of every layer share at one decoded position (computed once per token)."""
+
+    rotary: tuple[torch.Tensor, torch.Tensor]  # cos and sin (D/2,) of the position's rotary angles
+    plan: "StepPlan | None" = None  # a StaticHierarchicalCache's rows and masks (None: the step finds them)
 
 
 class _Level:
@@ -58,11 +67,6 @@ class _Level:
         return [self.k_sum, self.v_sum, self.count] + [t for s in states for t in s]
 
 
-def _top_level(position: int, block_size: int) -> int:
-    """The coarsest level with keys for `position` (0: only the fine blocks)."""
-    return max(0, (position // block_size).bit_length() - 1)
-
-
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> Partial:
     """Softmax state of one (already scaled) query (B, H, D) over keys/values (B, H, K, D) with counts (B, K).
 
@@ -70,7 +74,7 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, count
     an empty group, a slot not written yet) gives log(0) = -inf: no key.
     """
     bias = torch.log(count)[:, None, None, None, :]  # (B, 1, 1, 1, K)
-    return _window_partial(query[:, :, None, None], keys[:, :, None], values[:, :, None], bias, 0.0)
+    return window_partial(query[:, :, None, None], keys[:, :, None], values[:, :, None], bias, 0.0)
 
 
 class HierarchicalCache:
@@ -135,7 +139,7 @@ class HierarchicalCache:
 
         q_scaled = q.to(dtype) * scale
         self._prompt_queries = []
-        for level in range(1, _top_level(n, nr) + 1):
+        for level in range(1, top_causal_level(n, nr) + 1):
             start = (n >> level) << level  # the next position's level-l group starts here
             in_group = valid[:, start:]
             if in_group.shape[1] == 0:
@@ -161,7 +165,7 @@ class HierarchicalCache:
         query = q[:, :, 0].to(dtype) * scale  # (B, H, D)
         self._append(k[:, :, 0].to(dtype), v[:, :, 0].to(dtype))
 
-        top = _top_level(t, self.block_size)
+        top = top_causal_level(t, self.block_size)
         if self._prompt_queries is not None:  # first step after a prefill: every level's state is new
             queries = [torch.where(missing[:, None, None], query, kept) for kept, missing in self._prompt_queries]
             self._prompt_queries = None
@@ -171,15 +175,27 @@ class HierarchicalCache:
         for level in range(len(queries), 0, -1):
             kept = self.levels[level]
             kept.partial = self._coarse_partial(level, t, queries[level - 1])
-            kept.merged = kept.partial if level == top else _merge(self.levels[level + 1].merged, kept.partial)
+            kept.merged = kept.partial if level == top else merge(self.levels[level + 1].merged, kept.partial)
 
         fine = self.levels[0]
         state = _attend(query, fine.k_sum, fine.v_sum, fine.count)
         if top:
-            state = _merge(self.levels[1].merged, state)
+            state = merge(self.levels[1].merged, state)
         self.length = t + 1
         out = state.o / state.l.clamp(min=torch.finfo(dtype).tiny)[..., None]  # (B, H, 1, D)
         return out.to(q.dtype)
+
+    def step_inputs(self, inv_freq: torch.Tensor) -> StepInputs:
+        """The rotary angles of the next position (by `inv_freq`), in the cache's precision."""
+        first = self.levels[0].k_sum
+        position = torch.full((), self.length, device=first.device)
+        return StepInputs(rotary_angles(position, inv_freq, first.dtype))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """A layer's step: q, k, v (B, H, D) of the next position, not yet turned by rotary -> output (B, H, D).
+        The same call as `StaticHierarchicalCache.attend`."""
+        q, k = rotate(torch.stack((q, k)), *inputs.rotary).unbind(0)
+        return self.step(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
 
     def _coarse_partial(self, level: int, position: int, query: torch.Tensor) -> Partial:
         nr = self.block_size
@@ -290,7 +306,7 @@ class StaticHierarchicalCache:
         self.scale = cache.scale
         self.capacity = capacity
         self.length = cache.length  # positions held, counted on the host (the device has `position`)
-        levels = _top_level(capacity - 1, nr) + 1
+        levels = top_causal_level(capacity - 1, nr) + 1
         first = cache.levels[0]
         b, h, _, d = first.k_sum.shape
         dtype, device = first.k_sum.dtype, first.k_sum.device
@@ -322,7 +338,7 @@ class StaticHierarchicalCache:
             raise TypeError(f"kernel must be True, False or None, got {kernel!r}")
         if kernel is False:
             return None
-        usable = _triton_usable(self.ring)
+        usable = triton_usable(self.ring)
         if usable:
             from . import decode_kernels
 
@@ -337,8 +353,8 @@ class StaticHierarchicalCache:
             usable = usable and self.ring.is_cuda and self.ring.dtype == torch.float32
         return decode_kernels.static_step if usable else None
 
-    def state_tensors(self) -> list[torch.Tensor]:
-        """Every tensor a step changes (in place)."""
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache keeps; a step changes them in place."""
         return [self.ring, self.queries, self.missing, self.position]
 
     def plan(self) -> StepPlan:
@@ -365,6 +381,16 @@ class StaticHierarchicalCache:
             starts=(t & below) == 0,  # level l's group starts at t: t % 2**l == 0
             keys=torch.cat([fine[None], coarse[1:]]),
         )
+
+    def step_inputs(self, inv_freq: torch.Tensor) -> StepInputs:
+        """The rotary angles of the position being decoded (by `inv_freq`) and, for the PyTorch step, its
+        plan: the same for every layer of a model, so a decoder makes them once per token."""
+        rotary = rotary_angles(self.position, inv_freq, self.ring.dtype)
+        return StepInputs(rotary, None if self.kernel else self.plan())
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """A layer's step: `advance` with the shared `inputs` (q and k not yet turned by rotary)."""
+        return self.advance(q, k, v, inputs.plan, inputs.rotary)
 
     def step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None, rotary=None

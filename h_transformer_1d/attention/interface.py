@@ -1,7 +1,5 @@
 """The public entry point `h_attention`: argument checks, then dispatch to an implementation."""
 
-import os
-
 import torch
 
 from . import fused
@@ -10,17 +8,6 @@ from .reference import hierarchical_attention_reference
 from .rotary import apply_rotary
 
 IMPLEMENTATIONS = ("auto", "reference", "blocked", "triton")
-
-
-def _triton_usable(q: torch.Tensor) -> bool:
-    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def check_block_size(block_size) -> None:
@@ -62,11 +49,28 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def _use_triton(q: torch.Tensor, block_size: int, dropout_p: float, impl: str) -> bool:
-    """Whether impl="auto" picks the kernels."""
-    return (
-        impl == "auto" and q.is_cuda and dropout_p == 0.0 and fused.supports(q, block_size) and _triton_usable(q)
-    )
+def resolve_impl(q: torch.Tensor, block_size: int, dropout_p: float, impl: str) -> str:
+    """The implementation a call of `h_attention` runs: "triton", "blocked" or "reference".
+
+    "auto" takes the kernels for CUDA inputs they handle without dropout, else the blocked path; an
+    explicit request is checked here, so that it fails with a clear error instead of inside a kernel."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "auto":
+        kernels = q.is_cuda and dropout_p == 0.0 and fused.supports(q, block_size) and fused.triton_usable(q)
+        return "triton" if kernels else "blocked"
+    if impl == "triton" and not (
+        fused.triton_usable(q) and fused.supports(q, block_size, allow_float32=True) and dropout_p == 0.0
+    ):
+        raise ValueError(
+            "impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1), float16/bfloat16/float32, "
+            f"dim_head in {fused.SUPPORTED_HEAD_DIMS}, block_size in [{fused.MIN_BLOCK}, {fused.MAX_BLOCK}] "
+            f"and dropout_p=0; got {q.device.type} {q.dtype}, dim_head={q.shape[-1]}, "
+            f"block_size={block_size}, dropout_p={dropout_p}"
+        )
+    if impl == "reference" and dropout_p:
+        raise ValueError("impl='reference' does not support dropout_p > 0")
+    return impl
 
 
 def _check_rotary(freqs, q: torch.Tensor) -> None:
@@ -119,33 +123,21 @@ def h_attention(
     _check_qkv(q, k, v)
     check_block_size(block_size)
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2])
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     _check_rotary(rotary_freqs, q)
-    if rotary_freqs is not None and not (impl == "triton" or _use_triton(q, block_size, dropout_p, impl)):
-        positions = torch.arange(q.shape[2], device=q.device)
-        q, k = apply_rotary(q, positions, rotary_freqs), apply_rotary(k, positions, rotary_freqs)
-        rotary_freqs = None
-    if impl == "reference":
-        if dropout_p:
-            raise ValueError("impl='reference' does not support dropout_p > 0")
-        return hierarchical_attention_reference(
-            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale
-        )
-    if impl == "triton":
-        if not (_triton_usable(q) and fused.supports(q, block_size, allow_float32=True) and dropout_p == 0.0):
-            raise ValueError(
-                "impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1), float16/bfloat16/float32, "
-                f"dim_head in {fused.SUPPORTED_HEAD_DIMS}, block_size in [{fused.MIN_BLOCK}, {fused.MAX_BLOCK}] "
-                f"and dropout_p=0; got {q.device.type} {q.dtype}, dim_head={q.shape[-1]}, "
-                f"block_size={block_size}, dropout_p={dropout_p}"
-            )
-    if impl == "triton" or _use_triton(q, block_size, dropout_p, impl):
+    path = resolve_impl(q, block_size, dropout_p, impl)
+    if path == "triton":  # the kernels rotate q and k as they load them
         return fused.fused_h_attention(
             q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
             rotary_freqs=rotary_freqs, qkv=_qkv,
+        )
+    if rotary_freqs is not None:
+        positions = torch.arange(q.shape[2], device=q.device)
+        q, k = apply_rotary(q, positions, rotary_freqs), apply_rotary(k, positions, rotary_freqs)
+    if path == "reference":
+        return hierarchical_attention_reference(
+            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale
         )
     return blocked_h_attention(
         q,
@@ -171,5 +163,5 @@ def h_attention_qkv(qkv: torch.Tensor, **kwargs) -> torch.Tensor:
         raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (batch, seq_len, 3, heads, dim_head), got {tuple(qkv.shape)}")
-    q, k, v = fused._split_qkv(qkv)
+    q, k, v = fused.split_qkv(qkv)
     return h_attention(q, k, v, _qkv=qkv, **kwargs)

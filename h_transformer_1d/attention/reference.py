@@ -1,4 +1,4 @@
-"""The definition of hierarchical attention (DESIGN.md section 1), written densely.
+"""The definition of hierarchical attention (docs/design.md), written densely.
 
 This is the test oracle: it builds the full N x N piecewise-constant score matrix ``S_H`` and applies
 one ordinary row softmax. It is O(N^2) in time and memory and meant for float64 checks on small
@@ -7,29 +7,7 @@ inputs, never for training.
 
 import torch
 
-
-def num_levels(seq_len: int, block_size: int) -> int:
-    """Index of the top level: the first level whose blocks (``block_size * 2**l`` wide) number <= 2."""
-    level = 0
-    while -(-seq_len // (block_size << level)) > 2:
-        level += 1
-    return level
-
-
-def level_lengths(seq_len: int, block_size: int) -> list[int]:
-    """Rows of each level 0 .. num_levels when every level is padded to whole blocks."""
-    return [-(-seq_len // (block_size << lv)) * block_size for lv in range(num_levels(seq_len, block_size) + 1)]
-
-
-def covering_level(seq_len: int, block_size: int, device=None) -> torch.Tensor:
-    """(N, N) long: the level at which key j is covered for query i (non-causal map of DESIGN.md)."""
-    pos = torch.arange(seq_len, device=device)
-    level_map = torch.full((seq_len, seq_len), -1, dtype=torch.long, device=device)
-    for level in range(num_levels(seq_len, block_size) + 1):
-        block = pos // (block_size << level)
-        in_window = (block[:, None] - block[None, :]).abs() <= 1
-        level_map = torch.where((level_map < 0) & in_window, level, level_map)
-    return level_map
+from .geometry import covering_level, num_levels
 
 
 def _group_mean(x: torch.Tensor, valid: torch.Tensor, level: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ padded to whole blocks) first, then levels 1, 2, ... each padded to whole blocks
   attention, one kernel family for all levels. Query block c attends to key blocks
   ``c + FIRST + w * STEP`` (w < NUM_WIN) inside its level's range ``[lo[c], hi[c])``; at level 0
   (blocks c - 1 .. c, or .. c + 1 non-causal, walked as one span) the causal diagonal block is
-  triangular, at coarse levels the half-block correction of DESIGN.md applies. Each key carries ``log2(count)``. The level-0 forward starts its online softmax from the
-  coarse levels' states of its ancestors, so every query ends with one softmax over all levels.
+  triangular, at coarse levels the half-block correction of docs/design.md applies. Each key carries
+  ``log2(count)``. The level-0 forward starts its online softmax from the coarse levels' states of its
+  ancestors, so every query ends with one softmax over all levels.
 - ``fold_kernel``: for the backward, folds each coarse group's rows: ``ref = min lse``,
   ``dObar = sum 2^(ref - lse_i) dO_i``, ``Dbar = sum 2^(ref - lse_i) Delta_i``, so the same
   backward kernels compute coarse gradients.
@@ -29,17 +30,13 @@ import os
 import triton
 import triton.language as tl
 
-# Coarse levels one fold launch produces (chunks of 2**LV input rows), and its warps. As for coarsening,
-# small launches win: H100, bf16, B 8, H 8, N 4,096, block 512: 56 µs with 2 levels and 1 warp, 94 with
-# 3 and 2, 102 with 6 and 4, 189 with 6 and 8.
+# Coarse levels one fold launch produces (chunks of 2**LV input rows), and its warps; the same for one
+# coarsen launch. Fewer levels per launch means more launches, but far cheaper ones: deeper tiles spill
+# registers (with rotary q and k above all) and take several times longer than the extra launches cost
+# (benchmarks/results/coarsen_kernel/).
 LV, FOLD_WARPS = 2, 1
-# Coarse levels one coarsen launch produces, and its warps. Fewer levels per launch means more, but far
-# cheaper launches: with rotary q and k the 6-level tile spills (H100, bf16, B 32, H 8, N 2000, block 16:
-# 2.76 ms with 6 levels and 4 warps, 0.44 ms with 2 levels and 1 warp; B 1, N 131,072, block 128:
-# 4.53 -> 0.75 ms).
 COARSEN_LV, COARSEN_WARPS = 2, 1
-# Rows per uncoarsen program, and its warps (the fold's setting above: 107 µs; 117 with 4 warps; 107 with
-# 64 rows and 4 warps).
+# Rows per uncoarsen program, and its warps: the fastest of the settings tried (benchmarks/results/coarsen_kernel/).
 UNCOARSEN_BLOCK, UNCOARSEN_WARPS = 32, 2
 # Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # A kernel whose configs hold one of them takes only that one (the first config matching it, so a pair
@@ -47,7 +44,7 @@ UNCOARSEN_BLOCK, UNCOARSEN_WARPS = 32, 2
 FORCE_TILES: frozenset = frozenset()
 
 
-def _autotune_enabled() -> bool:
+def autotune_enabled() -> bool:
     return os.environ.get("H_TRANSFORMER_1D_AUTOTUNE", "1") != "0"
 
 
@@ -63,19 +60,19 @@ def _fit_block(configs, nargs, **kwargs):
     """Tiles must divide the block size NR; keep the largest that fit."""
     nr = kwargs.get("NR", nargs.get("NR"))
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
-    forced = [c for c in configs if _tile_shape(c)[:2] in FORCE_TILES or _tile_shape(c) in FORCE_TILES]
+    forced = [c for c in configs if tile_shape(c)[:2] in FORCE_TILES or tile_shape(c) in FORCE_TILES]
     if forced:  # tests: a forced shape must fit, or the test is not testing it
         if not all(c in fitting for c in forced):
             raise ValueError(f"FORCE_TILES {sorted(FORCE_TILES)}: a forced tile is larger than the block ({nr})")
         return forced[:1]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return fitting[:1]  # the smallest tile: several tiles per block, so tiling is exercised
-    if not _autotune_enabled():
+    if not autotune_enabled():
         return fitting[:1]
     return fitting
 
 
-def _tile_shape(config) -> tuple[int, int, int, int]:
+def tile_shape(config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
@@ -90,34 +87,31 @@ def _autotune(configs):
     return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_block}, **extra)
 
 
-_CHOSEN: dict = {}
+CHOSEN_CONFIGS: dict = {}
 
 
 def launch(kernel, grid, *args, **consts) -> None:
     """``kernel[grid](*args, **consts)`` for an autotuned kernel. The autotuner's first call for a
     tuning key picks the tile (benchmarking the candidates when tuning is on); later calls with that key
-    launch the chosen tile directly, without the autotuner's per-call bookkeeping (14 µs of host time
-    per launch on a 2-core VM, about 1 ms per step of the base model's 72 window launches).
+    launch the chosen tile directly, without the autotuner's per-call bookkeeping (host time that adds up
+    over the dozens of window launches of a training step, benchmarks/results/host_overhead/).
     The key holds everything the choice depends on: the kernel, the constexpr arguments (which include
     the autotuner's key), the inputs' dtype, the tiles tests force and whether tuning is on."""
-    if not isinstance(kernel, triton.runtime.autotuner.Autotuner):  # a stand-in (host-overhead benchmark)
-        kernel[grid](*args, **consts)
-        return
-    key = (kernel, args[0].dtype, FORCE_TILES, _autotune_enabled(), *consts.items())
-    config = _CHOSEN.get(key)
+    key = (kernel, args[0].dtype, FORCE_TILES, autotune_enabled(), *consts.items())
+    config = CHOSEN_CONFIGS.get(key)
     if config is None:
         kernel[grid](*args, **consts)
-        _CHOSEN[key] = kernel.best_config
+        CHOSEN_CONFIGS[key] = kernel.best_config
         return
     kernel.fn.run(*args, grid=grid, warmup=False, **consts, **config.all_kwargs())
 
 
-_FWD_CONFIGS = _configs(
+FWD_CONFIGS = _configs(
     [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
 )
-# The key-side backward's first (default) tile: on an H100 at context 4,096, block 512, it took 373 µs
-# against 434 for 64 x 64 x 4 warps x 2 stages (each tile forced in turn; benchmarks/results/kernels_ctx4096_h100.md).
-_BWD_CONFIGS = _configs(
+# The key-side backward's first (default) tile is the fastest when each tile is forced in turn at the
+# training tool's shape (context 4,096, block 512; benchmarks/results/attention_gpu/).
+BWD_CONFIGS = _configs(
     [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
 )
 
@@ -527,7 +521,7 @@ def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
     return acc, l_i, m_i
 
 
-@_autotune(_FWD_CONFIGS)
+@_autotune(FWD_CONFIGS)
 @triton.jit
 def window_fwd_kernel(
     Q, K, V, CNT, LO, HI, START,  # packed (B, H, MTOT, D); counts (B, MTOT); per-block ranges; level starts
@@ -613,7 +607,7 @@ def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
     return dq
 
 
-@_autotune(_FWD_CONFIGS)
+@_autotune(FWD_CONFIGS)
 @triton.jit
 def window_bwd_dq_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,  # all packed: (B, H, MTOT[, D]); counts (B, MTOT)
@@ -678,7 +672,7 @@ def _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, cols, m
     return dk, dv
 
 
-@_autotune(_BWD_CONFIGS)
+@_autotune(BWD_CONFIGS)
 @triton.jit
 def window_bwd_dkdv_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DK, DV,

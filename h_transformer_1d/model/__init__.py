@@ -6,12 +6,12 @@ from .layers import CausalHAttention1D, HAttention1D
 from .transformer import HTransformer1D
 
 __all__ = [
-    "HTransformer1D",
-    "HAttention1D",
-    "CausalHAttention1D",
     "AutoregressiveWrapper",
+    "CausalHAttention1D",
     "DecodingCache",
+    "HAttention1D",
+    "HTransformer1D",
     "StaticDecoder",
-    "prefill",
     "decode_step",
+    "prefill",
 ]

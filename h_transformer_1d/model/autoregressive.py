@@ -100,11 +100,11 @@ class AutoregressiveWrapper(nn.Module):
         eagerly (same tokens; logits equal to float rounding); the default (None) uses the graph for
         CUDA prompts when more than `GRAPH_MIN_TOKENS` tokens are asked for (the capture costs about
         as much as a few eager steps: two warm-up steps and the recording). `compile=True` sends the
-        cached steps through `torch.compile` first (`StaticDecoder(compile=True)`: fewer, fused kernels;
-        on an H200 0.15-0.17 ms per token instead of 0.22-0.24 for a 4-layer, width-256 model), at the
-        price of a compilation of seconds to a minute for each new shape of the decoding state (set by
-        the batch, the prompt length and `seq_len`; later calls with the same ones reuse it): for long
-        continuations. On the CPU it needs torch >= 2.13.
+        cached steps through `torch.compile` first (`StaticDecoder(compile=True)`: fewer, fused kernels,
+        a faster step on a GPU, benchmarks/results/decode/), at the price of a compilation of seconds to
+        a minute for each new shape of the decoding state (set by the batch, the prompt length and
+        `seq_len`; later calls with the same ones reuse it): for long continuations. On the CPU it needs
+        torch >= 2.13.
 
         `mask` (B, T) or (T,) bool marks the real prompt tokens (True). Each row's real tokens are
         moved to the end of the row, in order (right padding becomes left padding), so that every

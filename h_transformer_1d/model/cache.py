@@ -1,27 +1,28 @@
 """Incremental decoding of a causal HTransformer1D: a cache per model, one state per sublayer.
 
 `prefill` runs the parallel forward on a prompt and fills the cache on the way; `decode_step` then
-feeds one token per sequence through every layer at a cost that does not grow with the context
-(DESIGN.md section 2). The logits equal the full forward's on the whole sequence, to float rounding.
+feeds one token per sequence through every layer (`HTransformer1D.step`) at a cost that does not grow
+with the context (docs/design.md, decoding). The logits equal the full forward's on the whole sequence,
+to float rounding. `StaticDecoder` runs the same step on a fixed-shape copy of the cache, captured once
+in a CUDA graph.
 """
 
+import copy
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, check_capacity
-from ..attention.rotary import rotary_angles
-from .layers import HAttention1D, shift_tokens
-from .transformer import SequentialSequence
+from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, StepInputs, check_capacity
+from .layers import HAttention1D
 
 
 @dataclass
 class SublayerCache:
     """What one pre-norm sublayer keeps of the past while decoding."""
 
-    attention: HierarchicalCache | None = None  # attention sublayers only
+    attention: HierarchicalCache | StaticHierarchicalCache | None = None  # attention sublayers only
     previous: torch.Tensor | None = None  # (B, dim) normed features of the last position (token shift)
 
     def stored_tensors(self) -> list[torch.Tensor]:
@@ -54,6 +55,10 @@ class DecodingCache:
         """Positions seen so far, padding included: the next token's position."""
         return self.blocks[0][0].attention.length
 
+    def step_inputs(self, inv_freq: torch.Tensor) -> StepInputs:
+        """What every layer's step of the next token shares (`HTransformer1D.step` makes it once per token)."""
+        return self.blocks[0][0].attention.step_inputs(inv_freq)
+
     def stored_tensors(self) -> list[torch.Tensor]:
         return [t for pair in self.blocks for sublayer in pair for t in sublayer.stored_tensors()]
 
@@ -68,10 +73,10 @@ def decode_step(model: nn.Module, cache: DecodingCache, tokens: torch.Tensor) ->
     """Append one token per sequence, `tokens` (B,), at position `cache.length`; its logits (B, num_tokens)."""
     if cache.length == 0:
         raise ValueError("decode_step needs a cache filled by prefill")
-    return model(tokens[:, None], cache=cache)[:, 0]
+    return model(tokens[:, None], cache=cache)[:, 0]  # checks the tokens, then `model.step`
 
 
-def _torch_version() -> tuple[int, int]:
+def torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)
 
@@ -80,12 +85,30 @@ def compiled_steps_refused(model: nn.Module) -> str | None:
     """Why `StaticDecoder(model, ..., compile=True)` would be refused (before any work), or None."""
     if not supports_decoding_cache(model):
         return "compiled steps decode from the hierarchical cache: they need a causal hierarchical model"
-    if model.token_emb.weight.device.type == "cpu" and _torch_version() < (2, 13):
+    if model.token_emb.weight.device.type == "cpu" and torch_version() < (2, 13):
         return (
             "compile=True on the CPU needs torch >= 2.13: inductor's CPU code for this step gave wrong logits"
             f" with torch 2.11 (this is {torch.__version__}); use compile=False, or decode_step on the CPU"
         )
     return None
+
+
+def _fixed_shape_copy(cache: DecodingCache, capacity: int, kernel: bool | None) -> DecodingCache:
+    """A copy of the freshly prefilled `cache` in fixed shapes: a `StaticHierarchicalCache` per attention
+    layer (room for positions up to `capacity - 1`) and copies of the token-shift features, which a step
+    updates in place. Its `length` stays the prompt's: `StaticDecoder` counts the steps."""
+    static = copy.copy(cache)
+    static.blocks = [
+        tuple(
+            SublayerCache(
+                attention=None if s.attention is None else StaticHierarchicalCache(s.attention, capacity, kernel),
+                previous=None if s.previous is None else s.previous.clone(),
+            )
+            for s in pair
+        )
+        for pair in cache.blocks
+    ]
+    return static
 
 
 class StaticDecoder:
@@ -95,7 +118,8 @@ class StaticDecoder:
     and room for positions up to ``capacity - 1``; ``decoder.step(tokens)`` then does what
     `decode_step` does, with the logits equal to float rounding. Each attention layer keeps a
     `StaticHierarchicalCache` (attention/incremental.py); the token-shift features, the position and
-    the input token live in fixed buffers, so a step is the same tensor program at every position.
+    the input token live in fixed buffers, so a step (the model's own `HTransformer1D.step`) is the same
+    tensor program at every position.
     With `graph` (default: on CUDA) that program is captured once and each step is one graph replay:
     a GPU step costs a few microseconds of CPU instead of several hundred kernel launches from Python.
     With `compile` the step goes through `torch.compile` first (fewer, fused kernels in the graph; the
@@ -124,13 +148,9 @@ class StaticDecoder:
         self.model = model
         self.length = cache.length
         self.capacity = capacity
-        self.reversible = not isinstance(model.layers, SequentialSequence)
         device = model.token_emb.weight.device
-        first = cache.blocks[0][0].attention
-        batch = first.levels[0].k_sum.shape[0]
-        self.attention = [StaticHierarchicalCache(f.attention, capacity, kernel) for f, _ in cache.blocks]
-        # per sublayer with token shift, the normed features of the last position (B, dim)
-        self.previous = [[None if s.previous is None else s.previous.clone() for s in pair] for pair in cache.blocks]
+        batch = cache.blocks[0][0].attention.levels[0].k_sum.shape[0]
+        self.state = _fixed_shape_copy(cache, capacity, kernel)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph = device.type == "cuda" if graph is None else graph
         if self.graph and device.type != "cuda":
@@ -145,46 +165,10 @@ class StaticDecoder:
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """Every tensor of decoding state (a step changes them in place)."""
-        kept = [t for state in self.attention for t in state.state_tensors()]
-        return kept + [t for pair in self.previous for t in pair if t is not None]
-
-    def _sublayer(self, pre, x: torch.Tensor, i: int, which: int, shared) -> torch.Tensor:
-        """One pre-norm sublayer on the current position's features x (B, dim); `shared`: the step's
-        plan and rotary cos and sin, the same for every layer."""
-        y = pre.norm(x)
-        previous = self.previous[i][which]
-        if pre.shift:  # the layers' token shift, from the previous position's buffer (updated in place)
-            shifted = shift_tokens(y[:, None], None, pre.causal, previous=previous)[:, 0]
-            previous.copy_(y)
-            y = shifted
-        if which == 1:
-            return pre.fn(y)
-        plan, rotary = shared
-        layer = pre.fn
-        qkv = layer.to_qkv(y).unflatten(-1, (3, layer.heads, layer.dim_head))  # (B, 3, H, D)
-        # q and k turned to the position being decoded by the attention step (the Triton one as it loads them)
-        out = self.attention[i].advance(qkv[:, 0], qkv[:, 1], qkv[:, 2], plan, rotary=rotary)  # (B, H, D)
-        return layer.to_out(out.flatten(1))
+        return self.state.stored_tensors()
 
     def _forward(self) -> torch.Tensor:
-        first = self.attention[0]
-        layer = self.model.layers.blocks[0].f.fn
-        dtype = torch.float64 if layer.to_qkv.weight.dtype == torch.float64 else torch.float32
-        plan = None if first.kernel else first.plan()  # the kernels find their slots themselves
-        shared = (plan, rotary_angles(first.position, layer.rotary.inv_freq, dtype))
-        h = self.model.token_emb(self.tokens)  # (B, dim)
-        blocks = self.model.layers.blocks
-        if self.reversible:
-            y1, y2 = h, h
-            for i, block in enumerate(blocks):
-                y1 = y1 + self._sublayer(block.f, y2, i, 0, shared)
-                y2 = y2 + self._sublayer(block.g, y1, i, 1, shared)
-            h = (y1 + y2) / 2
-        else:
-            for i, block in enumerate(blocks):
-                h = h + self._sublayer(block.f, h, i, 0, shared)
-                h = h + self._sublayer(block.g, h, i, 1, shared)
-        return self.model.to_logits(h)  # (B, num_tokens)
+        return self.model.step(self.tokens, self.state)  # (B, num_tokens)
 
     def _capture(self) -> None:
         """Record the step in a CUDA graph. The warm-up runs (needed before a capture) change the state,

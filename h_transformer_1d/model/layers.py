@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import h_attention, h_attention_qkv
-from ..attention.incremental import HierarchicalCache
+from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, StepInputs
 from ..attention.interface import check_block_size, check_key_padding_mask
 from ..attention.rotary import apply_rotary
 
@@ -67,9 +67,8 @@ def _move(x: torch.Tensor, bounds, amounts, sign: int) -> torch.Tensor:
 
 
 def _shifted(x: torch.Tensor, bounds, amounts) -> torch.Tensor:
-    """What _Shift computes, as padding, slicing and concatenation (for torch.compile: the copies of
-    _Shift would stay separate kernels there, 2 ms per compiled step of the base model on an H200,
-    benchmarks/results/cuda_graphs_shift_h200.md)."""
+    """What _Shift computes, as padding, slicing and concatenation (for torch.compile, which fuses these
+    into their neighbours where the copies of _Shift would stay separate kernels, benchmarks/results/cuda_graphs/)."""
     n = x.shape[1]
     moved = []
     for lo, hi, amount in zip(bounds[:-1], bounds[1:], amounts):
@@ -189,7 +188,12 @@ class HAttention1D(nn.Module):
             if not self.causal or self.attention != "hierarchical":
                 raise ValueError("a decoding cache needs a causal layer with attention='hierarchical'")
             if cache.length:
-                return self.decode(x, mask, cache)
+                if n != 1 or mask is not None:
+                    raise ValueError(
+                        f"with a filled cache x must be one position (batch, 1, dim={self.dim}) and mask None, "
+                        f"got shape {tuple(x.shape)} and mask {'None' if mask is None else tuple(mask.shape)}"
+                    )
+                return self.step(x[:, 0], cache, cache.step_inputs(self.rotary.inv_freq))[:, None]
         if self.max_seq_len is not None and n > self.max_seq_len:
             raise ValueError(f"x has seq_len {n}, more than max_seq_len={self.max_seq_len}")
         check_key_padding_mask(mask, b, n, name="mask")
@@ -210,16 +214,15 @@ class HAttention1D(nn.Module):
             )  # (B, H, N, dim_head)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
-    def decode(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HierarchicalCache) -> torch.Tensor:
-        """The next position x (B, 1, dim) through the cache; rotary at its absolute position."""
-        if x.shape[1] != 1 or mask is not None:
-            raise ValueError(
-                f"with a filled cache x must be one position (batch, 1, dim={self.dim}) and mask None, "
-                f"got shape {tuple(x.shape)} and mask {'None' if mask is None else tuple(mask.shape)}"
-            )
-        q, k, v = self.project_qkv(x, torch.arange(cache.length, cache.length + 1, device=x.device))
-        out = cache.step(q, k, v)  # (B, H, 1, dim_head)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+    def step(
+        self, x: torch.Tensor, cache: HierarchicalCache | StaticHierarchicalCache, inputs: StepInputs
+    ) -> torch.Tensor:
+        """The next position's features x (B, dim) through a filled decoding cache -> (B, dim). `inputs`: the
+        position's rotary angles (and plan), `cache.step_inputs(self.rotary.inv_freq)`, shared by the layers.
+        The decoders' one step: eager (`decode_step`) and fixed-shape (`StaticDecoder`) alike."""
+        q, k, v = self.packed_qkv(x).unbind(1)  # each (B, H, dim_head), not yet turned by rotary
+        out = cache.attend(q, k, v, inputs)  # (B, H, dim_head)
+        return self.to_out(out.flatten(1))
 
 
 class CausalHAttention1D(HAttention1D):
@@ -250,15 +253,26 @@ class PreNorm(nn.Module):
         self.causal = causal
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """`cache`: this sublayer's `SublayerCache` (model/cache.py) while decoding."""
+        """`cache`: this sublayer's empty `SublayerCache` (model/cache.py), filled here from the prompt x."""
         x = self.norm(x)
         if self.shift:
-            previous = None
-            if cache is not None:
-                previous = cache.previous
+            if cache is not None:  # the last position's features, shifted into the first decoded one
                 last = x[:, -1] if mask is None else x[:, -1].masked_fill(~mask[:, -1, None], 0.0)
                 cache.previous = last.clone()  # a copy, so the prompt's features are not kept alive
-            x = shift_tokens(x, mask, self.causal, previous=previous)
+            x = shift_tokens(x, mask, self.causal)
         if cache is not None and cache.attention is not None:
             return self.fn(x, mask=mask, cache=cache.attention)
         return self.fn(x, mask=mask)
+
+    def step(self, x: torch.Tensor, cache, inputs: StepInputs) -> torch.Tensor:
+        """The next position's features x (B, dim) -> (B, dim), through this sublayer's filled `SublayerCache`:
+        token shift from the features it keeps (updated in place), the attention step from its attention
+        cache. `inputs`: see `HAttention1D.step`."""
+        x = self.norm(x)
+        if self.shift:
+            shifted = shift_tokens(x[:, None], None, self.causal, previous=cache.previous)[:, 0]
+            cache.previous.copy_(x)
+            x = shifted
+        if cache.attention is not None:
+            return self.fn.step(x, cache.attention, inputs)
+        return self.fn(x)

@@ -32,10 +32,18 @@ class ReversibleBlock(nn.Module):
         self.f, self.g = f, g
 
     def forward(self, x1, x2, mask=None, cache=None):
-        """The plain (memory-hungry) computation, also used to check the reversible one and to decode."""
+        """The plain (memory-hungry) computation, also used to check the reversible one and to prefill
+        a decoding cache (`cache`: the block's empty (f, g) sublayer caches)."""
         f_cache, g_cache = (None, None) if cache is None else cache
         y1 = x1 + self.f(x2, mask=mask, cache=f_cache)
         y2 = x2 + self.g(y1, mask=mask, cache=g_cache)
+        return y1, y2
+
+    def step(self, x1, x2, cache, inputs):
+        """One position of both streams (B, dim) through the block's filled (f, g) sublayer caches."""
+        f_cache, g_cache = cache
+        y1 = x1 + self.f.step(x2, f_cache, inputs)
+        y2 = x2 + self.g.step(y1, g_cache, inputs)
         return y1, y2
 
     def forward_no_grad(self, x1, x2, mask):
@@ -96,8 +104,8 @@ class ReversibleSequence(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """`cache`: per block, the (f, g) sublayer caches of a `DecodingCache`."""
-        # decoding takes the plain path: the reversible backward would run f and g (and fill the cache) twice
+        """`cache`: per block, the empty (f, g) sublayer caches of a `DecodingCache`, filled here."""
+        # a prefill takes the plain path: the reversible backward would run f and g (and fill the cache) twice
         if torch.is_grad_enabled() and cache is None:
             if not x.requires_grad:  # the layers' parameters still need the backward to run
                 x = x.detach().requires_grad_()
@@ -106,4 +114,11 @@ class ReversibleSequence(nn.Module):
             y1, y2 = x, x
             for i, block in enumerate(self.blocks):
                 y1, y2 = block(y1, y2, mask=mask, cache=None if cache is None else cache[i])
+        return (y1 + y2) / 2
+
+    def step(self, x: torch.Tensor, cache, inputs) -> torch.Tensor:
+        """One position x (B, dim) through the filled sublayer caches `cache` (see `HAttention1D.step`)."""
+        y1, y2 = x, x
+        for block, block_cache in zip(self.blocks, cache):
+            y1, y2 = block.step(y1, y2, block_cache, inputs)
         return (y1 + y2) / 2

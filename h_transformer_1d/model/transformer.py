@@ -16,11 +16,18 @@ class SequentialSequence(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """`cache`: per block, the (attention, feedforward) sublayer caches of a `DecodingCache`."""
+        """`cache`: per block, the empty (attention, feedforward) sublayer caches of a `DecodingCache`."""
         for i, block in enumerate(self.blocks):
             f_cache, g_cache = (None, None) if cache is None else cache[i]
             x = x + block.f(x, mask=mask, cache=f_cache)
             x = x + block.g(x, mask=mask, cache=g_cache)
+        return x
+
+    def step(self, x: torch.Tensor, cache, inputs) -> torch.Tensor:
+        """One position x (B, dim) through the filled sublayer caches `cache` (see `HAttention1D.step`)."""
+        for block, (f_cache, g_cache) in zip(self.blocks, cache):
+            x = x + block.f.step(x, f_cache, inputs)
+            x = x + block.g.step(x, g_cache, inputs)
         return x
 
 
@@ -101,11 +108,34 @@ class HTransformer1D(nn.Module):
             if low < 0 or high >= self.num_tokens:
                 raise ValueError(f"x must hold token ids in [0, num_tokens={self.num_tokens}), got [{low}, {high}]")
 
+    @property
+    def rotary_freqs(self) -> torch.Tensor:
+        """The inverse frequencies of the rotary positions, the same in every attention layer."""
+        return self.layers.blocks[0].f.fn.rotary.inv_freq
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """`cache`: a `DecodingCache` (model/cache.py); an empty one is filled from x, a filled one takes
         the next token per sequence, x (B, 1), and may run past max_seq_len."""
         self.check_tokens(x)
+        if cache is not None and cache.length:
+            if x.shape[1] != 1 or mask is not None:
+                raise ValueError(
+                    f"with a filled cache x must be one position per sequence (batch, 1) and mask None, got "
+                    f"shape {tuple(x.shape)} and mask {'None' if mask is None else tuple(mask.shape)}"
+                )
+            return self.step(x[:, 0], cache)[:, None]
         check_key_padding_mask(mask, x.shape[0], x.shape[1], name="mask")
         h = self.token_emb(x)  # (B, N, dim)
         h = self.layers(h, mask=mask, cache=None if cache is None else cache.blocks)
         return self.to_logits(h)  # (B, N, num_tokens)
+
+    def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """The next token per sequence, `tokens` (B,), through a filled decoding cache: its logits
+        (B, num_tokens). `cache`: a `DecodingCache`, eager or fixed-shape (`DecodingCache.to_static`).
+
+        The one decoding step that `decode_step` and `StaticDecoder` (which captures it in a CUDA graph)
+        both run. Tokens are not checked here: a range check would synchronise with the device."""
+        inputs = cache.step_inputs(self.rotary_freqs)  # made once per token, used by every layer
+        h = self.token_emb(tokens)  # (B, dim)
+        h = self.layers.step(h, cache.blocks, inputs)
+        return self.to_logits(h)  # (B, num_tokens)

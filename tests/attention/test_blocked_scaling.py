@@ -1,5 +1,7 @@
 """The chunked blocked path (no dropout): chunk and head-group boundaries, saved state, numerics."""
 
+import functools
+
 import pytest
 import torch
 from helpers import make_mask, rel_err
@@ -15,13 +17,9 @@ def forward_backward(fn, q, k, v, grad_out, **kw):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("chunk_elements,group_bytes", [(1, 1), (3 * 16 * 16 * 2, 1), (1 << 12, 1 << 13)])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("n,mask_kind", [(256, "none"), (203, "gaps"), (300, "end")])
-def test_chunks_and_head_groups_match_reference(monkeypatch, chunk_elements, group_bytes, causal, n, mask_kind):
-    # one block per chunk, a few blocks per chunk, or several heads per group with chunks spanning heads
-    monkeypatch.setattr(blocked, "_CHUNK_ELEMENTS_CPU", chunk_elements)
-    monkeypatch.setattr(blocked, "_GROUP_BYTES", group_bytes)
+@functools.cache
+def chunking_case(n: int, mask_kind: str, causal: bool):
+    """Inputs and the reference's output and gradients, shared by the chunk and group settings."""
     gen = torch.Generator().manual_seed(n + causal)
     b, h, d, nr = 2, 3, 16, 16
     # non-contiguous inputs, as the attention layers pass them
@@ -29,8 +27,18 @@ def test_chunks_and_head_groups_match_reference(monkeypatch, chunk_elements, gro
     mask = make_mask(mask_kind, b, n, gen)
     grad_out = torch.randn(b, h, n, d, dtype=torch.float64, generator=gen)
     kw = {"block_size": nr, "causal": causal, "key_padding_mask": mask}
-    expected = forward_backward(hierarchical_attention_reference, q, k, v, grad_out, **kw)
-    got = forward_backward(h_attention, q, k, v, grad_out, **kw)
+    return (q, k, v, grad_out), kw, forward_backward(hierarchical_attention_reference, q, k, v, grad_out, **kw)
+
+
+@pytest.mark.parametrize("chunk_elements,group_bytes", [(1, 1), (3 * 16 * 16 * 2, 1), (1 << 12, 1 << 13)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,mask_kind", [(256, "none"), (203, "gaps"), (300, "end")])
+def test_chunks_and_head_groups_match_reference(monkeypatch, chunk_elements, group_bytes, causal, n, mask_kind):
+    # one block per chunk, a few blocks per chunk, or several heads per group with chunks spanning heads
+    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS_CPU", chunk_elements)
+    monkeypatch.setattr(blocked, "GROUP_BYTES", group_bytes)
+    inputs, kw, expected = chunking_case(n, mask_kind, causal)
+    got = forward_backward(h_attention, *inputs, **kw)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
         assert rel_err(a, e) <= 1e-10, name
 

@@ -1,4 +1,4 @@
-"""Bad input raises a clear error naming the argument and what was expected (DESIGN.md section 5)."""
+"""Bad input raises a clear error naming the argument and what was expected."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ def qkv(*shape):
 
 
 def model(**kw):
-    args = dict(num_tokens=20, dim=16, depth=1, max_seq_len=64, heads=2, dim_head=8, block_size=4)
+    args = {"num_tokens": 20, "dim": 16, "depth": 1, "max_seq_len": 64, "heads": 2, "dim_head": 8, "block_size": 4}
     return HTransformer1D(**{**args, **kw})
 
 

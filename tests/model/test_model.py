@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from torch.autograd.graph import saved_tensors_hooks
 
-from helpers import rel_err
 from h_transformer_1d import AutoregressiveWrapper, CausalHAttention1D, HAttention1D, HTransformer1D
 
 
 def tiny_model(**kw):
-    args = dict(num_tokens=32, dim=32, depth=2, max_seq_len=256, heads=2, dim_head=16, block_size=4)
+    args = {"num_tokens": 32, "dim": 32, "depth": 2, "max_seq_len": 256, "heads": 2, "dim_head": 16, "block_size": 4}
     args.update(kw)
     return HTransformer1D(**args).double()
 
