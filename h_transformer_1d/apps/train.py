@@ -94,16 +94,17 @@ def generate_text(
 def shard(model) -> None:
     """FSDP2: each attention and feed-forward layer, then the rest of the network, sharded over processes."""
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     except ImportError:
         raise ConfigError(f"--fsdp needs FSDP2 (torch >= 2.6), this is torch {torch.__version__}") from None
 
     # the layers return views (a Linear on (B, N, D)); the model only adds them out of place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for block in model.net.layers.blocks:
-        fully_shard(block.f)
-        fully_shard(block.g)
-    fully_shard(model.net)
+    sharded = [sublayer for block in model.net.layers.blocks for sublayer in (block.f, block.g)] + [model.net]
+    for module in sharded:
+        fully_shard(module)
+        # samples during training decode through `step`, which must gather the parameters as `forward` does
+        register_fsdp_forward_method(module, "step")
 
 
 def set_grad_sync(trained, model, enabled: bool) -> None:
