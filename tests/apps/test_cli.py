@@ -294,7 +294,7 @@ def test_checkpoints_of_the_earlier_version_still_load_and_resume(trained, tmp_p
     assert checkpoint.load(old, LM).step == 7
 
 
-@pytest.mark.skipif(cache_module._torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
+@pytest.mark.skipif(cache_module.torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")
 def test_generate_with_compile(trained, capsys, monkeypatch):
     made = []
     init = StaticDecoder.__init__
@@ -305,7 +305,7 @@ def test_generate_with_compile(trained, capsys, monkeypatch):
     compiled = capsys.readouterr().out
     assert main([*args, "--temperature", "0"]) == 0 and len(made) == 1  # on the CPU: eager steps otherwise
     assert compiled == capsys.readouterr().out and len(compiled) > 1  # greedy: the same text
-    monkeypatch.setattr(cache_module, "_torch_version", lambda: (2, 11))
+    monkeypatch.setattr(cache_module, "torch_version", lambda: (2, 11))
     assert main([*args, "--compile"]) == 2 and len(made) == 1
     assert "--compile: compile=True on the CPU needs torch >= 2.13" in capsys.readouterr().err
 
