@@ -391,7 +391,7 @@ def _eager_forward(ctx, q, k, v, valid, rot, tables, nr, causal, scale) -> torch
 
 class _EagerHAttention(torch.autograd.Function):
     """The eager path: the same forward and backward as the custom ops, without the custom ops'
-    dispatch, whose host time per call counts at small sizes (benchmarks/results/host_overhead/);
+    dispatch, whose host time per call counts at small sizes, where the GPU waits for the host;
     torch.compile traces the custom ops instead, `fused_h_attention`)."""
 
     @staticmethod

@@ -32,11 +32,10 @@ import triton.language as tl
 
 # Coarse levels one fold launch produces (chunks of 2**LV input rows), and its warps; the same for one
 # coarsen launch. Fewer levels per launch means more launches, but far cheaper ones: deeper tiles spill
-# registers (with rotary q and k above all) and take several times longer than the extra launches cost
-# (benchmarks/results/coarsen_kernel/).
+# registers (with rotary q and k above all) and take several times longer than the extra launches cost.
 LV, FOLD_WARPS = 2, 1
 COARSEN_LV, COARSEN_WARPS = 2, 1
-# Rows per uncoarsen program, and its warps: the fastest of the settings tried (benchmarks/results/coarsen_kernel/).
+# Rows per uncoarsen program, and its warps: the fastest of the settings tried.
 UNCOARSEN_BLOCK, UNCOARSEN_WARPS = 32, 2
 # Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # A kernel whose configs hold one of them takes only that one (the first config matching it, so a pair
@@ -94,7 +93,7 @@ def launch(kernel, grid, *args, **consts) -> None:
     """``kernel[grid](*args, **consts)`` for an autotuned kernel. The autotuner's first call for a
     tuning key picks the tile (benchmarking the candidates when tuning is on); later calls with that key
     launch the chosen tile directly, without the autotuner's per-call bookkeeping (host time that adds up
-    over the dozens of window launches of a training step, benchmarks/results/host_overhead/).
+    over the dozens of window launches of a training step).
     The key holds everything the choice depends on: the kernel, the constexpr arguments (which include
     the autotuner's key), the inputs' dtype, the tiles tests force and whether tuning is on."""
     key = (kernel, args[0].dtype, FORCE_TILES, autotune_enabled(), *consts.items())

@@ -101,7 +101,7 @@ class AutoregressiveWrapper(nn.Module):
         CUDA prompts when more than `GRAPH_MIN_TOKENS` tokens are asked for (the capture costs about
         as much as a few eager steps: two warm-up steps and the recording). `compile=True` sends the
         cached steps through `torch.compile` first (`StaticDecoder(compile=True)`: fewer, fused kernels,
-        a faster step on a GPU, benchmarks/results/decode/), at the price of a compilation of seconds to
+        a faster step on a GPU, benchmarks/results/decode_cuda/), at the price of a compilation of seconds to
         a minute for each new shape of the decoding state (set by the batch, the prompt length and
         `seq_len`; later calls with the same ones reuse it): for long continuations. On the CPU it needs
         torch >= 2.13.
