@@ -242,8 +242,10 @@ def read_json(path: Path) -> dict:
         obj = json.loads(read_bounded(path, MAX_JSON_BYTES))
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"cannot read {path} ({e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not is_int(obj.get("step")) or obj["step"] < 0:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint file of format {FORMAT}")
+    if not is_int(obj.get("step")) or obj["step"] < 0:
+        raise CheckpointError(f"{path}: field 'step' must be an integer >= 0, got {obj.get('step')!r}")
     return obj
 
 
@@ -263,6 +265,8 @@ def sha256_of(path: Path) -> tuple[int, str]:
 
 def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{directory} is not a complete checkpoint: missing {MANIFEST}")
     manifest = read_json(path)
     files = manifest.get("files")
     entries_ok = isinstance(files, dict) and set(files) == set(FILES)
@@ -286,8 +290,8 @@ def verify(directory: Path, manifest: dict, names: tuple[str, ...]) -> None:
             raise CheckpointError(f"cannot read {path} ({e})") from None
         if size != expected["bytes"] or digest != expected["sha256"]:
             raise CheckpointError(
-                f"{path} is damaged: {size:,} bytes with SHA-256 {digest[:16]}..., the manifest says "
-                f"{expected['bytes']:,} bytes with {expected['sha256'][:16]}..."
+                f"{path} is damaged: {size:,} bytes with SHA-256 {digest[:16]}, where the manifest says "
+                f"{expected['bytes']:,} bytes with SHA-256 {expected['sha256'][:16]}"
             )
 
 
@@ -371,10 +375,24 @@ def task_of(path: Path) -> str:
 
 def load(path: Path, app: App, training: bool = False) -> Checkpoint:
     """Read and check the checkpoint at `path` (a run directory: its last complete save; or a save directory) of
-    `app`; `training` also reads the optimizer and RNG state (for --resume)."""
+    `app`; `training` also reads the optimizer and RNG state (for --resume). A refusal names the save before it,
+    if one is kept, and how to fall back to it."""
     directory = locate(path)
+    try:
+        return load_save(directory, app, training)
+    except CheckpointError as e:
+        kept = [save for _, save in saves(directory.parent.parent)] if directory.parent.name == SAVES else []
+        earlier = kept[: kept.index(directory)] if directory in kept else []
+        if not earlier:
+            raise
+        raise CheckpointError(f"{e}. The save before it is kept: move {directory} out of {directory.parent} to "
+                              f"go back to {earlier[-1].name}") from None  # fmt: skip
+
+
+def load_save(directory: Path, app: App, training: bool) -> Checkpoint:
     needed = FILES if training else (MODEL, CONFIG)
-    manifest = read_manifest(directory) if os.path.lexists(directory / MANIFEST) else None
+    earlier_layout = directory.parent.name != SAVES and not os.path.lexists(directory / MANIFEST)
+    manifest = None if earlier_layout else read_manifest(directory)
     if manifest:
         verify(directory, manifest, needed)
     record = read_record(directory, needed)
@@ -465,7 +483,8 @@ def check_state_tensors(shapes: dict[str, tuple], state: dict, weights: dict, pa
         if kind != "optimizer" or fqn not in weights or (dtype, shape) != expected:
             wrong.append(f"{key} {dtype} {shape} (expected {expected or 'no such weight'})")
     if wrong:
-        raise CheckpointError(f"{path} does not fit the model of {path.parent / CONFIG}: {describe('wrong', wrong)}")
+        raise CheckpointError(f"{path} holds tensors that do not fit the model of {path.parent / CONFIG}: "
+                              f"{describe('wrong', wrong)}")  # fmt: skip
     world_size = state.get("world_size")
     if world_size is not None and ranks != set(range(world_size)):
         raise CheckpointError(f"{path}: the CPU random states of processes {sorted(ranks)} do not match "
