@@ -27,6 +27,7 @@ STEPS = 10
 RUN = [*TINY, "--steps", str(STEPS), "--eval-every", "1", "--eval-batches", "1", "--dropout", "0.1"]
 KEYS = ("step", "tokens", "lr", "train_bpb", "val_bpb")
 RANDOM_KILLS = 32
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forked children")
 
 
 @pytest.fixture(scope="module")
