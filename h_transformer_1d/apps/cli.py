@@ -12,7 +12,15 @@ from .bench import BENCH_FLAGS, UNTIMED_STEPS, bench
 from .config import LM, PRESETS, resolve
 from .core import checkpoint
 from .core.checkpoint import CheckpointError
-from .core.cli import add_evaluate_flags, add_train_flags, non_negative_float, open_run, positive_int, unit_interval
+from .core.cli import (
+    add_evaluate_flags,
+    add_train_flags,
+    checkpoint_help,
+    non_negative_float,
+    open_run,
+    positive_int,
+    unit_interval,
+)
 from .core.config import ConfigError, add_config_flags, add_field_flag, given
 from .core.runtime import start_runtime, stop_runtime
 from .core.training import DivergedError
@@ -53,7 +61,8 @@ def command_evaluate(args) -> None:
     ckpt, model, rt = load_model(args)
     try:
         cfg = ckpt.config
-        corpus = data.load_corpus(getattr(args, "data", cfg.data))
+        max_bytes = getattr(args, "max_data_bytes", cfg.max_data_bytes)
+        corpus = data.load_corpus(getattr(args, "data", cfg.data), max_bytes)
         data.require_bytes(corpus, args.split, cfg.seq_len)
         tokens = corpus.split(args.split)
         batch_size = args.batch_size or max(1, cfg.batch_size // cfg.grad_accum)
@@ -135,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model (tiny preset on the standard library by default)",
         formatter_class=formatter,
-        description="Train a causal byte-level model. Writes to --out: model.safetensors, config.json, "
-        "train_state.* (checkpoint at every evaluation and at the end), metrics.csv, curves.png "
+        description="Train a causal byte-level model. Writes to --out: checkpoints/step-N/ (model.safetensors, "
+        "config.json, train_state.*, manifest.json; at every evaluation and at the end, the last 2 kept, each "
+        "complete or absent), metrics.csv, curves.png "
         "and tensorboard/ (if tensorboard is installed). Several processes: torchrun --nproc_per_node K "
         "-m h_transformer_1d train ... (DDP; --fsdp to shard). Ctrl-C stops; --resume continues from "
         "the last checkpoint exactly.",
@@ -164,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "generate", help="continue a prompt with a checkpoint", description="Print a sampled continuation of --prompt."
     )
-    p.add_argument("--checkpoint", metavar="DIR", required=True, help=f"a directory written by {LM.command}")
+    p.add_argument("--checkpoint", metavar="DIR", required=True, help=checkpoint_help(LM))
     p.add_argument("--prompt", default="", help="text to continue (default: empty, the model starts after a newline)")
     p.add_argument("--length", type=positive_int, default=256, metavar="N", help="bytes to generate (default: 256)")
     p.add_argument(

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .core.checkpoint import App
-from .core.config import NON_NEGATIVE, POSITIVE, ConfigError, flag, option, overrides, shared
+from .core.config import MAX_DATA_BYTES, NON_NEGATIVE, POSITIVE, ConfigError, flag, option, overrides, shared
 from .core.config import validate as validate_fields
 
 NUM_TOKENS = 256  # byte-level vocabulary
@@ -46,6 +46,7 @@ class Config:
         "default: this Python's standard library sources",
         "data",
     )
+    max_data_bytes: int = shared("max_data_bytes", MAX_DATA_BYTES)
     seed: int = shared("seed", 0, "the batches depend on seed and step only")
 
     eval_every: int = shared("eval_every", 50, "validation in bits per byte")
@@ -139,13 +140,13 @@ def build_model(cfg: Config):
 
 
 def upgrade(values: dict) -> dict:
-    """A Config stored by an earlier version: `max_steps` is now `steps`, and its `dropout` applied to the
-    attention weights too."""
-    values = dict(values)
+    """A Config stored by an earlier version: `max_steps` is now `steps`, its `dropout` applied to the
+    attention weights too, and it read --data of any size."""
+    values = {"max_data_bytes": MAX_DATA_BYTES, **values}
     if "max_steps" in values:
         values["steps"] = values.pop("max_steps")
     values.setdefault("attn_dropout", values.get("dropout", 0.0))
     return values
 
 
-LM = App("lm", Config, build_model, "h-transformer-1d train", upgrade)
+LM = App("lm", Config, build_model, "h-transformer-1d train", upgrade, {"tokens": int, "elapsed_s": float})

@@ -3,15 +3,23 @@
 Every token is a byte (vocabulary 256). A corpus of files is split by file (of the sorted files, every
 20th from the 19th goes to validation, every 20th from the 20th to test: 90/5/5); a single file is
 split by bytes (first 90%, next 5%, last 5%: for enwik8's 100M bytes exactly 90M/5M/5M).
+
+Inputs are bounded: only regular files are read (a FIFO, a device or a socket is refused, not waited on),
+streamed and decompressed in chunks up to --max-data-bytes in all, and held once in memory, as uint8.
 """
 
 import gzip
 import sysconfig
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+
+from .core.config import MAX_DATA_BYTES
+from .core.files import CHUNK, NotRegularError, open_regular
 
 
 class DataError(ValueError):
@@ -29,28 +37,56 @@ class Corpus:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
-def as_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+def as_tensor(data: bytearray) -> torch.Tensor:
+    """A uint8 tensor over `data`'s memory (no copy)."""
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
-def split_bytes(name: str, data: bytes) -> Corpus:
+class Budget:
+    """Reads streams into memory, at most `limit` bytes in all (--max-data-bytes): a larger input, or an
+    archive that inflates beyond it (a zip bomb), stops at the limit with a DataError, never exhausting memory."""
+
+    def __init__(self, path, limit: int):
+        self.path, self.limit, self.left = path, limit, limit
+
+    def read(self, stream: BinaryIO, into: bytearray) -> bytearray:
+        while chunk := stream.read(min(CHUNK, self.left + 1)):
+            into += chunk
+            self.left -= len(chunk)
+            if self.left < 0:
+                raise DataError(
+                    f"--data {self.path}: more than {self.limit:,} bytes (--max-data-bytes, counted after "
+                    "decompression); raise --max-data-bytes to read it"
+                )
+        return into
+
+    def read_file(self, path: Path, into: bytearray) -> bytearray:
+        with open_regular(path) as f:
+            return self.read(f, into)
+
+
+def split_bytes(name: str, data: bytearray) -> Corpus:
     n = len(data)
     a, b = n * 90 // 100, n * 95 // 100
-    return Corpus(name, as_tensor(data[:a]), as_tensor(data[a:b]), as_tensor(data[b:]))
+    tokens = as_tensor(data)
+    return Corpus(name, tokens[:a], tokens[a:b], tokens[b:])
 
 
-def split_files(name: str, files: list[Path]) -> Corpus:
+def split_files(name: str, files: list[Path], budget: Budget) -> Corpus:
     """Split a sorted file list 90/5/5 by file; fewer than 20 files are split by bytes instead."""
     if len(files) < 20:
-        return split_bytes(name, b"".join(p.read_bytes() for p in files))
-    parts = {"train": [], "val": [], "test": []}
+        data = bytearray()
+        for path in files:
+            budget.read_file(path, data)
+        return split_bytes(name, data)
+    parts = {"train": bytearray(), "val": bytearray(), "test": bytearray()}
     for i, path in enumerate(files):
-        parts[{18: "val", 19: "test"}.get(i % 20, "train")].append(path.read_bytes())
-    return Corpus(name, *(as_tensor(b"".join(chunks)) for chunks in parts.values()))
+        budget.read_file(path, parts[{18: "val", 19: "test"}.get(i % 20, "train")])
+    return Corpus(name, *(as_tensor(data) for data in parts.values()))
 
 
 def sorted_files(root: Path, pattern: str, skip: frozenset = frozenset()) -> list[Path]:
-    """Files under `root` matching `pattern`, none in a hidden or `skip` folder, in path order."""
+    """Regular files under `root` matching `pattern`, none in a hidden or `skip` folder, in path order."""
     files = [
         p
         for p in root.rglob(pattern)
@@ -65,39 +101,46 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted_files(root, "*.py", frozenset({"site-packages", "dist-packages", "__pycache__"}))
 
 
-def read_archive(path: Path) -> bytes:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    with zipfile.ZipFile(path) as archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        if len(members) != 1:
-            names = ", ".join(m.filename for m in members[:5])
-            raise DataError(f"--data {path}: a .zip must hold exactly one file, it holds {len(members)} ({names})")
-        return archive.read(members[0])
+def read_archive(path: Path, budget: Budget) -> bytearray:
+    """The one file a .gz or .zip holds, inflated as it is read, within the budget."""
+    with open_regular(path) as f:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(fileobj=f, mode="rb") as inflated:
+                return budget.read(inflated, bytearray())
+        with zipfile.ZipFile(f) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if len(members) != 1:
+                names = ", ".join(m.filename for m in members[:5])
+                raise DataError(f"--data {path}: a .zip must hold exactly one file, it holds {len(members)} ({names})")
+            with archive.open(members[0]) as inflated:
+                return budget.read(inflated, bytearray())
 
 
-def load_corpus(path: str | None) -> Corpus:
-    """The corpus of `--data PATH`, or the standard library's sources when `path` is None."""
+def load_corpus(path: str | None, max_bytes: int = MAX_DATA_BYTES) -> Corpus:
+    """The corpus of `--data PATH`, or the standard library's sources when `path` is None; at most `max_bytes`
+    bytes are read (after decompression), and only from regular files."""
+    budget = Budget(path, max_bytes)
     if path is None:
         root, files = stdlib_files()
         if not files:
             raise DataError(f"found no standard-library sources under {root}; pass --data PATH")
         # the folder's name, not its path: descriptions end up in committed benchmark reports
-        corpus = split_files(f"Python standard library ({Path(root).name}, {len(files)} files)", files)
+        corpus = split_files(f"Python standard library ({Path(root).name}, {len(files)} files)", files, budget)
     else:
         p = Path(path)
         try:
             if p.is_dir():
                 files = sorted_files(p, "*")
-                corpus = split_files(f"{p} ({len(files)} files)", files)
+                corpus = split_files(f"{p} ({len(files)} files)", files, budget)
             elif p.suffix in (".gz", ".zip"):
-                corpus = split_bytes(str(p), read_archive(p))
+                corpus = split_bytes(str(p), read_archive(p, budget))
             else:
-                corpus = split_bytes(str(p), p.read_bytes())
+                corpus = split_bytes(str(p), budget.read_file(p, bytearray()))
         except FileNotFoundError:
             raise DataError(f"--data {path}: no such file or directory") from None
-        except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile) as e:
+        except NotRegularError as e:
+            raise DataError(f"--data {path}: {e}; pass a file, a .gz, a .zip or a directory") from None
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, gzip.BadGzipFile) as e:
             raise DataError(f"--data {path}: cannot read it ({e})") from None
     size = len(corpus.train) + len(corpus.val) + len(corpus.test)
     corpus.name += f", {size / 1e6:.1f} MB: {len(corpus.train):,} / {len(corpus.val):,} / {len(corpus.test):,} bytes"

@@ -31,6 +31,7 @@ from .core.training import (
     progress_bar,
     restore_training_state,
     save_checkpoint,
+    start_clean,
     warmup_cosine,
 )
 
@@ -126,7 +127,7 @@ def train(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None = Non
 
 def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Runtime) -> None:
     validate(cfg, rt.world_size)
-    corpus = data.load_corpus(cfg.data)
+    corpus = data.load_corpus(cfg.data, cfg.max_data_bytes)
     data.require_bytes(corpus, "train", cfg.seq_len)
     data.require_bytes(corpus, "val", cfg.seq_len)
     micro_batch = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all processes together
@@ -165,6 +166,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
     metrics = None
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        start_clean(out_dir, rt)
         metrics = MetricsLog(out_dir, start_step, COLUMNS, SCALARS)
     precision = "bf16 autocast" if rt.bf16 else "fp32"
     rt.print(
@@ -247,5 +249,5 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
     total = elapsed + time.perf_counter() - clock
     rt.print(
         f"done: step {cfg.steps}, validation {val_bpb:.3f} bits per byte, {format_duration(total)}; "
-        f"checkpoint, metrics.csv and curves.png in {out_dir}"
+        f"checkpoints in {out_dir / checkpoint.SAVES}, metrics.csv and curves.png in {out_dir}"
     )

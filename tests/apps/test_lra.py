@@ -250,8 +250,10 @@ def test_prepare_train_evaluate(tmp_path, capsys):
 
     assert main(["lra", "listops", "train", "--data", str(data), "--out", str(out), *TINY,
                  "--steps", "4", "--eval-every", "2"]) == 0  # fmt: skip
-    for name in ("model.safetensors", "config.json", "metrics.csv", "curves.png", "results.json"):
+    for name in ("metrics.csv", "curves.png", "results.json"):
         assert (out / name).is_file(), name
+    for name in (*checkpoint.FILES, checkpoint.MANIFEST):
+        assert (out / checkpoint.SAVES / "step-000004" / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["test_accuracy"] <= 1 and results["attention"] == "hierarchical" and results["steps"] == 4
     with open(out / "metrics.csv", newline="") as f:
@@ -327,11 +329,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
 
     # --resume keeps the model: a flag that would change it is refused, naming it with both values
     resumed = tmp_path / "resumed"
-    before = {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()}
+    before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
     assert main(["lra", "listops", "train", "--out", str(resumed), "--resume", "--dim", "64", "--pool", "mean"]) == 2
     err = capsys.readouterr().err
     assert "dim=32 (asked: --dim 64)" in err and "pool='cls' (asked: --pool 'mean')" in err
-    assert {p.name: p.read_bytes() for p in resumed.iterdir() if p.is_file()} == before
+    assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()} == before
     # ... and takes the training settings it is given: here two more steps
     assert main(["lra", "listops", "train", "--out", str(resumed), "--resume", "--steps", "9"]) == 0
     assert [r[0] for r in rows("resumed")] == [str(i) for i in range(1, 10)]

@@ -40,6 +40,18 @@ PROBABILITY = Check(lambda v: 0 <= v < 1, "in [0, 1)")
 EVEN = Check(lambda v: v % 2 == 0, "even (rotary position embeddings rotate pairs of features)")
 POWER_OF_TWO = Check(lambda v: v >= 2 and not v & (v - 1), "a power of two >= 2")
 
+
+def at_most(limit: int) -> Check:
+    """An upper bound far above any model this code trains: a value above it is a typo or an edited
+    checkpoint, refused before the model is built (depth 10**6 would take minutes to build)."""
+    return Check(lambda v: v <= limit, f"at most {limit:,}")
+
+
+# The largest --data read, after decompression. 2 GiB holds enwik9 (10**9 bytes), the largest corpus the
+# byte-level benchmarks use, while the bytes held in memory (once, as uint8) stay a fraction of a training
+# machine's; a larger corpus is read by raising it.
+MAX_DATA_BYTES = 2 << 30
+
 GROUPS = {
     "model": "model (fixed for the life of a checkpoint)",
     "optimization": "optimization",
@@ -59,13 +71,14 @@ def option(default, help: str, group: str, *, choices: tuple | None = None, chec
 # The ideas both applications configure: name -> (help, group, checks, choices).
 # fmt: off
 SHARED = {
-    "dim": ("model width", "model", (POSITIVE,), None),
-    "depth": ("number of layers", "model", (POSITIVE,), None),
-    "heads": ("attention heads", "model", (POSITIVE,), None),
-    "dim_head": ("width of one attention head (even)", "model", (POSITIVE, EVEN), None),
-    "block_size": ("hierarchical attention block size Nr (a power of two >= 2)", "model", (POWER_OF_TWO,), None),
-    "seq_len": ("longest sequence in tokens (the model's max_seq_len)", "model", (POSITIVE,), None),
-    "ff_mult": ("feed-forward width as a multiple of --dim", "model", (POSITIVE,), None),
+    "dim": ("model width", "model", (POSITIVE, at_most(1 << 16)), None),
+    "depth": ("number of layers", "model", (POSITIVE, at_most(1024)), None),
+    "heads": ("attention heads", "model", (POSITIVE, at_most(1024)), None),
+    "dim_head": ("width of one attention head (even)", "model", (POSITIVE, EVEN, at_most(1 << 12)), None),
+    "block_size": ("hierarchical attention block size Nr (a power of two >= 2)", "model",
+                   (POWER_OF_TWO, at_most(1 << 16)), None),
+    "seq_len": ("longest sequence in tokens (the model's max_seq_len)", "model", (POSITIVE, at_most(1 << 24)), None),
+    "ff_mult": ("feed-forward width as a multiple of --dim", "model", (POSITIVE, at_most(64)), None),
     "attention": ("attention kind", "model", (), ATTENTIONS),
     "batch_size": ("sequences per optimizer step", "optimization", (POSITIVE,), None),
     "steps": ("optimizer steps in the whole run", "optimization", (POSITIVE,), None),
@@ -77,6 +90,8 @@ SHARED = {
     "dropout": ("dropout in the feed-forward layers", "optimization", (PROBABILITY,), None),
     "attn_dropout": ("dropout on the attention weights (non-zero leaves the fused GPU kernels for blocked PyTorch)",
                      "optimization", (PROBABILITY,), None),
+    "max_data_bytes": ("the most bytes --data may hold after decompression (2 GiB by default); more is refused",
+                       "data", (POSITIVE,), None),
     "seed": ("seed for initialization and for the batches", "data", (NON_NEGATIVE,), None),
     "eval_every": ("validate and save a checkpoint every N steps (and at the last)", "evaluation", (POSITIVE,), None),
     "device": ("auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps", "system", (), None),

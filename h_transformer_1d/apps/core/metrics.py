@@ -4,7 +4,7 @@ import csv
 import io
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 FILE = "metrics.csv"
 

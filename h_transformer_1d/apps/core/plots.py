@@ -3,7 +3,7 @@
 import io
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .metrics import FILE, read_rows
 
 PLOT = "curves.png"

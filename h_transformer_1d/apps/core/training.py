@@ -54,21 +54,41 @@ def warmup_rsqrt(step: int, lr: float, warmup: int) -> float:
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite. Raised before the next checkpoint is written (the
-    language model reads a step's loss once the next step is queued, lra/ before the optimizer update),
-    so no checkpoint ever holds non-finite weights: the one in --out is the last good state."""
+    """The training loss, a weight or the optimizer state became NaN or infinite. Raised before the next
+    checkpoint is written (the language model reads a step's loss once the next step is queued, lra/ before
+    the optimizer update, and every save checks the tensors it would write), so no checkpoint ever holds
+    non-finite values: the one in --out is the last good state."""
+
+
+def diverged(what: str, step: int, out_dir: Path, last_saved: int) -> DivergedError:
+    """The error that stops a run at `step` because `what` is not finite, saying what is kept and what to change."""
+    kept = f"{out_dir} keeps the checkpoint of step {last_saved}" if last_saved else f"nothing was saved in {out_dir}"
+    return DivergedError(
+        f"step {step}: {what} (not finite), so training stopped; {kept}. Lower --lr, set --grad-clip, or use "
+        f"--precision fp32, and train again (--resume of the same configuration repeats the same steps)"
+    )
 
 
 def check_finite(loss: float, step: int, out_dir: Path, last_saved: int) -> None:
-    """Stop a run whose loss is not finite, saying what is kept and what to change."""
-    if math.isfinite(loss):
-        return
-    kept = f"{out_dir} keeps the checkpoint of step {last_saved}" if last_saved else f"nothing was saved in {out_dir}"
-    raise DivergedError(
-        f"step {step}: the training loss is {loss} (not finite), so training stopped; {kept}. Lower --lr, set "
-        f"--grad-clip, or use --precision fp32, and train again (--resume of the same configuration repeats the "
-        f"same steps)"
-    )
+    """Stop a run whose loss is not finite."""
+    if not math.isfinite(loss):
+        raise diverged(f"the training loss is {loss}", step, out_dir, last_saved)
+
+
+def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime) -> str | None:
+    """The first weight or optimizer tensor of this process holding NaN or infinity, on every process (their
+    verdicts are summed, so all stop together); None if all are finite. Sharded tensors are checked by shard."""
+    named = [(f"weight {name}", p) for name, p in model.named_parameters()]
+    names = {p: name for name, p in model.named_parameters()}
+    named += [(f"optimizer {key} of {names.get(p, '?')}", t) for p, s in optimizer.state.items()
+              for key, t in s.items() if torch.is_tensor(t)]  # fmt: skip
+    local = [(what, t.to_local() if hasattr(t, "to_local") else t) for what, t in named]
+    bad = [~torch.isfinite(t).all() for _, t in local if t.is_floating_point()]
+    flags = torch.stack(bad) if bad else torch.zeros(0, dtype=torch.bool)
+    if not int(rt.all_sum(flags.any().to(rt.device, torch.float32))):
+        return None
+    floating = [what for what, t in local if t.is_floating_point()]
+    return next((what for what, flag in zip(floating, flags.tolist()) if flag), "a tensor of another process")
 
 
 class PendingLoss:
@@ -119,7 +139,10 @@ def restore_rng(saved: dict[str, torch.Tensor], saved_world_size: int, seed: int
 def save_checkpoint(out_dir: Path, app: checkpoint.App, cfg, model, optimizer, rt: Runtime, step: int,
                     state: dict) -> None:  # fmt: skip
     """Gather full weights and optimizer state on process 0 (a collective under FSDP), which writes them;
-    `state` holds the JSON-able progress (tokens, elapsed time, ...)."""
+    `state` holds the JSON-able progress (tokens, elapsed time, ...). Non-finite weights or optimizer state
+    stop the run (DivergedError) instead of being saved."""
+    if (what := first_nonfinite(model, optimizer, rt)) is not None:
+        raise diverged(f"the {what} holds NaN or infinity", step, out_dir, checkpoint.latest_step(out_dir))
     weights = get_model_state_dict(model, options=FULL_STATE)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
     rng = rng_states(rt)
@@ -131,8 +154,19 @@ def save_checkpoint(out_dir: Path, app: checkpoint.App, cfg, model, optimizer, r
 
 def restore_training_state(model, optimizer, ckpt: checkpoint.Checkpoint, seed: int, rt: Runtime) -> None:
     """The optimizer and random state of `ckpt` (its weights are loaded into `model` before it is sharded)."""
-    set_optimizer_state_dict(model, optimizer, ckpt.optimizer, options=StateDictOptions(full_state_dict=True))
-    restore_rng(ckpt.rng, ckpt.state.get("world_size", 0), seed, ckpt.step, rt)
+    try:
+        set_optimizer_state_dict(model, optimizer, ckpt.optimizer, options=StateDictOptions(full_state_dict=True))
+        restore_rng(ckpt.rng, ckpt.state.get("world_size", 0), seed, ckpt.step, rt)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(
+            f"{ckpt.directory / checkpoint.STATE_TENSORS}: the training state does not fit this optimizer ({e})"
+        ) from None
+
+
+def start_clean(out_dir: Path, rt: Runtime) -> None:
+    """Remove what interrupted saves left in `out_dir` (in the process that writes, before it writes)."""
+    if removed := checkpoint.remove_stale(out_dir):
+        rt.print(f"note: removed {len(removed)} interrupted save(s) from {out_dir / checkpoint.SAVES}")
 
 
 def finished(start_step: int, steps: int, out_dir: Path, rt: Runtime) -> bool:

@@ -52,7 +52,7 @@ def command_evaluate(args) -> None:
     cfg = ckpt.config
     rt = start_runtime(getattr(args, "device", "auto"), getattr(args, "precision", "auto"))
     data_dir = Path(getattr(args, "data", cfg.data))
-    split = load_split(data_dir, args.split).to(rt.device)
+    split = load_split(data_dir, args.split, getattr(args, "max_data_bytes", cfg.max_data_bytes)).to(rt.device)
     model = LISTOPS.model_of(ckpt, rt.device)
     result = accuracy(model, split, cfg, rt, args.batch_size or cfg.batch_size, progress=True)
     print(f"{args.split} accuracy: {result:.4f}")
@@ -119,9 +119,10 @@ def add_commands(commands) -> None:
         help="train a classifier (LRA's configuration with the study's learning rate by default)",
         formatter_class=formatter,
         description="Train the ListOps classifier; every flag defaults to LRA's configuration except the study's "
-        "peak lr 1.5e-4 and clipping at 1. Writes to --out: a checkpoint (model.safetensors, config.json, "
-        "train_state.*: at every validation and at the end), metrics.csv, curves.png (train and validation "
-        "accuracy) and results.json (test accuracy of the final model, time, memory). Ctrl-C stops; --resume "
+        "peak lr 1.5e-4 and clipping at 1. Writes to --out: checkpoints/step-N/ (model.safetensors, "
+        "config.json, train_state.*, manifest.json: at every validation and at the end, the last 2 kept), "
+        "metrics.csv, curves.png (train and validation accuracy) and results.json (test accuracy of the final "
+        "model, time, memory). Ctrl-C stops; --resume "
         "continues from the last checkpoint exactly.",
         epilog=EXAMPLES,
     )

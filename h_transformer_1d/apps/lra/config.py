@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ...model import HTransformer1D
 from ..core.checkpoint import App
-from ..core.config import ConfigError, flag, option, shared
+from ..core.config import MAX_DATA_BYTES, ConfigError, flag, option, shared
 from ..core.config import validate as validate_fields
 from . import listops
 from .model import POOLS, SequenceClassifier
@@ -46,6 +46,7 @@ class ListOpsConfig:
     weight_decay: float = shared("weight_decay", 0.1)
     grad_clip: float = shared("grad_clip", 1.0, "LRA: 0")
     data: str = option("data/listops", "directory of basic_{train,val,test}.tsv (see: lra listops prepare)", "data")
+    max_data_bytes: int = shared("max_data_bytes", MAX_DATA_BYTES, "per file")
     seed: int = shared("seed", 0, "and the batch order")
     eval_every: int = shared("eval_every", 250, "validation accuracy on the whole split")
     device: str = shared("device", "auto")
@@ -76,4 +77,10 @@ def build_classifier(cfg: ListOpsConfig) -> SequenceClassifier:
     return SequenceClassifier(body, listops.NUM_CLASSES, cfg.pool, hidden=cfg.dim * cfg.ff_mult)  # LRA: mlp_dim
 
 
-LISTOPS = App("listops", ListOpsConfig, build_classifier, "h-transformer-1d lra listops train")
+def upgrade(values: dict) -> dict:
+    """A configuration stored by an earlier version, which read --data files of any size."""
+    return {"max_data_bytes": MAX_DATA_BYTES, **values}
+
+
+PROGRESS = {"val_acc": float, "best_val_acc": float, "best_val_step": int, "elapsed_s": float}
+LISTOPS = App("listops", ListOpsConfig, build_classifier, "h-transformer-1d lra listops train", upgrade, PROGRESS)

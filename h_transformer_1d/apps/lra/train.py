@@ -1,7 +1,7 @@
 """The ListOps recipe: the data as tensors, the training loop and evaluation (its configuration: config.py).
 
-A run writes to --out: model.safetensors, config.json and train_state.* (optimizer, RNG and progress,
-at every validation and at the end), metrics.csv, curves.png and results.json (the test accuracy of
+A run writes to --out: checkpoints/step-N/ (weights, configuration, optimizer, RNG and progress, at every
+validation and at the end; core/checkpoint.py), metrics.csv, curves.png and results.json (the test accuracy of
 the final model). A `resume` checkpoint continues the run in --out exactly where it stands.
 """
 
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core import checkpoint
-from ..core.config import ConfigError
+from ..core.config import MAX_DATA_BYTES, ConfigError
+from ..core.files import atomic_write, open_regular
 from ..core.metrics import MetricsLog
 from ..core.plots import plot_curves
 from ..core.runtime import Runtime, start_runtime
@@ -30,6 +31,7 @@ from ..core.training import (
     progress_bar,
     restore_training_state,
     save_checkpoint,
+    start_clean,
     warmup_rsqrt,
 )
 from ..data import DataError
@@ -93,12 +95,22 @@ class Split:
         return x, mask
 
 
-def load_split(data_dir: Path, split: str) -> Split:
+def load_split(data_dir: Path, split: str, max_bytes: int = MAX_DATA_BYTES) -> Split:
+    """The examples of a split's TSV file, a regular file of at most `max_bytes` bytes."""
     path = data_dir / listops.SPLITS[split]
-    if not path.is_file():
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
         raise DataError(
             f"--data {data_dir}: no {path.name}. Create the ListOps files with: "
             f"h-transformer-1d lra listops prepare --out {data_dir}"
+        ) from None
+    except OSError as e:
+        raise DataError(f"--data {data_dir}: cannot read {path.name} ({e})") from None
+    if size > max_bytes:
+        raise DataError(
+            f"--data {data_dir}: {path.name} holds {size:,} bytes, more than --max-data-bytes {max_bytes:,}"
         )
     ids, starts, labels = bytearray(), [0], []
     for text, label in listops.read_split(path):
@@ -153,7 +165,8 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         return None
     data_dir = Path(cfg.data)
     rt.print(f"reading {data_dir} ...")
-    train_set, val_set, test_set = (load_split(data_dir, split).to(rt.device) for split in listops.SPLITS)
+    train_set, val_set, test_set = (load_split(data_dir, split, cfg.max_data_bytes).to(rt.device)
+                                    for split in listops.SPLITS)  # fmt: skip
     if len(train_set) < cfg.batch_size:
         raise DataError(f"--batch-size {cfg.batch_size} is more than the {len(train_set)} training examples")
     cls = cfg.pool == "cls"
@@ -172,6 +185,7 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         best = (resume.state.get("best_val_acc", -1.0), resume.state.get("best_val_step", 0))
         val_acc, elapsed = resume.state.get("val_acc", float("nan")), resume.state.get("elapsed_s", 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
+    start_clean(out_dir, rt)
     metrics = MetricsLog(out_dir, start_step, columns=COLUMNS, scalars=SCALARS)
     rt.print(
         f"data: {data_dir}: {len(train_set):,} train, {len(val_set):,} validation, {len(test_set):,} test examples"
@@ -250,9 +264,9 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         "torch": torch.__version__,
         "config": dataclasses.asdict(cfg),
     }
-    checkpoint.atomic_write(out_dir / RESULTS, checkpoint.json_bytes(results))
+    atomic_write(out_dir / RESULTS, checkpoint.json_bytes(results))
     rt.print(
         f"done: test accuracy {test_acc:.4f} (validation {val_acc:.4f}, best {best[0]:.4f} at step {best[1]}), "
-        f"{format_duration(train_time)}; checkpoint, metrics.csv, curves.png and {RESULTS} in {out_dir}"
+        f"{format_duration(train_time)}; checkpoints, metrics.csv, curves.png and {RESULTS} in {out_dir}"
     )
     return results
