@@ -290,6 +290,16 @@ def run_logged(command: list[str], log: Path, env: dict, timeout: float | None =
             return proc.wait()
 
 
+def run_config(run_dir: Path) -> dict:
+    """The configuration of a training run's last complete checkpoint ({} when it has none yet)."""
+    from h_transformer_1d.apps.core.checkpoint import CheckpointError, locate
+
+    try:
+        return json.loads((locate(run_dir) / "config.json").read_text())["config"]
+    except (CheckpointError, OSError, KeyError, ValueError):
+        return {}
+
+
 def read_metrics(run_dir: Path, require: tuple = ("tokens", "tokens_per_s")) -> list[dict]:
     """metrics.csv rows as numbers (None for an empty cell); a row cut short by a kill (no `require` value) is
     dropped."""

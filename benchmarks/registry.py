@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import child_env, import_package, read_metrics, run_logged, steady_throughput, sync, time_fn
+from common import child_env, import_package, read_metrics, run_config, run_logged, steady_throughput, sync, time_fn
 
 
 @dataclass
@@ -411,7 +411,7 @@ def measure_quality(case: dict, opts) -> dict:
     metrics = read_metrics(run_dir)
     if not metrics:
         return {"error": f"no metrics.csv in {run_dir}" + (f" (exit {rc})" if rc else "")}
-    config = json.loads((run_dir / "config.json").read_text())["config"] if (run_dir / "config.json").is_file() else {}
+    config = run_config(run_dir)
     row = {"status": status(rc, metrics[-1]["step"] == config.get("steps")), "steps": metrics[-1]["step"],
            "evals": [[m["step"], m["val_bpb"], m["tokens"]] for m in metrics if m.get("val_bpb") is not None],
            "config": config, "throughput": steady_throughput(metrics, 2 if opts.quick else 20)}  # fmt: skip

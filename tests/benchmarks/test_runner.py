@@ -216,7 +216,7 @@ def test_lra_listops_quick(studies):
     rows = {r["label"]: r for r in load(studies, "lra_listops")["rows"]}
     assert sorted(rows) == ["dense-mean-lra-lr", "hier"]
     assert (studies / "lra_listops_runs" / "data" / "basic_test.tsv").is_file()
-    config = json.loads((studies / "lra_listops_runs" / "dense-mean-lra-lr" / "config.json").read_text())["config"]
+    config = common.run_config(studies / "lra_listops_runs" / "dense-mean-lra-lr")
     assert config["pool"] == "mean" and config["attention"] == "dense" and config["grad_clip"] == 0
     for r in rows.values():
         assert r["finished"] and 0 <= r["test_accuracy"] <= 1 and [s for s, _ in r["val_curve"]] == [3, 6]
