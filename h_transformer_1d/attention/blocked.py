@@ -15,15 +15,24 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .geometry import level_lengths, window_offsets
+from .geometry import effective_block_size, level_lengths, window_offsets
 
 
 class Partial(NamedTuple):
-    """Unnormalised softmax state per query: max score, sum of weights, weighted sum of values."""
+    """Unnormalised softmax state per query: max score, sum of weights, weighted sum of values.
+
+    A query with no key has m = -inf (and l = 0, o = 0): it never sets the maximum of a merge, so the
+    weights of the levels that have keys stay relative to their own maximum, whatever their scale."""
 
     m: torch.Tensor  # (B, H, M)
     l: torch.Tensor  # (B, H, M)
     o: torch.Tensor  # (B, H, M, D)
+
+
+def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """m with -inf (the maximum of no key) replaced by 0: the reference to subtract before exponentiating,
+    so that -inf - -inf never makes a NaN (every weight of such a row is exp(-inf) = 0)."""
+    return torch.where(m == -math.inf, 0.0, m)
 
 
 def _pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -57,9 +66,8 @@ def window_partial(
     # in place after the matmul: one score-sized buffer instead of three (these dominate memory)
     scores = (q @ k.transpose(-1, -2)).add_(bias)
     with torch.no_grad():
-        m = scores.amax(-1, keepdim=True)
-        m = m.masked_fill_(m == float("-inf"), 0.0)  # rows with no key: all weights become 0
-    p = scores.sub_(m).exp_()
+        m = scores.amax(-1, keepdim=True)  # -inf for a row with no key: all its weights become 0
+    p = scores.sub_(finite_or_zero(m)).exp_()
     l = p.sum(-1)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
@@ -71,7 +79,8 @@ def window_partial(
 def merge(a: Partial, b: Partial) -> Partial:
     """The softmax state of the union of the keys of a and b (log-sum-exp arithmetic)."""
     m = torch.maximum(a.m, b.m)
-    wa, wb = torch.exp(a.m - m), torch.exp(b.m - m)
+    ref = finite_or_zero(m)
+    wa, wb = torch.exp(a.m - ref), torch.exp(b.m - ref)
     return Partial(m, a.l * wa + b.l * wb, a.o * wa[..., None] + b.o * wb[..., None])
 
 
@@ -306,7 +315,9 @@ def _make_level(q, k, v, meta: _LevelMeta, x0: int, x1: int, nr: int) -> _Level:
     mask_bias = None
     if meta.mask_bias is not None:
         mask_bias = meta.mask_bias.view(nr, ns, -1).permute(1, 0, 2)[:, None]
-    return _Level(q.reshape(-1, nr, d), k.reshape(-1, d), v.reshape(-1, d), key_bias, mask_bias, meta.offsets, segments)
+    return _Level(
+        q.reshape(-1, nr, d), k.reshape(-1, d), v.reshape(-1, v.shape[-1]), key_bias, mask_bias, meta.offsets, segments
+    )
 
 
 def _window_rows(x: torch.Tensor, i0: int, i1: int, offsets: tuple[int, ...], nr: int) -> tuple[torch.Tensor, int]:
@@ -359,14 +370,14 @@ def _row_reduce(op, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _window_forward(lv: _Level, nr: int, scale: float, o=None):
-    """Per query row of the level: own max m (base 2; 0 for a row with no key), sum of weights l and
-    weighted sum of values o (written into `o` (nblk, R, D) if given)."""
-    nblk, _, d = lv.q.shape
+    """Per query row of the level: own max m (base 2; -inf for a row with no key), sum of weights l and
+    weighted sum of values o (written into `o` (nblk, R, Dv) if given)."""
+    nblk = lv.q.shape[0]
     width = len(lv.offsets) * nr
     ns = len(lv.segments)
     m, l = lv.q.new_empty(nblk, nr), lv.q.new_empty(nblk, nr)
     if o is None:
-        o = lv.q.new_empty(nblk, nr, d)
+        o = lv.q.new_empty(nblk, nr, lv.v.shape[-1])
     step = _chunk_blocks(nr, width, lv.q.device)
     buf = lv.q.new_empty(ns, min(step, nblk), nr, width // ns)
     for i0 in range(0, nblk, step):
@@ -374,8 +385,7 @@ def _window_forward(lv: _Level, nr: int, scale: float, o=None):
         s = buf[:, : i1 - i0]
         _scores_into(s, lv, i0, scale, _chunk_windows(lv, lv.k, i0, i1, nr))
         mc = _row_reduce(torch.amax, s, m[i0:i1])
-        mc.masked_fill_(mc == -math.inf, 0.0)  # rows with no key: all weights become 0
-        s.sub_(mc[None, :, :, None]).exp2_()
+        s.sub_(finite_or_zero(mc)[None, :, :, None]).exp2_()
         _row_reduce(torch.sum, s, l[i0:i1])
         for j, (sj, vw) in enumerate(zip(s, _chunk_windows(lv, lv.v, i0, i1, nr))):
             o[i0:i1].baddbmm_(sj, vw, beta=1.0 if j else 0.0)
@@ -383,20 +393,21 @@ def _window_forward(lv: _Level, nr: int, scale: float, o=None):
 
 
 def _window_backward(lv: _Level, nr: int, scale: float, ref, do, c=None, out=None, into=None):
-    """Gradients dq (nblk, R, D), dk, dv (nblk*R, D) of one level, and c.
+    """Gradients dq (nblk, R, D), dk (nblk*R, D), dv (nblk*R, Dv) of one level, and c.
 
-    Weights are exp2(S - ref) for the base-2 row reference `ref` (nblk, R); `do` (nblk, R, D) and `c`
-    (nblk, R) are the sums A and C above: dS = weights * (do . v - c). For the fine level (ref = lse)
-    pass `out` (nblk, R, D) instead of c: c = delta = rowsum(do * out) is made here. `into`: buffers
-    for (dq, dk, dv).
+    Weights are exp2(S - ref) for the base-2 row reference `ref` (nblk, R), finite or +inf (a row
+    without keys); `do` (nblk, R, Dv) and `c` (nblk, R) are the sums A and C above: dS = weights *
+    (do . v - c). For the fine level (ref = lse) pass `out` (nblk, R, Dv) instead of c: c = delta =
+    rowsum(do * out) is made here. `into`: buffers for (dq, dk, dv).
     """
     nblk, _, d = lv.q.shape
+    dv_dim = lv.v.shape[-1]
     width = len(lv.offsets) * nr
     ns = len(lv.segments)
     if out is not None:
         c = lv.q.new_empty(nblk, nr)
     if into is None:
-        into = (torch.empty_like(lv.q), lv.q.new_empty(nblk * nr, d), lv.q.new_empty(nblk * nr, d))
+        into = (torch.empty_like(lv.q), lv.q.new_empty(nblk * nr, d), lv.q.new_empty(nblk * nr, dv_dim))
     dq, dk, dv = into
     # a key block is first written (beta=0) by the largest offset reaching it; zero those it never reaches
     top = lv.offsets[-1]
@@ -431,7 +442,7 @@ def _window_backward(lv: _Level, nr: int, scale: float, ref, do, c=None, out=Non
             beta = 0.0 if off == top else 1.0
             gq, pq = g[j, lo - i0 : hi - i0, :, cols].transpose(1, 2), p[j, lo - i0 : hi - i0, :, cols].transpose(1, 2)
             dk[rows].view(hi - lo, nr, d).baddbmm_(gq, lv.q[lo:hi], beta=beta, alpha=scale)
-            dv[rows].view(hi - lo, nr, d).baddbmm_(pq, do[lo:hi], beta=beta)
+            dv[rows].view(hi - lo, nr, dv_dim).baddbmm_(pq, do[lo:hi], beta=beta)
     return dq, dk, dv, c
 
 
@@ -449,12 +460,13 @@ def _pair_weighted_sum(x: torch.Tensor, w: torch.Tensor, length: int) -> torch.T
 
 
 def _group_levels(q, k, v, metas, x0, x1, nr, causal, masked) -> list[_Level]:
-    """Every level of heads x0 .. x1-1 (q, k, v (G, 1, M0, D), zero in the padding), the coarse ones as
+    """Every level of heads x0 .. x1-1 (q, k, v (G, 1, M0, D|Dv), zero past N), the coarse ones as
     `coarse_levels` makes them."""
     lengths = [meta.count.shape[1] for meta in metas]
     counts = [meta.count[x0:x1] for meta in metas]
-    if masked:
-        q, k, v = (t * counts[0][:, None, :, None] for t in (q, k, v))
+    if masked:  # selected, not multiplied: padded content (NaN, Inf) must not reach anything (0 * NaN is NaN)
+        real = counts[0][:, None, :, None] > 0
+        q, k, v = (torch.where(real, t, 0.0) for t in (q, k, v))
     inputs = [(q, k, v)]
     for level in range(1, len(lengths)):  # sums of sums, made means below
         q_acc, k_acc, v_acc = inputs[-1]
@@ -468,12 +480,13 @@ def _group_levels(q, k, v, metas, x0, x1, nr, causal, masked) -> list[_Level]:
 
 
 def _group_forward(q, k, v, valid, out, metas, x0, x1, nr, causal, scale, masked) -> list:
-    """Writes the attention of heads x0 .. x1-1 (q, k, v, out (G, 1, M0, D), valid (G, M0), all padded to
-    whole blocks) into out.
+    """Writes the attention of heads x0 .. x1-1 (q, k (G, 1, M0, D), v, out (G, 1, M0, Dv), valid (G, M0),
+    all padded to whole blocks) into out.
 
-    Returns the merged base-2 row maxima of levels 1.. and, at index 0, the fine rows' log-sum-exp.
+    Returns the merged base-2 row maxima of levels 1.. (-inf for a row without keys at that level or
+    above) and, at index 0, the fine rows' log-sum-exp.
     """
-    g, _, _, d = q.shape
+    g, d = q.shape[0], v.shape[-1]
     levels = _group_levels(q, k, v, metas, x0, x1, nr, causal, masked)
     maxima: list = [None] * len(levels)
     state = None
@@ -486,7 +499,8 @@ def _group_forward(q, k, v, valid, out, metas, x0, x1, nr, causal, scale, masked
             pm, pl, po = (t[:, :half, None] for t in state)
             mv, lv, ov = m.view(g, half, 2), l.view(g, half, 2), o.view(g, half, 2, d)
             mn = torch.maximum(mv, pm)
-            wa, wb = (mv - mn).exp2_(), (pm - mn).exp2_()
+            ref = finite_or_zero(mn)
+            wa, wb = (mv - ref).exp2_(), (pm - ref).exp2_()
             lv.mul_(wa).addcmul_(pl, wb)
             ov.mul_(wa[..., None]).addcmul_(po, wb[..., None])
             mv.copy_(mn)
@@ -502,7 +516,7 @@ def _group_forward(q, k, v, valid, out, metas, x0, x1, nr, causal, scale, masked
 
 def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr, causal, scale, masked) -> None:
     """Writes the gradients of heads x0 .. x1-1 (shapes as in `_group_forward`) into grads = (dq, dk, dv)."""
-    g, _, _, d = q.shape
+    g, d = q.shape[0], v.shape[-1]
     lengths = [meta.count.shape[1] for meta in metas]
     top = len(lengths) - 1
     levels = _group_levels(q, k, v, metas, x0, x1, nr, causal, masked)
@@ -510,19 +524,21 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
     do = dout.masked_fill(~keep, 0.0) if masked else dout  # dout is zero in the padding
     do = do.reshape(-1, nr, d)
     # the fine level's gradients straight into grads; c = rowsum(dout * out) is made chunk by chunk
-    into = (grads[0].view(-1, nr, d), grads[1].view(-1, d), grads[2].view(-1, d))
+    into = (grads[0].view(-1, nr, q.shape[-1]), grads[1].view(-1, q.shape[-1]), grads[2].view(-1, d))
     fine_out = out.reshape(-1, nr, d)
     dq, dk, dv, c = _window_backward(levels[0], nr, scale, maxima[0].view(-1, nr), do, out=fine_out, into=into)
-    level_grads = [(dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d))]
+    level_grads = [(dq.view(g, -1, dq.shape[-1]), dk.view(g, -1, dk.shape[-1]), dv.view(g, -1, d))]
     a, c = do.view(g, -1, d), c.view(g, -1)
     for lvl in range(1, top + 1):
         half = lengths[lvl - 1] // 2
-        w = (maxima[lvl][:, :half, None] - maxima[lvl - 1].view(g, half, 2)).exp2_()
+        # a coarse maximum is -inf only for a row without keys from this level up: its weight and its
+        # scores' weights are 0 (a finite reference keeps -inf - -inf from making NaN)
+        w = (maxima[lvl][:, :half, None] - finite_or_zero(maxima[lvl - 1]).view(g, half, 2)).exp2_()
         a, c = _pair_weighted_sum(a, w, lengths[lvl]), _pair_weighted_sum(c, w, lengths[lvl])
         dq, dk, dv, _ = _window_backward(
-            levels[lvl], nr, scale, maxima[lvl].view(-1, nr), a.view(-1, nr, d), c.view(-1, nr)
+            levels[lvl], nr, scale, finite_or_zero(maxima[lvl]).view(-1, nr), a.view(-1, nr, d), c.view(-1, nr)
         )
-        level_grads.append((dq.view(g, -1, d), dk.view(g, -1, d), dv.view(g, -1, d)))
+        level_grads.append((dq.view(g, -1, dq.shape[-1]), dk.view(g, -1, dk.shape[-1]), dv.view(g, -1, d)))
     del a, c, levels
     # coarse to fine through the coarsening: a mean shares its gradient over the group (positions past
     # N get a share too, but the caller returns only the first N rows; masked positions are zeroed
@@ -533,11 +549,12 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
         acc = None
         for lvl in range(top, -1, -1):
             grad = level_grads[lvl][which]
+            width = grad.shape[-1]
             if lvl > 0 and mean:
                 grad.div_(counts[lvl].clamp(min=1.0)[:, :, None])
             if acc is not None:
                 half = lengths[lvl] // 2
-                pairs, up = grad.view(g, half, 2, d), acc[:, :half]
+                pairs, up = grad.view(g, half, 2, width), acc[:, :half]
                 if mean:
                     pairs.add_(up[:, :, None])
                 else:
@@ -547,26 +564,27 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
             acc = grad
     if masked:
         for grad in level_grads[0]:
-            grad.view(g, 1, -1, d).masked_fill_(~keep, 0.0)
+            grad.view(g, 1, -1, grad.shape[-1]).masked_fill_(~keep, 0.0)
 
 
 class _HierarchicalAttention(torch.autograd.Function):
     # When N is not a multiple of the block size, q, k, v and the mask are padded once for all heads
-    # (and kept for backward); the output (B, H, M0, D) is made whole, padded, and the caller keeps
+    # (and kept for backward); the output (B, H, M0, Dv) is made whole, padded, and the caller keeps
     # its first N rows (so dO arrives padded with zeros); the gradients are made in padded buffers
     # whose first N rows are returned: no per-group padding, no copies of results here (autograd still
     # copies a gradient view into a leaf tensor's .grad).
     @staticmethod
     def forward(ctx, q, k, v, valid, nr, causal, scale, masked):
         b, h, n, d = q.shape
+        dv = v.shape[-1]
         x = b * h
         lengths = level_lengths(n, nr)  # padded tokens per level
         m0 = lengths[0]
-        qx, kx, vx = (_pad_seq(t.reshape(x, 1, n, d), m0) for t in (q, k, v))
+        qx, kx, vx = (_pad_seq(t.reshape(x, 1, n, t.shape[-1]), m0) for t in (q, k, v))
         valid_x = _pad_seq(valid.repeat_interleave(h, 0)[:, None], m0)[:, 0]  # (X, M0), False in the padding
         metas = _level_metas(valid_x, lengths, nr, causal, q.dtype)
-        out = q.new_empty(b, h, m0, d)
-        outx = out.view(x, 1, m0, d)
+        out = q.new_empty(b, h, m0, dv)
+        outx = out.view(x, 1, m0, dv)
         maxima = []
         for x0, x1 in _groups(x, m0, d, q.element_size(), q.device):
             sl = slice(x0, x1)
@@ -574,26 +592,26 @@ class _HierarchicalAttention(torch.autograd.Function):
             maxima.append(_group_forward(*args))
         ctx.save_for_backward(qx, kx, vx, valid_x, out)
         ctx.maxima = maxima  # intermediates, neither inputs nor outputs
-        ctx.conf = (nr, causal, scale, masked, lengths, (b, h, n, d))
+        ctx.conf = (nr, causal, scale, masked, lengths, (b, h, n, d, dv))
         return out  # the caller cuts it to N rows: an output that is no view of another tensor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        nr, causal, scale, masked, lengths, (b, h, n, d) = ctx.conf
+        nr, causal, scale, masked, lengths, (b, h, n, d, dv) = ctx.conf
         qx, kx, vx, valid_x, out = ctx.saved_tensors
         x, m0 = b * h, lengths[0]
-        outx = out.view(x, 1, m0, d)
+        outx = out.view(x, 1, m0, dv)
         metas = _level_metas(valid_x, lengths, nr, causal, qx.dtype)
-        dout = dout.reshape(x, 1, m0, d)  # zero past N: the gradient of the caller's cut
-        gradsx = [outx.new_empty(x, 1, m0, d) for _ in range(3)]
+        dout = dout.reshape(x, 1, m0, dv)  # zero past N: the gradient of the caller's cut
+        gradsx = [outx.new_empty(x, 1, m0, width) for width in (d, d, dv)]
         for (x0, x1), maxima in zip(_groups(x, m0, d, qx.element_size(), qx.device), ctx.maxima):
             sl = slice(x0, x1)
             _group_backward(
                 qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], maxima, dout[sl], [t[sl] for t in gradsx],
                 metas, x0, x1, nr, causal, scale, masked,
             )  # fmt: skip
-        return (*(t[:, :, :n].view(b, h, n, d) for t in gradsx), None, None, None, None, None)
+        return (*(t[:, :, :n].view(b, h, n, t.shape[-1]) for t in gradsx), None, None, None, None, None)
 
 
 def blocked_h_attention(
@@ -607,12 +625,13 @@ def blocked_h_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Hierarchical attention on (B, H, N, D) tensors (inputs assumed validated); returns (B, H, N, D).
+    """Hierarchical attention on q, k (B, H, N, D) and v (B, H, N, Dv) (inputs assumed validated); returns
+    (B, H, N, Dv).
 
     When N is not a multiple of the block size, the float32/float64 result is the first N rows of a
     padded buffer: not contiguous (use .reshape rather than .view on it)."""
     b, _, n, d = q.shape
-    nr = block_size
+    nr = effective_block_size(n, block_size)
     out_dtype = q.dtype
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = d**-0.5 if scale is None else scale
@@ -629,7 +648,8 @@ def blocked_h_attention(
     lengths = level_lengths(n, nr)  # padded tokens per level
     count = _pad_seq(valid[:, None].to(compute_dtype), lengths[0])[:, 0]  # (B, M0)
     keep = count[:, None, :, None]
-    q0, k0, v0 = (_pad_seq(t, lengths[0]) * keep for t in (q * scale, k, v))
+    # selected, not multiplied: padded content (NaN, Inf) must not reach anything (0 * NaN is NaN)
+    q0, k0, v0 = (torch.where(keep > 0, _pad_seq(t, lengths[0]), 0.0) for t in (q * scale, k, v))
     state = _blocked_autograd(q0, k0, v0, count, lengths, nr, causal, dropout_p)
     out = state.o / state.l.clamp(min=torch.finfo(compute_dtype).tiny)[..., None]
     out = out[:, :, :n].masked_fill(~valid[:, None, :, None], 0.0)

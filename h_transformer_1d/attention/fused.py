@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .geometry import level_lengths, num_levels, window_offsets
+from .geometry import effective_block_size, level_lengths, num_levels, window_offsets
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -471,6 +471,7 @@ def fused_h_attention(
     its gradient as one tensor of its layout (`_EagerHAttentionQKV`)."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
+    block_size = effective_block_size(q.shape[2], block_size, MIN_BLOCK)  # past N / 2: plain attention
     valid = None
     if key_padding_mask is not None:
         valid = key_padding_mask.to(device=q.device, dtype=torch.bool)

@@ -13,6 +13,18 @@ def num_levels(seq_len: int, block_size: int) -> int:
     return level
 
 
+def effective_block_size(seq_len: int, block_size: int, smallest: int = 2) -> int:
+    """The block size to compute `block_size` with at this length: the same result at the least cost.
+
+    Once ``N <= 2 * block_size`` there is only level 0 and the definition is plain attention whatever the
+    block size, but the fast paths and caches allocate by it (whole blocks, windows of three); so it is
+    cut to the smallest power of two ``>= smallest`` that still has ``N <= 2 * block_size``."""
+    if seq_len >= block_size:  # nothing to cut (one test, so that a symbolic N under torch.compile keeps one graph)
+        return block_size
+    enough = 1 << max(0, (seq_len + 1) // 2 - 1).bit_length()  # the smallest power of two >= N / 2
+    return min(block_size, max(smallest, enough))
+
+
 def level_lengths(seq_len: int, block_size: int) -> list[int]:
     """Rows of each level 0 .. num_levels when every level is padded to whole blocks."""
     return [-(-seq_len // (block_size << lv)) * block_size for lv in range(num_levels(seq_len, block_size) + 1)]

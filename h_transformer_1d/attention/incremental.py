@@ -25,7 +25,7 @@ import torch
 
 from .blocked import Partial, merge, window_partial
 from .fused import triton_usable
-from .geometry import top_causal_level
+from .geometry import effective_block_size, top_causal_level
 from .interface import check_block_size, check_key_padding_mask
 from .rotary import rotary_angles, rotate
 
@@ -110,17 +110,19 @@ class HierarchicalCache:
             valid = torch.ones(b, n, dtype=torch.bool, device=q.device)
         else:
             valid = key_padding_mask
-        keep = valid.to(dtype)
-        k_sum = k.to(dtype) * keep[:, None, :, None]
-        v_sum = v.to(dtype) * keep[:, None, :, None]
-        count = keep
+        # selected, not multiplied: a padded position's content (NaN, Inf) must not reach any sum
+        real = valid[:, None, :, None]
+        k_sum = torch.where(real, k.to(dtype), 0.0)
+        v_sum = torch.where(real, v.to(dtype), 0.0)
+        count = valid.to(dtype)
 
         # level l holds the n >> l complete groups; only the two blocks around the next position's group stay
         self.levels = []
         level = 0
         while True:
-            # the fine level's slots are all keys of the next position: it starts at full size
-            capacity = 2 * nr if level == 0 else min(2 * nr, count.shape[1])
+            # room for the groups there are (at least one slot); a ring grows by doubling up to two blocks,
+            # so a block size far above the length costs what the length does
+            capacity = min(2 * nr, max(1, count.shape[1]))
             self.levels.append(_Level(b, h, d, 2 * nr, capacity, dtype, q.device))
             current_block = (n >> level) // nr
             first = max(0, (current_block - 1) * nr)
@@ -296,13 +298,17 @@ class StaticHierarchicalCache:
     """
 
     def __init__(self, cache: HierarchicalCache, capacity: int, kernel: bool | None = None):
-        """From a freshly prefilled (or empty) `cache`, room for positions up to `capacity - 1`."""
+        """From a freshly prefilled (or empty) `cache`, room for positions up to `capacity - 1`.
+
+        A block size above what `capacity` needs (``capacity <= 2 * block_size``: plain causal attention)
+        is cut to `geometry.effective_block_size`, the same result in a ring sized by the capacity."""
         if cache.length and cache._prompt_queries is None:
             raise ValueError("a StaticHierarchicalCache is made from a cache right after its prefill, before any step")
         if not cache.levels:
             raise ValueError("the cache is empty: prefill it first (an empty prompt is fine)")
         capacity = check_capacity(capacity, cache.length)
-        nr = self.block_size = cache.block_size
+        # positions below 2 * nr sit in level-0 slot `position % (2 * nr)` for either block size
+        nr = self.block_size = effective_block_size(capacity, cache.block_size)
         self.scale = cache.scale
         self.capacity = capacity
         self.length = cache.length  # positions held, counted on the host (the device has `position`)
@@ -453,7 +459,10 @@ class StaticHierarchicalCache:
         count = ring[..., 2 * d] * plan.keys[:, :, None, None]  # (levels, 2nr, B, H)
         denom = count.clamp(min=1.0)[..., None]
         keys, values = ring[..., :d] / denom, ring[..., d : 2 * d] / denom
-        scores = torch.einsum("lbhd,lsbhd->bhls", self.queries, keys) + torch.log(count).permute(2, 3, 0, 1)
+        scores = torch.einsum("lbhd,lsbhd->bhls", self.queries, keys)
+        # selected: a slot that is no key gets -inf whatever its stale score (+inf - inf would be NaN)
+        count = count.permute(2, 3, 0, 1)
+        scores = torch.where(count > 0, scores + torch.log(count), -torch.inf)
         weights = torch.softmax(scores.flatten(2), -1)  # (B, H, levels * 2nr)
         out = torch.einsum("bhx,xbhd->bhd", weights, values.flatten(0, 1))
         self.position.add_(1)

@@ -1,9 +1,13 @@
 """The public entry point `h_attention`: argument checks, then dispatch to an implementation."""
 
+import math
+import numbers
+
 import torch
 
 from . import fused
 from .blocked import blocked_h_attention
+from .geometry import effective_block_size
 from .reference import hierarchical_attention_reference
 from .rotary import apply_rotary
 
@@ -15,6 +19,23 @@ def check_block_size(block_size) -> None:
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if block_size < 2 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 2, got {block_size}")
+
+
+def check_probability(value, name: str) -> None:
+    """A dropout probability: a real number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def _check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a finite float or None, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale}")
 
 
 def check_key_padding_mask(mask, batch: int, seq_len: int, name: str = "key_padding_mask") -> None:
@@ -41,6 +62,9 @@ def _check_qkv(q, k, v) -> None:
             "q, k and v must agree in (batch, heads, seq_len), got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    for axis, name in ((0, "batch"), (1, "heads"), (3, "dim_head")):
+        if q.shape[axis] == 0 or v.shape[axis] == 0:
+            raise ValueError(f"q, k and v must have {name} >= 1, got shapes {tuple(q.shape)} and v {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same dim_head, got {q.shape[-1]} and {k.shape[-1]}")
     if q.dtype != k.dtype or k.dtype != v.dtype:
@@ -49,23 +73,28 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def resolve_impl(q: torch.Tensor, block_size: int, dropout_p: float, impl: str) -> str:
+def resolve_impl(q: torch.Tensor, block_size: int, dropout_p: float, impl: str, v_dim: int | None = None) -> str:
     """The implementation a call of `h_attention` runs: "triton", "blocked" or "reference".
 
     "auto" takes the kernels for CUDA inputs they handle without dropout, else the blocked path; an
-    explicit request is checked here, so that it fails with a clear error instead of inside a kernel."""
+    explicit request is checked here, so that it fails with a clear error instead of inside a kernel.
+    `v_dim`: v's head dim when it differs from q's (the kernels take one head dim)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    same_dim = v_dim is None or v_dim == q.shape[-1]
     if impl == "auto":
-        kernels = q.is_cuda and dropout_p == 0.0 and fused.supports(q, block_size) and fused.triton_usable(q)
+        kernels = (
+            q.is_cuda and dropout_p == 0.0 and same_dim and fused.supports(q, block_size) and fused.triton_usable(q)
+        )
         return "triton" if kernels else "blocked"
     if impl == "triton" and not (
-        fused.triton_usable(q) and fused.supports(q, block_size, allow_float32=True) and dropout_p == 0.0
+        fused.triton_usable(q) and fused.supports(q, block_size, allow_float32=True) and dropout_p == 0.0 and same_dim
     ):
         raise ValueError(
             "impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1), float16/bfloat16/float32, "
-            f"dim_head in {fused.SUPPORTED_HEAD_DIMS}, block_size in [{fused.MIN_BLOCK}, {fused.MAX_BLOCK}] "
-            f"and dropout_p=0; got {q.device.type} {q.dtype}, dim_head={q.shape[-1]}, "
+            f"dim_head in {fused.SUPPORTED_HEAD_DIMS} (v's the same as q's), block_size in "
+            f"[{fused.MIN_BLOCK}, {fused.MAX_BLOCK}] (or at least N / 2) and dropout_p=0; got {q.device.type} "
+            f"{q.dtype}, dim_head={q.shape[-1]}, v dim_head={q.shape[-1] if v_dim is None else v_dim}, "
             f"block_size={block_size}, dropout_p={dropout_p}"
         )
     if impl == "reference" and dropout_p:
@@ -100,17 +129,19 @@ def h_attention(
     impl: str = "auto",
     _qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hierarchical attention (H-Transformer-1D) on (B, H, N, D) tensors; returns (B, H, N, D).
+    """Hierarchical attention (H-Transformer-1D) on q, k (B, H, N, D), v (B, H, N, Dv); returns (B, H, N, Dv).
 
     Args:
         q, k, v: queries, keys, values; any N >= 1, any floating dtype (half precision accumulates
-            in float32).
-        block_size: Nr, the width of the finest blocks; a power of two >= 2.
-        causal: each position attends only to itself and earlier positions.
+            in float32). v may have its own head dim Dv (not on the Triton kernels).
+        block_size: Nr, the width of the finest blocks; a power of two >= 2. One at or above N / 2
+            gives plain attention, computed at the cost of plain attention on N.
+        causal: (bool) each position attends only to itself and earlier positions.
         key_padding_mask: (B, N) bool, True = real token. Padded positions are never keys and
-            their outputs are zero.
-        scale: score scale, default ``dim_head ** -0.5``.
-        dropout_p: dropout on the attention weights (training only; the normaliser is not dropped).
+            their outputs are zero; their contents (even NaN or Inf) reach no output and no gradient.
+        scale: score scale, a finite float; default ``dim_head ** -0.5``.
+        dropout_p: dropout on the attention weights, in [0, 1) (training only; the normaliser is not
+            dropped).
         rotary_freqs: (dim_head / 2,) inverse frequencies: rotate q and k by rotary position
             embeddings at positions 0..N-1 first (the pair (2i, 2i+1) at position p turns by
             p * rotary_freqs[i], see `rotary.apply_rotary`). The Triton kernels do it on the fly,
@@ -122,11 +153,15 @@ def h_attention(
     """
     _check_qkv(q, k, v)
     check_block_size(block_size)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2])
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_scale(scale)
+    check_probability(dropout_p, "dropout_p")
     _check_rotary(rotary_freqs, q)
-    path = resolve_impl(q, block_size, dropout_p, impl)
+    # a block size past N / 2 means plain attention: computed with a smaller one, at plain attention's cost
+    block_size = effective_block_size(q.shape[2], block_size, fused.MIN_BLOCK)
+    path = resolve_impl(q, block_size, dropout_p, impl, v.shape[-1])
     if path == "triton":  # the kernels rotate q and k as they load them
         return fused.fused_h_attention(
             q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale,

@@ -65,9 +65,11 @@ class AutoregressiveWrapper(nn.Module):
         """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1]; padded targets are ignored."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] < 2:
             raise ValueError(f"x must have shape (batch, seq_len >= 2), got {getattr(x, 'shape', type(x))}")
+        # every id, the last target included: cross_entropy would fail on it without naming it (CUDA: a device assert)
+        self.net.check_tokens(x, max_len=self.max_seq_len + 1)
+        x = x.long()  # cross_entropy takes int64 targets
         inp, target = x[:, :-1], x[:, 1:]
         if mask is not None:
-            self.net.check_tokens(x)
             target = target.masked_fill(~mask[:, 1:], self.ignore_index)
             mask = mask[:, :-1]
         logits = self.net(inp, mask=mask)  # (B, N-1, V)

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..attention import h_attention, h_attention_qkv
 from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, StepInputs
-from ..attention.interface import check_block_size, check_key_padding_mask
+from ..attention.interface import check_block_size, check_key_padding_mask, check_probability
 from ..attention.rotary import apply_rotary
 
 
@@ -159,6 +159,7 @@ class HAttention1D(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_block_size(block_size)
+        check_probability(dropout, "dropout")
         self.dim, self.heads, self.dim_head, self.block_size = dim, heads, dim_head, block_size
         self.dropout = dropout
         self.max_seq_len = max_seq_len
@@ -234,6 +235,7 @@ class CausalHAttention1D(HAttention1D):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
+        check_probability(dropout, "dropout")
         self.net = nn.Sequential(
             nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * mult, dim)
         )

@@ -3,9 +3,15 @@
 import torch
 from torch import nn
 
-from ..attention.interface import check_block_size, check_key_padding_mask
+from ..attention.interface import check_block_size, check_key_padding_mask, check_probability
 from .layers import CausalHAttention1D, FeedForward, HAttention1D, PreNorm
 from .reversible import ReversibleBlock, ReversibleSequence
+
+
+def embedding_ids(x: torch.Tensor) -> torch.Tensor:
+    """Integer token ids as nn.Embedding takes them: int32 and int64 as they are, other integer dtypes
+    (uint8, int16, ...) as int64."""
+    return x if x.dtype in (torch.int32, torch.int64) else x.long()
 
 
 class SequentialSequence(nn.Module):
@@ -67,6 +73,8 @@ class HTransformer1D(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_block_size(block_size)
+        check_probability(attn_dropout, "attn_dropout")
+        check_probability(ff_dropout, "ff_dropout")
         self.num_tokens, self.dim, self.max_seq_len, self.causal = num_tokens, dim, max_seq_len, causal
         self.block_size = block_size
 
@@ -94,14 +102,17 @@ class HTransformer1D(nn.Module):
         self.layers = ReversibleSequence(blocks) if reversible else SequentialSequence(blocks)
         self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens))
 
-    def check_tokens(self, x) -> None:
+    def check_tokens(self, x, max_len: int | None = None) -> None:
+        """x must be (B, N) integer token ids (any integer dtype) in [0, num_tokens), N <= `max_len`
+        (default max_seq_len)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
+            raise TypeError(f"x must hold integer token ids (any integer dtype), got dtype {x.dtype}")
         if x.dim() != 2:
             raise ValueError(f"x must have shape (batch, seq_len), got rank {x.dim()} shape {tuple(x.shape)}")
-        if x.shape[1] > self.max_seq_len:
+        max_len = self.max_seq_len if max_len is None else max_len
+        if x.shape[1] > max_len:
             raise ValueError(f"x has seq_len {x.shape[1]}, more than max_seq_len={self.max_seq_len}")
         if x.numel() and not torch.compiler.is_compiling():
             low, high = int(x.min()), int(x.max())
@@ -117,6 +128,7 @@ class HTransformer1D(nn.Module):
         """`cache`: a `DecodingCache` (model/cache.py); an empty one is filled from x, a filled one takes
         the next token per sequence, x (B, 1), and may run past max_seq_len."""
         self.check_tokens(x)
+        x = embedding_ids(x)
         if cache is not None and cache.length:
             if x.shape[1] != 1 or mask is not None:
                 raise ValueError(
@@ -136,6 +148,6 @@ class HTransformer1D(nn.Module):
         The one decoding step that `decode_step` and `StaticDecoder` (which captures it in a CUDA graph)
         both run. Tokens are not checked here: a range check would synchronise with the device."""
         inputs = cache.step_inputs(self.rotary_freqs)  # made once per token, used by every layer
-        h = self.token_emb(tokens)  # (B, dim)
+        h = self.token_emb(embedding_ids(tokens))  # (B, dim)
         h = self.layers.step(h, cache.blocks, inputs)
         return self.to_logits(h)  # (B, num_tokens)

@@ -50,3 +50,48 @@ def test_attention_block_size_not_power_of_two(block_size):
 def test_attention_unknown_impl():
     with pytest.raises(ValueError, match="impl must be one of"):
         h_attention(*qkv(1, 2, 10, 8), block_size=4, impl="fast")
+
+
+@pytest.mark.parametrize("axis,name", [(0, "batch"), (1, "heads"), (3, "dim_head")])
+def test_attention_empty_batch_heads_or_dim_head(axis, name):
+    shape = [2, 2, 10, 8]
+    shape[axis] = 0
+    with pytest.raises(ValueError, match=f"q, k and v must have {name} >= 1"):
+        h_attention(*qkv(*shape), block_size=4)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_attention_scale_not_finite(scale):
+    with pytest.raises(ValueError, match="scale must be a finite float or None"):
+        h_attention(*qkv(1, 2, 10, 8), block_size=4, scale=scale)
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, torch.tensor(0.5)])
+def test_attention_scale_not_a_number(scale):
+    with pytest.raises(TypeError, match="scale must be a finite float or None"):
+        h_attention(*qkv(1, 2, 10, 8), block_size=4, scale=scale)
+
+
+@pytest.mark.parametrize("causal", ["yes", 1, None])
+def test_attention_causal_not_bool(causal):
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        h_attention(*qkv(1, 2, 10, 8), block_size=4, causal=causal)
+
+
+@pytest.mark.parametrize("dropout_p", [2.0, -0.1, 1.0, float("nan")])
+def test_attention_dropout_out_of_range(dropout_p):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        h_attention(*qkv(1, 2, 10, 8), block_size=4, dropout_p=dropout_p)
+
+
+def test_attention_dropout_not_a_number():
+    with pytest.raises(TypeError, match=r"dropout_p must be a float in \[0, 1\)"):
+        h_attention(*qkv(1, 2, 10, 8), block_size=4, dropout_p="0.1")
+
+
+def test_attention_own_value_dim_on_the_kernels():
+    """v with its own head dim runs on the blocked path and the reference; the kernels say they need one."""
+    pytest.importorskip("triton")
+    q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 32)
+    with pytest.raises(ValueError, match=r"impl='triton' needs .* \(v's the same as q's\)"):
+        h_attention(q, k, v, block_size=16, impl="triton")

@@ -60,6 +60,38 @@ def test_model_float_tokens():
         model()(torch.rand(1, 10))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_model_takes_any_integer_token_dtype(dtype):
+    """Integer ids of any dtype are ids (nn.Embedding itself takes only int32 and int64)."""
+    net = model(causal=True).eval()
+    x = torch.randint(0, 20, (2, 10))
+    assert torch.equal(net(x.to(dtype)), net(x))
+    assert torch.equal(AutoregressiveWrapper(net)(x.to(dtype)), AutoregressiveWrapper(net)(x))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_wrapper_checks_the_last_target(masked):
+    """The last target is no input of the model: it is checked too (not an IndexError in cross_entropy)."""
+    wrapper = AutoregressiveWrapper(model(causal=True))
+    x = torch.randint(0, 20, (2, 11))
+    x[1, -1] = 20
+    mask = torch.ones(2, 11, dtype=torch.bool) if masked else None
+    with pytest.raises(ValueError, match=r"x must hold token ids in \[0, num_tokens=20\), got \[\d+, 20\]"):
+        wrapper(x, mask=mask)
+
+
+@pytest.mark.parametrize("name", ["attn_dropout", "ff_dropout"])
+@pytest.mark.parametrize("value", [2.0, -0.5, 1.0])
+def test_model_dropout_out_of_range(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\), got {value}"):
+        model(**{name: value})
+
+
+def test_layer_dropout_out_of_range():
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 2.0"):
+        HAttention1D(16, heads=2, dim_head=8, block_size=4, dropout=2.0)
+
+
 def test_model_bad_constructor_argument():
     with pytest.raises(ValueError, match="depth must be a positive int"):
         model(depth=0)
@@ -79,3 +111,15 @@ def test_generate_bad_arguments():
         wrapper.generate(prompt, 2, temperature=-1.0)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         wrapper.generate(prompt, 2, top_p=1.5)
+
+
+def test_model_block_size_far_above_length():
+    """A block size of 2**30 with 16 positions runs as plain attention, at its cost, and decodes."""
+    from h_transformer_1d.model.cache import decode_step, prefill
+
+    net = model(causal=True, block_size=1 << 30, max_seq_len=16).eval()
+    x = torch.randint(0, 20, (2, 12))
+    logits = net(x)
+    prompt_logits, cache = prefill(net, x[:, :8])
+    steps = [decode_step(net, cache, x[:, t]) for t in range(8, 12)]
+    assert torch.allclose(torch.cat([prompt_logits, torch.stack(steps, 1)], 1), logits, atol=1e-4)
