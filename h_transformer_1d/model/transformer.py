@@ -115,7 +115,7 @@ class HTransformer1D(nn.Module):
         if x.shape[1] > max_len:
             raise ValueError(f"x has seq_len {x.shape[1]}, more than max_seq_len={self.max_seq_len}")
         if x.numel() and not torch.compiler.is_compiling():
-            low, high = int(x.min()), int(x.max())
+            low, high = torch.stack(torch.aminmax(x)).tolist()  # one host sync for both bounds
             if low < 0 or high >= self.num_tokens:
                 raise ValueError(f"x must hold token ids in [0, num_tokens={self.num_tokens}), got [{low}, {high}]")
 

@@ -1,4 +1,4 @@
-"""Numerics at the extremes, every path against the float64 definition (docs/reliability.md, "Numerics").
+"""Numerics at the extremes, every path against the float64 definition (docs/reliability.md, "Numerics and API errors").
 
 Scores are shifted to about +-1e3: q and k carry a large constant feature (q[..., 0] = A, k[..., 0] =
 +-A), so every score of a row is +-1e3 plus an O(1) part. A row whose scores are all very negative is
