@@ -299,15 +299,17 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     assert main(["lra", "listops", "prepare", "--out", str(data), "--num-train", "40", "--num-val", "8",
                  "--num-test", "8", "--seed", "2", *SMALL_FLAGS]) == 0  # fmt: skip
-    common = ["--data", str(data), *TINY, "--steps", "7", "--eval-every", "2", "--dropout", "0.2"]
+    # with the recipe's options: operands shuffled, batches bucketed by length, cosine decay, budget in epochs
+    common = ["--data", str(data), *TINY, "--epochs", "1.4", "--eval-every", "2", "--dropout", "0.2",
+              "--shuffle-operands", "--bucket", "2", "--schedule", "cosine"]  # fmt: skip
     assert main(["lra", "listops", "train", "--out", str(tmp_path / "straight"), *common]) == 0
 
     real = lra_train.train_indices
 
-    def interrupted(n, batch_size, seed, step):
+    def interrupted(batches, step):
         if step == 6:
             raise KeyboardInterrupt
-        return real(n, batch_size, seed, step)
+        return real(batches, step)
 
     monkeypatch.setattr(lra_train, "train_indices", interrupted)
     assert main(["lra", "listops", "train", "--out", str(tmp_path / "resumed"), *common]) == 130

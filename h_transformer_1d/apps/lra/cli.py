@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..core import checkpoint
 from ..core.cli import add_evaluate_flags, add_train_flags, open_run, positive_int
-from ..core.config import overrides
+from ..core.config import ConfigError, overrides
 from ..core.runtime import start_runtime
 from ..core.training import format_duration
 from . import listops
@@ -37,6 +37,14 @@ def resolve(flags: dict, stored: ListOpsConfig | None) -> tuple[ListOpsConfig, s
     """The run's configuration (the recipe's defaults, or the checkpoint's, under a TOML file and the flags) and
     its default --out."""
     values, _ = overrides(ListOpsConfig, flags)
+    budgets = [name for name in ("steps", "epochs") if name in flags]
+    if len(budgets) == 2 or (not budgets and {"steps", "epochs"} <= values.keys()):
+        where = "" if budgets else f" (both in --config {flags['config']})"
+        raise ConfigError(f"--steps and --epochs are exclusive: give the budget in one of them{where}")
+    if budgets:  # a flag's budget replaces the TOML file's or the checkpoint's
+        values.pop("epochs" if budgets == ["steps"] else "steps", None)
+    if "steps" in values:
+        values["epochs"] = 0.0
     cfg = dataclasses.replace(stored if stored is not None else ListOpsConfig(), **values)
     return cfg, f"runs/listops-{cfg.attention}"
 

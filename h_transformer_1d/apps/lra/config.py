@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 from ...model import HTransformer1D
 from ..core.checkpoint import App
-from ..core.config import MAX_DATA_BYTES, ConfigError, flag, option, shared
+from ..core.config import MAX_DATA_BYTES, NON_NEGATIVE_NUMBER, POSITIVE, ConfigError, flag, option, shared
 from ..core.config import validate as validate_fields
 from . import listops
 from .model import POOLS, SequenceClassifier
+
+SCHEDULES = ("rsqrt", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,38 @@ class ListOpsConfig:
     attn_dropout: float = shared("attn_dropout", 0.0, "LRA: 0.1")
     batch_size: int = shared("batch_size", 32)
     steps: int = shared("steps", 5000)
-    lr: float = shared("lr", 1.5e-4, "then decay as 1/sqrt(step) (LRA's peak: 0.05 / sqrt(1000) = 0.0015811)")
+    epochs: float = option(
+        0.0,
+        "the budget in passes over the training examples instead of --steps (exclusive with it): steps = "
+        "ceil(E * examples / batch size); 0 = --steps",
+        "optimization",
+        checks=(NON_NEGATIVE_NUMBER,),
+    )
+    lr: float = shared("lr", 1.5e-4, "then --schedule (LRA's peak: 0.05 / sqrt(1000) = 0.0015811)")
     warmup_steps: int = shared("warmup_steps", 1000)
+    schedule: str = option(
+        "rsqrt",
+        "after the warmup: rsqrt = lr * sqrt(warmup / step) (LRA's), linear or cosine = decay to zero at the end",
+        "optimization",
+        choices=SCHEDULES,
+    )
     weight_decay: float = shared("weight_decay", 0.1)
     grad_clip: float = shared("grad_clip", 1.0, "LRA: 0")
     data: str = option("data/listops", "directory of basic_{train,val,test}.tsv (see: lra listops prepare)", "data")
     max_data_bytes: int = shared("max_data_bytes", MAX_DATA_BYTES, "per file")
+    shuffle_operands: bool = option(
+        False,
+        "shuffle the operands of every operator in the training batches (MIN, MAX, MED and SM do not depend on "
+        "their order: every label stays)",
+        "data",
+    )
+    bucket: int = option(
+        50,
+        "batch training examples of similar lengths: sort windows of N batches by length, batch neighbours, "
+        "shuffle the batches (1 = random batches)",
+        "data",
+        checks=(POSITIVE,),
+    )
     seed: int = shared("seed", 0, "and the batch order")
     eval_every: int = shared("eval_every", 250, "validation accuracy on the whole split")
     device: str = shared("device", "auto")
@@ -78,8 +106,10 @@ def build_classifier(cfg: ListOpsConfig) -> SequenceClassifier:
 
 
 def upgrade(values: dict) -> dict:
-    """A configuration stored by an earlier version, which read --data files of any size."""
-    return {"max_data_bytes": MAX_DATA_BYTES, **values}
+    """A configuration stored by an earlier version, with the settings it trained with: --data files of any
+    size, random batches, no operand shuffling, LRA's schedule, a budget in steps."""
+    earlier = {"max_data_bytes": MAX_DATA_BYTES, "bucket": 1, "shuffle_operands": False, "schedule": "rsqrt"}
+    return {**earlier, "epochs": 0.0, **values}
 
 
 PROGRESS = {"val_acc": float, "best_val_acc": float, "best_val_step": int, "elapsed_s": float}
