@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core import checkpoint
-from ..core.config import ConfigError
+from ..core.config import ConfigError, flag, model_fields
 from ..core.files import atomic_write
 from ..core.metrics import MetricsLog
 from ..core.plots import plot_curves
@@ -37,12 +37,22 @@ from ..core.training import (
 )
 from ..data import DataError
 from . import listops
-from .config import LISTOPS, ListOpsConfig, build_classifier, validate
+from .config import (
+    LISTOPS,
+    MASK,
+    PRETRAIN,
+    ListOpsConfig,
+    PretrainConfig,
+    Recipe,
+    build_classifier,
+    build_pretrain_model,
+    validate,
+)
 from .data import Batches, Split, load_split, seed_of
+from .model import SequenceClassifier
 
 __all__ = ["Batches", "Split", "accuracy", "learning_rate", "load_split", "train"]
 
-TASK = LISTOPS.task
 # Batches are padded to a multiple of this many tokens: few distinct shapes, so per-shape work (cuDNN
 # attention plans, kernel layouts) is done a dozen times per run rather than at almost every step.
 LENGTH_MULTIPLE = 128
@@ -74,20 +84,65 @@ def train_indices(batches: Batches, step: int) -> torch.Tensor:
     return batches.indices(step)
 
 
+def uses_cls(cfg: Recipe) -> bool:
+    """Whether the inputs start with <cls>: always when pretraining, so a classifier with --pool cls finds it
+    trained."""
+    return isinstance(cfg, PretrainConfig) or cfg.pool == "cls"
+
+
+def mask_tokens(x: torch.Tensor, mask: torch.Tensor, rate: float, generator: torch.Generator):
+    """The inputs of masked-token prediction and where they are masked (B, N): in each sequence round(rate x
+    its tokens), at least one, drawn among its real tokens after the <cls> at position 0, become <mask>."""
+    eligible = mask.clone()
+    eligible[:, 0] = False
+    keys = torch.rand(x.shape, generator=generator, device=x.device).masked_fill(~eligible, 2.0)
+    rank = keys.argsort(dim=1).argsort(dim=1)  # the eligible positions first, in a random order
+    count = (eligible.sum(1) * rate).round().clamp(min=1)
+    masked = (rank < count[:, None]) & eligible
+    return x.masked_fill(masked, MASK), masked
+
+
+def predict(model, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, cfg: Recipe, seed: int):
+    """The logits and their targets: one label per sequence, or (pretraining) one token per masked position,
+    the masks drawn from `seed`."""
+    if not isinstance(cfg, PretrainConfig):
+        return model(x, mask), labels
+    inputs, masked = mask_tokens(x, mask, cfg.mask_rate, torch.Generator(x.device).manual_seed(seed))
+    return model(inputs, mask)[masked], x[masked]
+
+
 @torch.no_grad()
-def accuracy(model, split: Split, cfg: ListOpsConfig, rt: Runtime, batch_size: int, progress: bool = False) -> float:
-    """The fraction of a split classified correctly; batches of similar lengths, so little padding."""
+def accuracy(model, split: Split, cfg: Recipe, rt: Runtime, batch_size: int, progress: bool = False) -> float:
+    """The fraction of a split classified correctly (pretraining: of its masked tokens predicted, the same
+    masks at every validation); batches of similar lengths, so little padding."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    correct = total = torch.zeros((), dtype=torch.long, device=rt.device)
     order = split.lengths.argsort(stable=True)
-    for indices in tqdm(order.split(batch_size), desc="evaluating", disable=not progress, leave=False):
-        x, mask = split.batch(indices, cfg.seq_len, cfg.pool == "cls", LENGTH_MULTIPLE)
+    batches = tqdm(order.split(batch_size), desc="evaluating", disable=not progress, leave=False)
+    for i, indices in enumerate(batches):
+        x, mask = split.batch(indices, cfg.seq_len, uses_cls(cfg), LENGTH_MULTIPLE)
         with rt.autocast():
-            logits = model(x.to(rt.device), mask.to(rt.device))
-        correct += (logits.argmax(-1).to(correct.device) == split.labels[indices]).sum()
+            logits, y = predict(model, x.to(rt.device), mask.to(rt.device), split.labels[indices].to(rt.device),
+                                cfg, seed_of("validation", 0, i))  # fmt: skip
+        correct = correct + (logits.argmax(-1) == y).sum()
+        total = total + len(y)
     model.train(was_training)
-    return correct.item() / len(split)
+    return correct.item() / max(total.item(), 1)
+
+
+def load_body(model: SequenceClassifier, directory: Path, cfg: ListOpsConfig) -> None:
+    """The body of the last save of the pretraining run in `directory` into `model` (--init-from)."""
+    ckpt = checkpoint.load(directory, PRETRAIN)
+    differ = [f"{name}={getattr(ckpt.config, name)!r} (asked: {flag(name)} {getattr(cfg, name)!r})"
+              for name in model_fields(Recipe) if getattr(ckpt.config, name) != getattr(cfg, name)]  # fmt: skip
+    if differ:
+        raise ConfigError(f"--init-from {directory} holds another body: {'; '.join(differ)}")
+    body = {name: t for name, t in ckpt.model.items() if name.startswith("body.") and ".to_logits." not in name}
+    body["body.token_emb.weight"] = body["body.token_emb.weight"][: len(listops.VOCAB)]  # without <mask>
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if unexpected or any(name.startswith("body.") for name in missing):
+        raise ConfigError(f"--init-from {directory}: the weights do not fit the body ({missing + unexpected})")
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -112,13 +167,17 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         return None
     batches = Batches(train_set.lengths, cfg.batch_size, cfg.seed, cfg.bucket)
     train_set, val_set, test_set = (s.to(rt.device) for s in (train_set, val_set, test_set))
-    cls = cfg.pool == "cls"
+    pretraining = isinstance(cfg, PretrainConfig)
+    app = PRETRAIN if pretraining else LISTOPS
+    cls = uses_cls(cfg)
     truncated = sum(int((s.lengths > cfg.seq_len - cls).sum()) for s in (train_set, val_set, test_set))
 
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg)
+    model = build_pretrain_model(cfg) if pretraining else build_classifier(cfg)
     if resume:
         model.load_state_dict(resume.model)
+    elif not pretraining and cfg.init_from:
+        load_body(model, Path(cfg.init_from), cfg)
     model.to(rt.device)
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = adamw(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
@@ -139,7 +198,8 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         + (f" ({truncated:,} truncated to --seq-len {cfg.seq_len})" if truncated else ""),
         f"model: {num_params / 1e6:.2f}M parameters, dim {cfg.dim}, depth {cfg.depth}, {cfg.heads} heads x "
         f"{cfg.dim_head}, feed-forward {cfg.dim * cfg.ff_mult}, block {cfg.block_size}, {cfg.attention} attention, "
-        f"{cfg.pool} pooling, max length {cfg.seq_len}",
+        + ("masked-token prediction" if pretraining else f"{cfg.pool} pooling")
+        + f", max length {cfg.seq_len}",
         f"training: {rt.device.type} ({'bf16 autocast' if rt.bf16 else 'fp32'}), batch {cfg.batch_size}, "
         f"steps {start_step + 1}..{cfg.steps} ({cfg.steps * cfg.batch_size / len(train_set):.1f} epochs), "
         f"{cfg.schedule} schedule"
@@ -161,9 +221,9 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         if cfg.shuffle_operands:  # a generator of its own per step: the same shuffles after --resume
             shuffle = torch.Generator(rt.device).manual_seed(seed_of("operands", cfg.seed, step))
         x, mask = train_set.batch(indices, cfg.seq_len, cls, LENGTH_MULTIPLE, shuffle)
-        y = train_set.labels[indices]
-        with rt.autocast():
-            logits = model(x.to(rt.device), mask.to(rt.device))  # (B, 10)
+        with rt.autocast():  # logits (B, 10) and labels, or (masked tokens, 18) and tokens
+            logits, y = predict(model, x.to(rt.device), mask.to(rt.device), train_set.labels[indices], cfg,
+                                seed_of("mask", cfg.seed, step))  # fmt: skip
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         train_loss, train_acc = loss.item(), (logits.argmax(-1) == y).float().mean().item()
@@ -192,22 +252,24 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         if "val_acc" in row:
             progress = {"val_acc": val_acc, "best_val_acc": best[0], "best_val_step": best[1],
                         "elapsed_s": row["elapsed_s"]}  # fmt: skip
-            if improved:  # before the run's own save, so a resumed run never stands past its best save
-                save_checkpoint(out_dir / BEST, LISTOPS, cfg, model, optimizer, rt, step, progress)
-            save_checkpoint(out_dir, LISTOPS, cfg, model, optimizer, rt, step, progress)
+            if (
+                improved and not pretraining
+            ):  # before the run's own save, so a resumed run never stands past its best save
+                save_checkpoint(out_dir / BEST, app, cfg, model, optimizer, rt, step, progress)
+            save_checkpoint(out_dir, app, cfg, model, optimizer, rt, step, progress)
             last_saved = step
             plot_curves(out_dir, train_key="train_acc", val_key="val_acc", label="accuracy")
     bar.close()
     metrics.close()
     train_time = time.perf_counter() - start
-    test_acc = accuracy(model, test_set, cfg, rt, cfg.batch_size)
+    test_acc = accuracy(model, test_set, cfg, rt, cfg.batch_size)  # pretraining: of masked tokens
     best_test_acc, best_save = None, None
     if checkpoint.exists(out_dir / BEST):
         saved = checkpoint.load(out_dir / BEST, LISTOPS)
         best_save = str(saved.directory.relative_to(out_dir))
         best_test_acc = accuracy(LISTOPS.model_of(saved, rt.device), test_set, cfg, rt, cfg.batch_size)
     results = {
-        "task": TASK,
+        "task": app.task,
         "attention": cfg.attention,
         "steps": cfg.steps,
         "epochs": round(cfg.steps * cfg.batch_size / len(train_set), 3),
@@ -235,6 +297,6 @@ def train(cfg: ListOpsConfig, out_dir: Path, resume: checkpoint.Checkpoint | Non
         f"done: test accuracy {test_acc:.4f} (validation {val_acc:.4f}), best validation {best[0]:.4f} at step "
         f"{best[1]}"
         + (f" (test accuracy {best_test_acc:.4f}, {best_save})" if best_save else "")
-        + f", {format_duration(train_time)}; checkpoints, best/, metrics.csv, curves.png and {RESULTS} in {out_dir}"
+        + f", {format_duration(train_time)}; checkpoints, {'' if pretraining else 'best/, '}metrics.csv, curves.png and {RESULTS} in {out_dir}"
     )
     return results
