@@ -292,27 +292,34 @@ def test_clear_errors(tmp_path, capsys):
     assert "no tree has" in capsys.readouterr().err
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
-    """A run interrupted after its step-4 checkpoint and resumed logs what an uninterrupted run logs."""
+def straight_and_interrupted(tmp_path, monkeypatch, action: str, flags: list[str], stop: int) -> None:
+    """`lra listops ACTION` into tmp_path/straight, and into tmp_path/resumed interrupted (Ctrl-C) at step `stop`
+    and resumed."""
     from h_transformer_1d.apps.lra import train as lra_train
 
+    assert main(["lra", "listops", action, "--out", str(tmp_path / "straight"), *flags]) == 0
+    real = lra_train.train_indices
+
+    def interrupted(batches, step):
+        if step == stop:
+            raise KeyboardInterrupt
+        return real(batches, step)
+
+    monkeypatch.setattr(lra_train, "train_indices", interrupted)
+    assert main(["lra", "listops", action, "--out", str(tmp_path / "resumed"), *flags]) == 130
+    monkeypatch.setattr(lra_train, "train_indices", real)
+    assert main(["lra", "listops", action, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
+    """A run interrupted after its step-4 checkpoint and resumed logs what an uninterrupted run logs."""
     data = tmp_path / "data"
     assert main(["lra", "listops", "prepare", "--out", str(data), "--num-train", "40", "--num-val", "8",
                  "--num-test", "8", "--seed", "2", *SMALL_FLAGS]) == 0  # fmt: skip
-    common = ["--data", str(data), *TINY, "--steps", "7", "--eval-every", "2", "--dropout", "0.2"]
-    assert main(["lra", "listops", "train", "--out", str(tmp_path / "straight"), *common]) == 0
-
-    real = lra_train.train_indices
-
-    def interrupted(n, batch_size, seed, step):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(n, batch_size, seed, step)
-
-    monkeypatch.setattr(lra_train, "train_indices", interrupted)
-    assert main(["lra", "listops", "train", "--out", str(tmp_path / "resumed"), *common]) == 130
-    monkeypatch.setattr(lra_train, "train_indices", real)
-    assert main(["lra", "listops", "train", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    # with the recipe's options: operands shuffled, batches bucketed by length, cosine decay, budget in epochs
+    common = ["--data", str(data), *TINY, "--epochs", "1.4", "--eval-every", "2", "--dropout", "0.2",
+              "--shuffle-operands", "--bucket", "2", "--schedule", "cosine"]  # fmt: skip
+    straight_and_interrupted(tmp_path, monkeypatch, "train", common, stop=6)
 
     def rows(run):
         with open(tmp_path / run / "metrics.csv", newline="") as f:

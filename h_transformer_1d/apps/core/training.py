@@ -47,6 +47,15 @@ def warmup_cosine(step: int, lr: float, warmup: int, steps: int) -> float:
     return lr / 10 + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (lr - lr / 10)
 
 
+def warmup_to_zero(step: int, lr: float, warmup: int, steps: int, shape: str = "linear") -> float:
+    """Linear warmup to `lr` over `warmup` steps, then linear or cosine decay that reaches zero one step after
+    the last (steps count from 1), so every step of the run moves the weights."""
+    if step <= warmup:
+        return lr * step / warmup
+    progress = min((step - 1 - warmup) / max(1, steps - warmup), 1.0)  # 0 at the first step after the warmup
+    return lr * (1 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def warmup_rsqrt(step: int, lr: float, warmup: int) -> float:
     """Linear warmup to `lr` over `warmup` steps, then lr * sqrt(warmup / step) (steps count from 1)."""
     warmup = max(warmup, 1)

@@ -4,15 +4,16 @@ import argparse
 import dataclasses
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 from ..core import checkpoint
 from ..core.cli import add_evaluate_flags, add_train_flags, open_run, positive_int
-from ..core.config import overrides
+from ..core.config import ConfigError, overrides
 from ..core.runtime import start_runtime
 from ..core.training import format_duration
 from . import listops
-from .config import LISTOPS, ListOpsConfig
+from .config import LISTOPS, PRETRAIN, ListOpsConfig, PretrainConfig, Recipe
 from .train import accuracy, load_split, train
 
 EXAMPLES = """examples:
@@ -20,6 +21,8 @@ EXAMPLES = """examples:
   h-transformer-1d lra listops train --data data/listops         # LRA's configuration, hierarchical attention (GPU)
   h-transformer-1d lra listops train --data data/listops --attention dense
   h-transformer-1d lra listops evaluate --checkpoint runs/listops-hierarchical
+  h-transformer-1d lra listops pretrain --data data/listops --out runs/pre   # Recipe B: masked tokens, then
+  h-transformer-1d lra listops train --data data/listops --init-from runs/pre --pool mean
 """
 
 
@@ -33,16 +36,31 @@ def command_prepare(args) -> None:
     print(f"wrote {files} to {out} in {format_duration(time.perf_counter() - start)}")
 
 
-def resolve(flags: dict, stored: ListOpsConfig | None) -> tuple[ListOpsConfig, str]:
+def resolve(flags: dict, stored: Recipe | None, cls: type = ListOpsConfig) -> tuple[Recipe, str]:
     """The run's configuration (the recipe's defaults, or the checkpoint's, under a TOML file and the flags) and
     its default --out."""
-    values, _ = overrides(ListOpsConfig, flags)
-    cfg = dataclasses.replace(stored if stored is not None else ListOpsConfig(), **values)
-    return cfg, f"runs/listops-{cfg.attention}"
+    values, _ = overrides(cls, flags)
+    budgets = [name for name in ("steps", "epochs") if name in flags]
+    if len(budgets) == 2 or (not budgets and {"steps", "epochs"} <= values.keys()):
+        where = "" if budgets else f" (both in --config {flags['config']})"
+        raise ConfigError(f"--steps and --epochs are exclusive: give the budget in one of them{where}")
+    if budgets:  # a flag's budget replaces the TOML file's or the checkpoint's
+        values.pop("epochs" if budgets == ["steps"] else "steps", None)
+    if "steps" in values:
+        values["epochs"] = 0.0
+    if values.get("init_from"):  # as --data: found again from another working directory
+        values["init_from"] = str(Path(values["init_from"]).resolve())
+    cfg = dataclasses.replace(stored if stored is not None else cls(), **values)
+    return cfg, f"runs/listops-{'pretrain-' if cls is PretrainConfig else ''}{cfg.attention}"
 
 
 def command_train(args) -> None:
     cfg, out, ckpt = open_run(LISTOPS, args, resolve)
+    train(cfg, out, ckpt)
+
+
+def command_pretrain(args) -> None:
+    cfg, out, ckpt = open_run(PRETRAIN, args, partial(resolve, cls=PretrainConfig))
     train(cfg, out, ckpt)
 
 
@@ -80,7 +98,8 @@ def add_commands(commands) -> None:
         epilog=EXAMPLES,
         formatter_class=formatter,
     )
-    actions = task.add_subparsers(dest="action", required=True, metavar="ACTION", help="prepare, train or evaluate")
+    actions = task.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                  help="prepare, train, pretrain or evaluate")  # fmt: skip
 
     p = actions.add_parser(
         "prepare",
@@ -114,20 +133,39 @@ def add_commands(commands) -> None:
     )
     p.set_defaults(run=command_prepare)
 
-    p = actions.add_parser(
-        "train",
-        help="train a classifier (LRA's configuration with the study's learning rate by default)",
-        formatter_class=formatter,
-        description="Train the ListOps classifier; every flag defaults to LRA's configuration except the study's "
-        "peak lr 1.5e-4 and clipping at 1. Writes to --out: checkpoints/step-N/ (model.safetensors, "
-        "config.json, train_state.*, manifest.json: at every validation and at the end, the last 2 kept), "
-        "metrics.csv, curves.png (train and validation accuracy) and results.json (test accuracy of the final "
-        "model, time, memory). Ctrl-C stops; --resume "
-        "continues from the last checkpoint exactly.",
-        epilog=EXAMPLES,
-    )
-    add_train_flags(p, LISTOPS, "runs/listops-ATTENTION")
-    p.set_defaults(run=command_train, resumable=True)
+    trainers = {
+        "train": (
+            "train a classifier (LRA's configuration with the study's learning rate by default)",
+            (
+                "Train the ListOps classifier; every flag defaults to LRA's configuration except the study's peak lr "
+                "1.5e-4 and clipping at 1. Writes to --out: checkpoints/step-N/ (model.safetensors, config.json, "
+                "train_state.*, manifest.json: at every validation and at the end, the last 2 kept), best/ (the save "
+                "of the best validation), metrics.csv, curves.png (train and validation accuracy) and results.json "
+                "(test accuracy of the final model and of the best validation's, time, memory). Ctrl-C stops; "
+                "--resume continues from the last checkpoint exactly."
+            ),
+            LISTOPS,
+            "runs/listops-ATTENTION",
+            command_train,
+        ),
+        "pretrain": (
+            "masked-token pretraining on the training inputs (Recipe B), for train --init-from",
+            (
+                "Pretrain the classifier's body (the same flags, bidirectional) to predict masked tokens of the "
+                "training inputs (--mask-rate of each input's tokens, never <cls> or padding; the loss on the masked "
+                "positions only); validation: the share of masked tokens predicted. Writes checkpoints/step-N/, "
+                "metrics.csv, curves.png and results.json to --out like train; `train --init-from OUT` starts a "
+                "classifier's body from its last save."
+            ),
+            PRETRAIN,
+            "runs/listops-pretrain-ATTENTION",
+            command_pretrain,
+        ),
+    }
+    for name, (help, description, app, default_out, run) in trainers.items():
+        p = actions.add_parser(name, help=help, description=description, epilog=EXAMPLES, formatter_class=formatter)
+        add_train_flags(p, app, default_out)
+        p.set_defaults(run=run, resumable=True)
 
     p = actions.add_parser(
         "evaluate",
