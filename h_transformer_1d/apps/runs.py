@@ -7,9 +7,9 @@ import torch
 from .config import LM
 from .core import checkpoint
 from .core.checkpoint import CheckpointError
-from .lra.config import LISTOPS
+from .lra.config import LISTOPS, PRETRAIN
 
-APPS = {app.task: app for app in (LM, LISTOPS)}
+APPS = {app.task: app for app in (LM, LISTOPS, PRETRAIN)}
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -20,6 +20,8 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Modul
       causal `HTransformer1D` whose `model.net(x)` returns logits (B, N, 256).
     - `h-transformer-1d lra listops train` -> a `SequenceClassifier`: `model(x, mask)` maps token ids
       (B, N) to logits (B, 10).
+    - `h-transformer-1d lra listops pretrain` -> its `MaskedTokenModel`: the bidirectional body with a head over
+      the ListOps tokens and `<mask>`.
 
     The model is on `device` (default: the CPU). A path that is no complete checkpoint raises CheckpointError
     (a ValueError) saying what is missing.

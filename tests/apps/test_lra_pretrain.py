@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_lra import SMALL_FLAGS, TINY, straight_and_interrupted
 
+import h_transformer_1d
 from h_transformer_1d.apps.cli import main
 from h_transformer_1d.apps.core import checkpoint
 from h_transformer_1d.apps.lra import listops
@@ -76,6 +77,8 @@ def test_pretrain_resumes_exactly_then_starts_a_classifier(tmp_path, monkeypatch
     a, b = (checkpoint.load(tmp_path / run, PRETRAIN).model for run in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "straight" / "results.json").read_text())["task"] == "listops-pretrain"
+    loaded = h_transformer_1d.load(tmp_path / "straight")  # the public loader knows pretraining runs
+    assert all(torch.equal(loaded.state_dict()[k], a[k]) for k in a) and not loaded.training
 
     # the classifier's body starts from the pretrained one; its head and norm start new
     cfg = ListOpsConfig(dim=32, depth=1, heads=2, dim_head=16, seq_len=64, block_size=4)
