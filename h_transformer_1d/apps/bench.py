@@ -49,13 +49,13 @@ def training_step(cfg: Config, rt: Runtime):
     return step
 
 
-def bench_one(cfg: Config, steps: int, rt: Runtime, step=None) -> tuple[float, float, float]:
+def bench_one(cfg: Config, steps: int, rt: Runtime) -> tuple[float, float, float]:
     """(ms per step, tokens per second, peak MiB) of `steps` optimizer steps of `cfg` (after
-    UNTIMED_STEPS), through `step` (default: a fresh `training_step(cfg, rt)`)."""
+    UNTIMED_STEPS)."""
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(rt.device)
-    step = step or training_step(cfg, rt)
+    step = training_step(cfg, rt)
     for i in range(UNTIMED_STEPS + steps):
         if i == UNTIMED_STEPS:
             if rt.device.type == "cuda":

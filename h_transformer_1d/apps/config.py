@@ -8,7 +8,17 @@ import dataclasses
 from dataclasses import dataclass
 
 from .core.checkpoint import App
-from .core.config import MAX_DATA_BYTES, NON_NEGATIVE, POSITIVE, ConfigError, flag, option, overrides, shared
+from .core.config import (
+    MAX_DATA_BYTES,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    body_kwargs,
+    flag,
+    option,
+    overrides,
+    shared,
+)
 from .core.config import validate as validate_fields
 
 NUM_TOKENS = 256  # byte-level vocabulary
@@ -120,19 +130,10 @@ def build_model(cfg: Config):
     try:
         net = HTransformer1D(
             num_tokens=NUM_TOKENS,
-            dim=cfg.dim,
-            depth=cfg.depth,
-            max_seq_len=cfg.seq_len,
             causal=True,
-            heads=cfg.heads,
-            dim_head=cfg.dim_head,
-            block_size=cfg.block_size,
-            ff_mult=cfg.ff_mult,
             reversible=cfg.reversible,
             shift_tokens=cfg.shift_tokens,
-            attn_dropout=cfg.attn_dropout,
-            ff_dropout=cfg.dropout,
-            attention=cfg.attention,
+            **body_kwargs(cfg),
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid model configuration: {e}") from None

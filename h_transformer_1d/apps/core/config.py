@@ -106,6 +106,22 @@ def shared(name: str, default, note: str = ""):
     return option(default, help + (f"; {note}" if note else ""), group, choices=choices, checks=checks)
 
 
+def body_kwargs(cfg) -> dict:
+    """The `HTransformer1D` arguments of the fields every tool declares with `shared` (the model body)."""
+    return {
+        "dim": cfg.dim,
+        "depth": cfg.depth,
+        "max_seq_len": cfg.seq_len,
+        "heads": cfg.heads,
+        "dim_head": cfg.dim_head,
+        "block_size": cfg.block_size,
+        "ff_mult": cfg.ff_mult,
+        "attn_dropout": cfg.attn_dropout,
+        "ff_dropout": cfg.dropout,
+        "attention": cfg.attention,
+    }
+
+
 def fields_of(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 

@@ -15,7 +15,17 @@ from torch import nn
 
 from ...model import HTransformer1D
 from ..core.checkpoint import App
-from ..core.config import MAX_DATA_BYTES, NON_NEGATIVE_NUMBER, POSITIVE, Check, ConfigError, flag, option, shared
+from ..core.config import (
+    MAX_DATA_BYTES,
+    NON_NEGATIVE_NUMBER,
+    POSITIVE,
+    Check,
+    ConfigError,
+    body_kwargs,
+    flag,
+    option,
+    shared,
+)
 from ..core.config import validate as validate_fields
 from . import listops
 from .model import POOLS, SequenceClassifier
@@ -116,20 +126,7 @@ def validate(cfg: Recipe) -> None:
 
 
 def build_body(cfg: Recipe, num_tokens: int) -> HTransformer1D:
-    return HTransformer1D(
-        num_tokens=num_tokens,
-        dim=cfg.dim,
-        depth=cfg.depth,
-        max_seq_len=cfg.seq_len,
-        causal=False,
-        heads=cfg.heads,
-        dim_head=cfg.dim_head,
-        block_size=cfg.block_size,
-        ff_mult=cfg.ff_mult,
-        attn_dropout=cfg.attn_dropout,
-        ff_dropout=cfg.dropout,
-        attention=cfg.attention,
-    )
+    return HTransformer1D(num_tokens=num_tokens, causal=False, **body_kwargs(cfg))
 
 
 def build_classifier(cfg: ListOpsConfig) -> SequenceClassifier:
