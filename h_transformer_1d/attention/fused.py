@@ -24,7 +24,7 @@ import torch
 from .geometry import effective_block_size, level_lengths, num_levels, window_offsets
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MIN_BLOCK, MAX_BLOCK = 16, 512
 LOG2E = 1.4426950408889634  # the kernels keep scores in base 2: level-0 queries carry it
 # True: eager calls go through the custom ops too, as torch.compile does (tests compare both paths)

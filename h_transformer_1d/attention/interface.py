@@ -147,7 +147,7 @@ def h_attention(
             p * rotary_freqs[i], see `rotary.apply_rotary`). The Triton kernels do it on the fly,
             which saves the rotated copies and their backward.
         impl: "auto" (the fastest correct implementation for the inputs: the Triton kernels for
-            float16/bfloat16 CUDA tensors with head dim 16-128, block size 16-512 and no dropout,
+            float16/bfloat16 CUDA tensors with head dim 16, 32, 64, 128 or 256, block size 16-512 and no dropout,
             else the blocked PyTorch path), "triton" (the kernels; float32 runs through TF32),
             "blocked", or "reference" (the dense O(N^2) definition, for testing).
     """

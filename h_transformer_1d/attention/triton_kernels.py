@@ -47,7 +47,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("H_TRANSFORMER_1D_AUTOTUNE", "1") != "0"
 
 
-def _configs(shapes):
+def tile_configs(shapes):
     """Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter;
     only the first (a good default) when H_TRANSFORMER_1D_AUTOTUNE=0 (no tuning delay)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -55,10 +55,24 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _fit_block(configs, nargs, **kwargs):
-    """Tiles must divide the block size NR; keep the largest that fit."""
+# Past head dim 128 the tuned tiles no longer fit: a (BLOCK_M, D) float32 accumulator over the warps'
+# registers and the pipelined key and value tiles in shared memory grow with D. Tiles up to these
+# (rows x D) keep both within an H100's budget at D = 256.
+WIDE_HEAD_TILES = (64 * 256, 32 * 256)
+
+
+def fits_head(config, d: int) -> bool:
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return d <= 128 or (block_m * d <= WIDE_HEAD_TILES[0] and block_n * d <= WIDE_HEAD_TILES[1])
+
+
+def fit_block(configs, nargs, **kwargs):
+    """Tiles must divide the block size NR (and fit the head dim D); keep the largest that fit."""
     nr = kwargs.get("NR", nargs.get("NR"))
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
+    d = kwargs.get("D", nargs.get("D"))
+    fitting = [
+        c for c in configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr and fits_head(c, d)
+    ]
     forced = [c for c in configs if tile_shape(c)[:2] in FORCE_TILES or tile_shape(c) in FORCE_TILES]
     if forced:  # tests: a forced shape must fit, or the test is not testing it
         if not all(c in fitting for c in forced):
@@ -83,7 +97,7 @@ def _autotune(configs):
     ``cache_results``, keyed by the GPU architecture, the Triton build, the kernel source and the tuning
     key), so that only the first process on a machine pays the benchmarking."""
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_block}, **extra)
+    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": fit_block}, **extra)
 
 
 CHOSEN_CONFIGS: dict = {}
@@ -105,14 +119,14 @@ def launch(kernel, grid, *args, **consts) -> None:
     kernel.fn.run(*args, grid=grid, warmup=False, **consts, **config.all_kwargs())
 
 
-FWD_CONFIGS = _configs(
-    [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)]
-)
+FWD_TILES = [
+    (128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)
+]
+FWD_CONFIGS = tile_configs(FWD_TILES)
 # The key-side backward's first (default) tile is the fastest when each tile is forced in turn at the
 # training tool's shape (context 4,096, block 512; benchmarks/results/attention_gpu/).
-BWD_CONFIGS = _configs(
-    [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
-)
+BWD_TILES = [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
+BWD_CONFIGS = tile_configs(BWD_TILES)
 
 
 # --------------------------------------------------------------------------- pairwise reductions

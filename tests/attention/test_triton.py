@@ -75,6 +75,8 @@ SMALL_CASES = [
     (256, 32, False, "none", 32, torch.float32),
     (128, 32, True, "none", 16, torch.float16),
     (256, 64, True, "none", 16, torch.float32),
+    # the widest head the kernels take (narrower tiles: WIDE_HEAD_TILES)
+    (70, 16, True, "gaps", 256, torch.float32),
 ]
 
 
@@ -422,6 +424,11 @@ GPU_CASES = [
     (5000, 512, False, "gaps", 64, torch.float16),
     (4096, 512, True, "none", 64, torch.bfloat16),  # uniform levels: the training tool's shape
     (8192, 256, False, "none", 64, torch.bfloat16),
+    # head dims 32 to 256
+    (3000, 64, True, "gaps", 256, torch.bfloat16),
+    (4097, 128, False, "end", 256, torch.float16),
+    (2048, 512, True, "none", 256, torch.bfloat16),
+    (1500, 128, True, "start", 32, torch.bfloat16),
 ]
 
 
@@ -489,6 +496,39 @@ def test_kernels_take_blocks_16_to_512_and_their_head_sizes():
     assert not fused.supports(q, 8) and not fused.supports(q, 1024)
     assert not fused.supports(torch.empty(1, 1, 1, 48, dtype=torch.bfloat16), 128)
     assert not fused.supports(q.float(), 128) and fused.supports(q.float(), 128, allow_float32=True)
+    for d in (16, 32, 128, 256):
+        assert fused.supports(torch.empty(1, 1, 1, d, dtype=torch.float16), 128), d
+    assert not fused.supports(torch.empty(1, 1, 1, 512, dtype=torch.float16), 128)
+
+
+@pytest.mark.parametrize("tiles", [tk.FWD_TILES, tk.BWD_TILES], ids=["forward", "backward"])
+def test_wide_heads_take_narrower_tiles(monkeypatch, tiles):
+    """Past head dim 128 only tiles within WIDE_HEAD_TILES remain (the others overflow registers or shared
+    memory on the GPU), and at least one does at every block size; up to 128 the head dim prunes nothing."""
+    monkeypatch.setenv("H_TRANSFORMER_1D_AUTOTUNE", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's tile lists, not the interpreter's
+    gpu_configs = tk.tile_configs(tiles)
+    for nr in (16, 64, 512):
+        narrow = tk.fit_block(gpu_configs, {}, NR=nr, D=128)
+        assert narrow == [c for c in gpu_configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
+        wide = tk.fit_block(gpu_configs, {}, NR=nr, D=256)
+        assert wide and set(wide) < set(narrow) or nr == 16
+        for c in wide:
+            m, n = tk.tile_shape(c)[:2]
+            assert m * 256 <= tk.WIDE_HEAD_TILES[0] and n * 256 <= tk.WIDE_HEAD_TILES[1]
+
+
+WIDE_TILES = sorted({tk.tile_shape(c) for c in tk.FWD_CONFIGS + tk.BWD_CONFIGS if tk.fits_head(c, 256)})
+
+
+@cuda
+@pytest.mark.parametrize("tiles", WIDE_TILES, ids=["x".join(map(str, t)) for t in WIDE_TILES])
+def test_every_wide_head_tile_on_gpu(monkeypatch, tiles):
+    """Each tile autotuning may choose at head dim 256 compiles and is exact (a tile past the GPU's
+    registers or shared memory fails to launch)."""
+    monkeypatch.setenv("H_TRANSFORMER_1D_AUTOTUNE", "0")
+    force_tiles(monkeypatch, tiles)
+    check_against_reference(1100, 128, True, "gaps", 256, torch.bfloat16, b=2, h=2)
 
 
 @cuda
