@@ -160,6 +160,127 @@ ATTENTION = {
 }  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------- kernel shapes
+
+# (label, batch, heads, kv heads, N, head dim): the kernels issue's shapes (block 128): the long core, the short
+# batched ones where training happens, wide and narrow heads, grouped-query and multi-query attention
+KERNEL_SHAPES = [
+    ("128k", 1, 8, 8, 131072, 64), ("2k x8", 8, 8, 8, 2048, 64), ("4k x8", 8, 8, 8, 4096, 64),
+    ("16k d32", 1, 8, 8, 16384, 32), ("16k d128", 1, 8, 8, 16384, 128), ("16k d256", 1, 8, 8, 16384, 256),
+    ("16k gqa 8/2 d128", 1, 8, 2, 16384, 128), ("64k mqa 8/1", 1, 8, 1, 65536, 64),
+]
+QUICK_KERNEL_SHAPES = [("1k", 1, 4, 4, 1024, 32), ("512 x2 gqa 4/2", 2, 4, 2, 512, 32)]
+
+
+def kernel_cases(opts):
+    return [{"label": f"{impl} {name} {'causal' if causal else 'non-causal'}", "impl": impl, "shape": name,
+             "causal": causal, "b": b, "h": h, "hkv": hkv, "n": n, "d": d}
+            for name, b, h, hkv, n, d in (QUICK_KERNEL_SHAPES if opts.quick else KERNEL_SHAPES)
+            for causal in (False, True) for impl in ("ours", "SDPA")]  # fmt: skip
+
+
+def scores_computed(n: int, causal: bool) -> int:
+    """Scores per (batch, head) the window kernels compute: every level's rows against its window of key blocks
+    (level 0: 3 blocks, causal 2; coarse levels: 2, causal 1), whole blocks, diagonal ones included."""
+    from h_transformer_1d.attention import level_lengths
+    from h_transformer_1d.attention.geometry import window_offsets
+
+    return sum(rows * len(window_offsets(causal, min(level, 1))) * BLOCK
+               for level, rows in enumerate(level_lengths(n, BLOCK)))  # fmt: skip
+
+
+def kernel_profile(step, fwd_only) -> dict:
+    """Device time of one profiled forward+backward split into the window kernels (forward, backward) and the
+    rest (glue), and the kernels launched by the forward alone and by the whole step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(fn):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+
+    events, fwd_events = kernels(step), kernels(fwd_only)
+    total = lambda mark: sum(e.device_time_total for e in events if mark(e.name)) / 1e3
+    return {"window_fwd_ms": total(lambda k: "window_fwd" in k), "window_bwd_ms": total(lambda k: "window_bwd" in k),
+            "glue_ms": total(lambda k: "window" not in k), "busy_ms": total(lambda k: True),
+            "launches_fwd": len(fwd_events), "launches_bwd": len(events) - len(fwd_events),
+            "kernels": sorted({e.name[:60] for e in events})}  # fmt: skip
+
+
+def measure_kernels(case: dict, opts) -> dict:
+    """The attention core on (B, H, N, D) queries and (B, Hkv, N, D) keys and values, bf16 on a GPU (float32 on a
+    CPU): forward+backward and forward time, peak memory, host time of an eager call; on a GPU the window kernels'
+    rate per computed score (FlashAttention's convention: 4 D flops forward, 10 D backward) and the glue's time."""
+    import torch
+
+    from h_transformer_1d import h_attention
+
+    dev, (b, h, hkv, n, d, causal) = opts.device, (case[k] for k in ("b", "h", "hkv", "n", "d", "causal"))
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(b, h, n, d, generator=gen).to(dev, dtype).requires_grad_()
+    k, v = (torch.randn(b, hkv, n, d, generator=gen).to(dev, dtype).requires_grad_() for _ in range(2))
+    grad = torch.randn(b, h, n, d, generator=gen).to(dev, dtype)
+    if case["impl"] == "ours":
+        fn = lambda: h_attention(q, k, v, block_size=BLOCK, causal=causal)
+    else:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fn = lambda: sdpa(q, k, v, is_causal=causal, enable_gqa=hkv != h)
+
+    def step():
+        fn().backward(grad)
+
+    def fwd_only():
+        with torch.no_grad():
+            fn()
+
+    reps = opts.reps or (1 if opts.quick else 10)
+    t, tf = (time_fn(f, dev, opts.warmup, reps, opts.budget) for f in (step, fwd_only))
+    host = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        step()  # kernels queue asynchronously: this is the host's own time (a sync inside would show up)
+        host.append((time.perf_counter() - t0) * 1e3)
+    sync(dev)
+    row = {"ms": t["ms"], "fwd_ms": tf["ms"], "peak_mib": t["peak_mib"], "host_ms": statistics.median(host)}
+    scores = b * h * (scores_computed(n, causal) if case["impl"] == "ours" else n * n // (2 if causal else 1))
+    row["tflops"] = 14 * d * scores / (t["ms"] * 1e9)
+    if dev == "cuda":
+        if case["impl"] == "ours":
+            prof = kernel_profile(step, fwd_only)
+            row.update(prof)
+            row["fwd_tflops"] = 4 * d * scores / (prof["window_fwd_ms"] * 1e9) if prof["window_fwd_ms"] else None
+            row["bwd_tflops"] = 10 * d * scores / (prof["window_bwd_ms"] * 1e9) if prof["window_bwd_ms"] else None
+        row["tile_choices"] = chosen_tiles() if case["impl"] == "ours" else None
+    return row
+
+
+def chosen_tiles() -> list[str]:
+    """The tiles the kernels launched with so far (autotuned or the first of each list)."""
+    from h_transformer_1d.attention import triton_kernels as tk
+
+    return sorted({f"{kernel.fn.__name__} {'x'.join(map(str, tk.tile_shape(config)))}"
+                   for (kernel, *_), config in tk.CHOSEN_CONFIGS.items()})  # fmt: skip
+
+
+def kernels_finish(rows: list[dict]) -> None:
+    for r in rows:
+        if r.get("impl") == "ours":
+            dense = pick(rows, impl="SDPA", shape=r["shape"], causal=r["causal"])
+            r["vs_sdpa"] = ratio(dense.get("ms"), r.get("ms"))
+
+
+def kernels_headline(rows) -> str:
+    parts = []
+    for r in rows:
+        if r.get("impl") == "ours" and r.get("ms") and r["shape"] in ("128k", "4k x8", "16k d256") and r["causal"]:
+            parts.append(f"{r['shape']} {r['ms']:,.2f} ms ({x(r.get('vs_sdpa'))} SDPA)")
+    return "causal core fwd+bwd, ours: " + ("; ".join(parts) or "see the table")
+
+
 # ------------------------------------------------------------------------------- length ratios (pairs)
 
 PAIRS = [("ours", 4096, 4097, 1.2), ("ours", 8192, 32768, 4.5), ("SDPA", 4096, 4097, None)]
@@ -589,6 +710,19 @@ STUDIES = {s.name: s for s in [
           "forward+backward and forward-only time and peak memory against N, forward-only up to 1M", "cuda",
           attention_cases([1024, 4096, 16384, 65536, 131072], [1024, 4096], ["layer"], fwd_only=(262144, 1048576)),
           headline=attention_headline, **ATTENTION),
+    Study("kernels", "the attention core forward+backward at the kernels' shapes (block 128, bf16): time, peak memory, "
+          "host time of an eager call, and on a GPU the window kernels' rate per computed score, the glue kernels' "
+          "time and the launches of the forward and of the backward; grouped-query and head dims 32-256 included",
+          "any", kernel_cases, measure_kernels, series="impl", baselines=("ours", "SDPA"),
+          index=[("shape", "shape", ""), ("causal", "causal", "")],
+          values=[("ms", "fwd+bwd ms", ",.2f"), ("fwd_ms", "fwd ms", ",.2f"), ("peak_mib", "MiB", ",.0f"),
+                  ("host_ms", "host ms", ",.2f"), ("tflops", "TFLOP/s", ",.1f"), ("vs_sdpa", "vs SDPA", ".2f"),
+                  ("fwd_tflops", "window fwd TFLOP/s", ",.0f"), ("bwd_tflops", "window bwd TFLOP/s", ",.0f"),
+                  ("glue_ms", "glue ms", ",.2f"), ("launches_fwd", "launches fwd", ""),
+                  ("launches_bwd", "launches bwd", "")],
+          headline=kernels_headline, finish=kernels_finish, plot=("shape", "vs_sdpa", [], "causal"),
+          points=lambda rows: [r for r in rows if r.get("impl") == "ours"],
+          sdpa=lambda opts: (1, 8, 1024 if opts.quick else 16384, 64, True)),
     Study("length_ratios", "time(4097) / time(4096) and time(32768) / time(8192) of the attention core's "
           "forward+backward on the CPU (1, 8, N, 64, float32, block 128), both lengths alternating in one process",
           "cpu", length_ratio_cases, measure_length_ratio, baselines=("ours", "SDPA"),

@@ -32,6 +32,7 @@ HAS_CUDA = __import__("torch").cuda.is_available()
 QUICK = {
     "attention_cpu": ["--no-legacy", "--cases", "layer"],
     "length_ratios": ["--reps", "2"],
+    "kernels": ["--reps", "1"],
     "decode_cpu": ["--no-legacy"],
     "quality": [],
     "train_speed": ["--cases", "128"],
