@@ -495,13 +495,17 @@ def train(command: list[str], run_dir: Path, case: dict, opts, env: dict | None 
     """Run one training command into run_dir (None with --report-only: the run directory is only read)."""
     if opts.report_only:
         return None
-    shutil.rmtree(run_dir, ignore_errors=True)  # train refuses an existing run without --resume
+    if getattr(opts, "resume", False) and (run_dir / "checkpoints").is_dir():
+        command = [*command, "--resume"]  # the same flags: the model's are checked, the training's applied
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # train refuses an existing run without --resume
     extra = dict(env or {})
     if "gpu" in case:  # --jobs: one queue per GPU
         extra["CUDA_VISIBLE_DEVICES"] = str(case["gpu"])
     if opts.device == "cpu":
         extra.setdefault("OMP_NUM_THREADS", str(opts.threads or 1))
-    return run_logged(command, run_dir / "train.log", child_env(extra), opts.timeout)
+    log = run_dir / ("train.log" if "--resume" not in command else f"train-resumed-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    return run_logged(command, log, child_env(extra), opts.timeout)
 
 
 def status(rc: int | None, finished: bool) -> str:
@@ -663,6 +667,19 @@ LRA_VARIANTS = {
     "hier-mean-lra-lr2x": (["--pool", "mean", "--lr", "0.0031623", "--grad-clip", "0"],
                            "mean pooling, twice LRA's peak learning rate"),
 }  # fmt: skip
+# Recipe A (no pretraining) and Recipe B (masked-token pretraining, then fine-tuning from it) at the small size
+# (6 x 128), which fits a GPU session's time; an epoch budget with cosine decay, so a run spreads over sessions
+# with --resume. `pre-*` runs are `lra listops pretrain`; `b-*` start from the `pre-*` run of their attention.
+SMALL = ["--depth", "6", "--dim", "128", "--heads", "4", "--dim-head", "32"]
+OPTIM = ["--epochs", "20", "--schedule", "cosine", "--warmup-steps", "1000", "--lr", "5e-4", "--weight-decay", "0.01",
+         "--grad-clip", "1"]  # fmt: skip
+RECIPE_A = [*SMALL, *OPTIM, "--shuffle-operands", "--pool", "mean", "--eval-every", "1000"]
+for att, name in (("hierarchical", "hier"), ("dense", "dense")):
+    LRA_VARIANTS[f"a-small-{name}"] = (["--attention", att, *RECIPE_A], f"Recipe A, 6 x 128, {att}")
+    LRA_VARIANTS[f"pre-small-{name}"] = (["--attention", att, *SMALL, *OPTIM, "--eval-every", "2000"],
+                                         f"Recipe B's masked-token pretraining, 6 x 128, {att}")  # fmt: skip
+    LRA_VARIANTS[f"b-small-{name}"] = (["--attention", att, *RECIPE_A, "--init-from", f"{{runs}}/pre-small-{name}"],
+                                       f"Recipe B: Recipe A from the pretraining pre-small-{name}")  # fmt: skip
 LRA_QUICK = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "64", "--block-size", "4",
              "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--warmup-steps", "2"]  # fmt: skip
 LRA_QUICK_DATA = ["--num-train", "64", "--num-val", "16", "--num-test", "16", "--min-length", "10", "--max-length", "60"]
@@ -678,9 +695,13 @@ def lra_setup(opts):
 def measure_lra(case: dict, opts) -> dict:
     """One variant of `lra listops train` (the recipe's defaults plus the variant's flags), read back from its run
     directory: results.json (test accuracy of the final model) and metrics.csv (a run stopped early)."""
-    run_dir, flags = opts.runs / case["label"], LRA_VARIANTS[case["label"]][0]
-    quick = LRA_QUICK if opts.quick else []
-    command = cli("lra", "listops", "train", "--data", opts.runs / "data", "--out", run_dir, *quick, *flags,
+    label = case["label"]
+    run_dir = opts.runs / label
+    flags = [f.replace("{runs}", str(opts.runs)) for f in LRA_VARIANTS[label][0]]
+    if opts.quick:  # the quick sizes and budget win (the last of a repeated flag counts); --steps replaces --epochs
+        flags = [f for i, f in enumerate(flags) if "--epochs" not in flags[max(i - 1, 0) : i + 1]] + LRA_QUICK
+    verb = "pretrain" if label.startswith("pre-") else "train"
+    command = cli("lra", "listops", verb, "--data", opts.runs / "data", "--out", run_dir, *flags,
                   "--device", opts.device)  # fmt: skip
     rc = train(command, run_dir, case, opts)
     metrics = read_metrics(run_dir, require=("train_loss",))
@@ -691,8 +712,9 @@ def measure_lra(case: dict, opts) -> dict:
     best = max(val, key=lambda sv: (sv[1], -sv[0])) if val else (None, None)
     nan = next((m["step"] for m in metrics if not math.isfinite(m.get("train_loss") or 0.0)), None)
     notes = ([] if results else [f"unfinished: {len(metrics)} steps logged"]) + ([f"loss NaN from step {nan}"] if nan else [])
-    return {"flags": " ".join(flags) or "(recipe)", "about": LRA_VARIANTS[case["label"]][1], "finished": bool(results),
-            "test_accuracy": results.get("test_accuracy"), "final_val_accuracy": val[-1][1] if val else None,
+    return {"flags": " ".join(LRA_VARIANTS[label][0]) or "(recipe)", "about": LRA_VARIANTS[case["label"]][1], "finished": bool(results),
+            "test_accuracy": results.get("test_accuracy"), "best_test_accuracy": results.get("best_test_accuracy"),
+            "final_val_accuracy": val[-1][1] if val else None,
             "best_val_accuracy": best[1], "best_val_step": best[0], "val_curve": val,
             "train_min": (results.get("train_time_s") or metrics[-1].get("elapsed_s") or 0) / 60,
             "examples_per_s": results.get("train_examples_per_s"), "peak_gib": results.get("peak_memory_gib"),
@@ -787,7 +809,8 @@ STUDIES = {s.name: s for s in [
           headline=lambda rows: "; ".join(f"{r['label']}: test {r['test_accuracy']:.2%}" for r in rows
                                           if r.get("test_accuracy") is not None and r["label"] in ("hier", "dense")),
           index=[("label", "run", ""), ("flags", "flags", "")],
-          values=[("test_accuracy", "test acc", "%"), ("final_val_accuracy", "final val acc", "%"),
+          values=[("test_accuracy", "test acc", "%"), ("best_test_accuracy", "test acc at best val", "%"),
+                  ("final_val_accuracy", "final val acc", "%"),
                   ("best_val_accuracy", "best val acc", "%"), ("best_val_step", "best step", ""),
                   ("train_min", "train min", ".1f"), ("examples_per_s", "examples/s", ",.1f"),
                   ("peak_gib", "peak GiB", ".2f"), ("note", "note", "")],

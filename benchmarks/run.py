@@ -66,7 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--runs", type=Path, help="run directories (default: runs/bench/<study> in the repository)")
     g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     g.add_argument("--gpus", type=int, nargs="+", help="scaling: process counts K (default 1 2 4; --quick 1 2)")
-    g.add_argument("--jobs", type=int, default=1, help="run N cases at once, case i on GPU i mod N (default 1)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="run N cases at once, case i on GPU i mod (the host's GPUs): several share a GPU (default 1)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue each run whose directory holds a checkpoint (--resume with the same flags)")
     g.add_argument("--timeout", type=float, help="seconds per training run; then it is stopped and reported")
     g.add_argument("--extra", default="", help="more CLI arguments for every training run, one quoted string")
     g.add_argument("--report-only", action="store_true", help="re-make the report from --runs, train nothing")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
              if not opts.cases or any(c["label"] == p or c["label"].startswith(p + " ") for p in opts.cases)]
     for i, case in enumerate(cases):
         if opts.jobs > 1:
-            case["gpu"] = i % opts.jobs
+            case["gpu"] = i % max(1, min(opts.jobs, env["gpus"]))
     opts.rows = rows = []
     order = {c["label"]: i for i, c in enumerate(cases)}
     headline = "nothing measured"
