@@ -59,10 +59,9 @@ class VarlenLayout:
         self.lengths = list(lengths)
         self.total = sum(self.lengths)
         self.buckets = bucket_lengths(self.lengths, block_size)
-        starts = [0]
-        for n in self.lengths[:-1]:
-            starts.append(starts[-1] + n)
         lengths_t = torch.tensor(self.lengths, dtype=torch.long)
+        ends = lengths_t.cumsum(0)
+        starts = ends - lengths_t
         gathers, masks, slot_start = [], [], torch.zeros(len(self.lengths), dtype=torch.long)
         offset = 0
         self.shapes = []  # (b, L) per bucket
@@ -71,21 +70,24 @@ class VarlenLayout:
             cols = torch.arange(padded)
             mask = cols < lengths_t[rows, None]  # (b, L)
             # padding slots read token 0, any real row: the mask keeps their contents out of every result
-            gathers.append(torch.where(mask, torch.tensor(starts)[rows, None] + cols, 0).flatten())
+            gathers.append(torch.where(mask, starts[rows, None] + cols, 0).flatten())
             masks.append(mask.flatten())
             slot_start[rows] = offset + torch.arange(len(members)) * padded
             offset += len(members) * padded
             self.shapes.append((len(members), padded))
         self.full = [bool(m.all()) for m in masks]  # no padding in the bucket: no mask to pass
         # the slot of each token in the buckets' concatenated outputs
-        scatter = torch.arange(self.total) + torch.repeat_interleave(slot_start - torch.tensor(starts), lengths_t)
-        host = torch.cat(gathers + [scatter] + [m.long() for m in masks]) if self.total else torch.zeros(0).long()
-        on_device = host.to(device, non_blocking=True)
+        scatter = torch.arange(self.total) + torch.repeat_interleave(slot_start - starts, lengths_t)
+        # the first and the last token of each sequence (token shift stops at them)
+        edges = torch.zeros(2, self.total, dtype=torch.long)
+        edges[0, starts[lengths_t > 0]] = 1
+        edges[1, ends[lengths_t > 0] - 1] = 1
+        host = torch.cat(gathers + [scatter] + [m.long() for m in masks] + [edges.flatten()])
         sizes = [b * n for b, n in self.shapes]
-        parts = on_device.split(sizes + [self.total] + sizes)
+        parts = host.to(device, non_blocking=True).split(sizes + [self.total] + sizes + [self.total] * 2)
         self.gather, self.scatter = parts[: len(sizes)], parts[len(sizes)]
-        self.masks = [m.bool().view(shape) for m, shape in zip(parts[len(sizes) + 1 :], self.shapes)]
-        self.starts = starts
+        self.masks = [m.bool().view(shape) for m, shape in zip(parts[len(sizes) + 1 : -2], self.shapes)]
+        self.first, self.last = parts[-2].bool(), parts[-1].bool()
 
     def pad(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (total, ...) -> per bucket (b, L, ...), sequences in rows, padding after each."""
@@ -104,14 +106,9 @@ class VarlenLayout:
             outs.append(attend(*padded, None if self.full[i] else self.masks[i]))
         return self.unpad(outs)
 
-    def boundaries(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total,) bool: the first and the last token of each sequence."""
-        first = torch.zeros(self.total, dtype=torch.bool)
-        last = torch.zeros(self.total, dtype=torch.bool)
-        for start, n in zip(self.starts, self.lengths):
-            if n:
-                first[start], last[start + n - 1] = True, True
-        return first.to(device), last.to(device)
+    def boundaries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total,) bool on the layout's device: the first and the last token of each sequence."""
+        return self.first, self.last
 
 
 def check_cu_seqlens(cu_seqlens, max_seqlen, total: int) -> list[int]:

@@ -126,7 +126,7 @@ def test_layout_round_trip():
     padded = layout.pad(x)
     assert sum(p.shape[0] for p in padded) == 4
     assert torch.equal(layout.unpad(padded), x)
-    first, last = layout.boundaries("cpu")
+    first, last = layout.boundaries()
     assert first.nonzero().flatten().tolist() == [0, 5, 22, 25]
     assert last.nonzero().flatten().tolist() == [4, 21, 24, 32]
 
