@@ -481,6 +481,80 @@ def cuda_graphs_headline(rows):
             f"{best['tokens_per_s']:,.0f} tokens/s ({x(best.get('vs_dense_eager'))} dense eager)") if best else "-"
 
 
+# ----------------------------------------------------------------- packed documents vs padded batches
+
+
+def pack_cases(opts):
+    return [{"label": batching, "batching": batching} for batching in ("packed", "padded")]
+
+
+def measure_pack(case: dict, opts) -> dict:
+    """Training steps (AdamW, bf16 autocast on a GPU) on the default corpus's documents as `train --pack`
+    draws them: `packed` runs each step's rows back to back with cu_seqlens (what --pack trains), `padded`
+    the very same document pieces as a padded batch, each padded to the longest piece of its step. Tokens/s
+    counts predicted bytes, the same in both (batch x context per step)."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    from h_transformer_1d import AutoregressiveWrapper, HTransformer1D
+    from h_transformer_1d.apps import data
+    from h_transformer_1d.attention.varlen import VarlenLayout
+
+    if opts.quick:
+        ctx, batch, block, size = 128, 4, 16, {"dim": 64, "depth": 2, "heads": 2, "dim_head": 32}
+    else:
+        ctx, batch, block, size = 4096, 8, 128, {"dim": 512, "depth": 12, "heads": 8, "dim_head": 64}
+    corpus = data.load_corpus(QUICK_DATA[1] if opts.quick else None)
+    pieces = data.document_pieces(corpus, ctx)
+    steps = [data.train_pack(corpus.train, pieces, ctx, batch, seed=0, step=s) for s in range(1, 9)]
+    torch.manual_seed(0)
+    net = HTransformer1D(num_tokens=256, **size, max_seq_len=ctx, causal=True, shift_tokens=True, block_size=block)
+    model = AutoregressiveWrapper(net).to(opts.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inputs = []  # per step: (positional args, keyword args) of the loss, made before the timing
+    for b in steps:
+        if case["batching"] == "packed":
+            _, cu, longest = b.rows(0, batch)
+            inputs.append(((b.tokens.to(opts.device).long(),), {"cu_seqlens": cu, "max_seqlen": longest}))
+        else:
+            rows = pad_sequence(list(b.tokens.split(b.lengths)), batch_first=True).to(opts.device).long()
+            mask = (torch.arange(rows.shape[1]) < torch.tensor(b.lengths)[:, None]).to(opts.device)
+            inputs.append(((rows,), {"mask": mask}))
+    turn = iter(range(10**9))
+
+    def step():
+        args, kwargs = inputs[next(turn) % len(inputs)]
+        with torch.autocast(opts.device, torch.bfloat16, enabled=opts.device == "cuda"):
+            loss = model(*args, **kwargs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t = time_fn(step, opts.device, warmup=2, reps=opts.reps or (4 if opts.quick else 16), budget_s=opts.budget)
+    # slots per predicted byte: the padded batch's rows, or the attention's padded buckets when packed
+    if case["batching"] == "packed":
+        layouts = [VarlenLayout([n - 1 for n in b.lengths], block) for b in steps]
+        slots = sum(bs * n for layout in layouts for bs, n in layout.shapes)
+    else:
+        slots = sum(len(b.lengths) * (max(b.lengths) - 1) for b in steps)
+    return {"ms_per_step": t["ms"], "tokens_per_s": batch * ctx / t["ms"] * 1e3, "context": ctx,
+            "pieces_per_step": statistics.mean(len(b.lengths) for b in steps),
+            "padding_pct": 100 * (1 - len(steps) * batch * ctx / slots), "peak_mib": t.get("peak_mib")}  # fmt: skip
+
+
+def pack_finish(rows):
+    padded = pick(rows, batching="padded").get("tokens_per_s")
+    for r in rows:
+        r["vs_padded"] = ratio(r.get("tokens_per_s"), padded)
+
+
+def pack_headline(rows):
+    packed = pick(rows, batching="packed")
+    return (f"packed {packed['tokens_per_s']:,.0f} tokens/s, {x(packed.get('vs_padded'))} padded batches of the same "
+            "documents (target 1.3x)") if packed.get("tokens_per_s") else "-"
+
+
 # ------------------------------------------------------------------- training through the CLI (subprocesses)
 
 QUICK_MODEL = ["--dim", "64", "--depth", "2", "--heads", "2", "--dim-head", "32", "--block-size", "16"]
@@ -779,6 +853,16 @@ STUDIES = {s.name: s for s in [
                   ("vs_dense", "vs dense", "x"), ("peak_mib", "peak MiB", ",.0f")],
           plot=("context", "tokens_per_s", ["mode"], "config"),
           sdpa=lambda opts: (2, 2, 256, 32, True) if opts.quick else (2, 8, 16384, 64, True)),
+    Study("pack", "training tokens/s with documents packed (train --pack: cu_seqlens, attention in padded buckets "
+          "of similar length) vs the same documents in padded batches (each padded to the longest of its step); "
+          "default corpus, base model (12 x 512, 8 x 64, block 128), context 4,096, batch 8, bf16 on a GPU", "any",
+          pack_cases, measure_pack, finish=pack_finish, headline=pack_headline, baselines=("padded",),
+          index=[("batching", "batching", "")],
+          values=[("ms_per_step", "ms/step", ",.1f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                  ("vs_padded", "vs padded", "x"), ("pieces_per_step", "documents per step", ",.1f"),
+                  ("padding_pct", "padding %", ",.1f"), ("peak_mib", "peak MiB", ",.0f")],
+          plot=("batching", "tokens_per_s", [], None),
+          points=lambda rows: [{**r, "batching": ["padded", "packed"].index(r["batching"])} for r in rows]),
     Study("quality", "the same training run with hierarchical and with dense attention (base model, block 512, "
           "context 4,096, batch 8, 600 steps, lr 1e-3): validation bits per byte at equal tokens and training "
           "tokens/s; target: within 3% of dense at 1.5x its speed", "any", quality_cases, measure_quality,

@@ -57,6 +57,12 @@ class Config:
         "data",
     )
     max_data_bytes: int = shared("max_data_bytes", MAX_DATA_BYTES)
+    pack: bool = option(
+        False,
+        "train on whole documents (files) packed into --batch-size x --seq-len predicted bytes per step, each "
+        "attending only within itself (a longer document cut into --seq-len pieces), instead of random windows",
+        "data",
+    )
     seed: int = shared("seed", 0, "the batches depend on seed and step only")
 
     eval_every: int = shared("eval_every", 50, "validation in bits per byte")
@@ -116,6 +122,9 @@ def resolve(flags: dict, stored: Config | None = None) -> tuple[Config, str | No
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     validate_fields(cfg)
+    if cfg.pack and cfg.compile:
+        # every step packs other lengths: a compiled model would compile again and again
+        raise ConfigError("--pack cannot be combined with --compile (packed steps change shape every step)")
     if cfg.batch_size % (cfg.grad_accum * world_size):
         raise ConfigError(
             f"{flag('batch_size')} must be divisible by --grad-accum x processes = {cfg.grad_accum} x {world_size} "

@@ -4,6 +4,9 @@ Every token is a byte (vocabulary 256). A corpus of files is split by file (of t
 20th from the 19th goes to validation, every 20th from the 20th to test: 90/5/5); a single file is
 split by bytes (first 90%, next 5%, last 5%: for enwik8's 100M bytes exactly 90M/5M/5M).
 
+With --pack the training split keeps its documents (files; a single file is one document): `train_pack`
+fills each step with whole documents instead of random windows.
+
 Inputs are bounded: only regular files are read (a FIFO, a device or a socket is refused, not waited on),
 streamed and decompressed in chunks up to --max-data-bytes in all, and held once in memory, as uint8.
 """
@@ -32,6 +35,7 @@ class Corpus:
     train: torch.Tensor  # (N,) uint8
     val: torch.Tensor
     test: torch.Tensor
+    train_docs: torch.Tensor | None = None  # (D,) int64: where each document of `train` starts (0 first)
 
     def split(self, name: str) -> torch.Tensor:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -65,24 +69,33 @@ class Budget:
             return self.read(f, into)
 
 
-def split_bytes(name: str, data: bytearray) -> Corpus:
+def split_bytes(name: str, data: bytearray, file_sizes: list[int] | None = None) -> Corpus:
+    """The first 90% of the bytes for training, the next 5% validation, the last 5% test. `file_sizes`: the
+    files `data` joins, whose starts become the training documents (default: one document)."""
     n = len(data)
     a, b = n * 90 // 100, n * 95 // 100
     tokens = as_tensor(data)
-    return Corpus(name, tokens[:a], tokens[a:b], tokens[b:])
+    starts = torch.tensor([0] + (file_sizes or [])[:-1], dtype=torch.long).cumsum(0)
+    return Corpus(name, tokens[:a], tokens[a:b], tokens[b:], starts[starts < a])
 
 
 def split_files(name: str, files: list[Path], budget: Budget) -> Corpus:
     """Split a sorted file list 90/5/5 by file; fewer than 20 files are split by bytes instead."""
     if len(files) < 20:
-        data = bytearray()
+        data, sizes = bytearray(), []
         for path in files:
+            before = len(data)
             budget.read_file(path, data)
-        return split_bytes(name, data)
+            sizes.append(len(data) - before)
+        return split_bytes(name, data, sizes)
     parts = {"train": bytearray(), "val": bytearray(), "test": bytearray()}
+    train_docs = []
     for i, path in enumerate(files):
-        budget.read_file(path, parts[{18: "val", 19: "test"}.get(i % 20, "train")])
-    return Corpus(name, *(as_tensor(data) for data in parts.values()))
+        split = {18: "val", 19: "test"}.get(i % 20, "train")
+        if split == "train":
+            train_docs.append(len(parts["train"]))
+        budget.read_file(path, parts[split])
+    return Corpus(name, *(as_tensor(data) for data in parts.values()), torch.tensor(train_docs, dtype=torch.long))
 
 
 def sorted_files(root: Path, pattern: str, skip: frozenset = frozenset()) -> list[Path]:
@@ -183,3 +196,73 @@ def eval_starts(tokens: torch.Tensor, seq_len: int, count: int | None = None) ->
     if count is not None and count < len(starts):
         starts = starts[torch.linspace(0, len(starts) - 1, count).round().long()]
     return starts
+
+
+@dataclass
+class Pieces:
+    """The training documents cut for packing: piece i is tokens[starts[i] : starts[i] + lengths[i]]."""
+
+    starts: torch.Tensor  # (P,) int64
+    lengths: torch.Tensor  # (P,) int64, each 2 .. seq_len + 1
+    cum_predictions: torch.Tensor  # (P,) int64: predictions (lengths - 1) of pieces 0..i
+
+
+def document_pieces(corpus: Corpus, seq_len: int) -> Pieces:
+    """Each training document cut into pieces of at most seq_len + 1 bytes, consecutive pieces sharing one
+    byte (as a window of seq_len + 1 bytes predicts seq_len): every byte of a document after its first is
+    predicted by exactly one piece. Documents of fewer than 2 bytes predict nothing and are left out."""
+    doc_starts = corpus.train_docs if corpus.train_docs is not None else torch.zeros(1, dtype=torch.long)
+    doc_ends = torch.cat([doc_starts[1:], torch.tensor([len(corpus.train)])])
+    predictions = (doc_ends - doc_starts - 1).clamp(min=0)
+    counts = -(-predictions // seq_len)  # pieces per document
+    if not counts.sum():
+        raise DataError(f"the train split of {corpus.name} has no document of 2 or more bytes to pack (--pack)")
+    first = torch.repeat_interleave(doc_starts, counts)
+    index = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    starts = first + index * seq_len
+    lengths = torch.minimum(torch.repeat_interleave(doc_ends, counts) - starts, torch.tensor(seq_len + 1))
+    return Pieces(starts, lengths, (lengths - 1).cumsum(0))
+
+
+@dataclass
+class PackedBatch:
+    """A step's packed rows: row r is pieces row_bounds[r]:row_bounds[r + 1] back to back in `tokens`,
+    together exactly seq_len predictions."""
+
+    tokens: torch.Tensor  # (total,) uint8
+    lengths: list[int]  # tokens of each piece
+    row_bounds: list[int]  # (rows + 1) piece indices
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Rows lo..hi-1 as (tokens (T,) uint8, cu_seqlens (pieces + 1,) int32 on the CPU, the longest piece)."""
+        first, last = self.row_bounds[lo], self.row_bounds[hi]
+        lengths = torch.tensor(self.lengths[first:last], dtype=torch.int32)
+        offset = sum(self.lengths[:first])
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0, dtype=torch.int32)])
+        return self.tokens[offset : offset + int(cu[-1])], cu, int(lengths.max())
+
+
+def train_pack(tokens: torch.Tensor, pieces: Pieces, seq_len: int, batch_size: int, seed: int, step: int) -> PackedBatch:
+    """The global batch of optimizer step `step` with --pack: `batch_size` rows, each whole pieces of documents
+    (drawn at random, a piece as often as its share of the predicted bytes, the same share a random window
+    gives them) up to exactly seq_len predictions, the last piece of a row cut to fit. Depends only on
+    (seed, step), as `train_batch`: a resumed run continues exactly, and the rows split over micro-batches
+    and processes as the windows do, each row holding the same number of predictions."""
+    generator = torch.Generator().manual_seed(seed * 2**32 + step)
+    total = int(pieces.cum_predictions[-1])
+    chosen_starts, lengths, row_bounds = [], [], [0]
+    draws: list[int] = []
+    for _ in range(batch_size):
+        left = seq_len
+        while left:
+            if not draws:  # random bytes among all predicted ones, drawn a few at a time
+                picks = torch.randint(total, (64,), generator=generator)
+                draws = torch.searchsorted(pieces.cum_predictions, picks, right=True).tolist()[::-1]
+            i = draws.pop()
+            n = min(int(pieces.lengths[i]), left + 1)
+            chosen_starts.append(int(pieces.starts[i]))
+            lengths.append(n)
+            left -= n - 1
+        row_bounds.append(len(lengths))
+    batch = torch.cat([tokens[start : start + n] for start, n in zip(chosen_starts, lengths)])
+    return PackedBatch(batch, lengths, row_bounds)

@@ -130,6 +130,7 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
     corpus = data.load_corpus(cfg.data, cfg.max_data_bytes)
     data.require_bytes(corpus, "train", cfg.seq_len)
     data.require_bytes(corpus, "val", cfg.seq_len)
+    pieces = data.document_pieces(corpus, cfg.seq_len) if cfg.pack else None
     micro_batch = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all processes together
     val_starts = data.eval_starts(corpus.val, cfg.seq_len, cfg.eval_batches * micro_batch)
     val_starts = val_starts[: len(val_starts) // rt.world_size * rt.world_size]  # equal shares (FSDP)
@@ -174,7 +175,8 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
         f"model: {num_params / 1e6:.2f}M parameters, dim {cfg.dim}, depth {cfg.depth}, {cfg.heads} heads x "
         f"{cfg.dim_head}, block {cfg.block_size}, {cfg.attention} attention, context {cfg.seq_len}",
         f"training: {rt.world_size} process(es) on {rt.device.type} ({precision}{', FSDP' if cfg.fsdp else ''}), "
-        f"{cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step, steps {start_step + 1}..{cfg.steps}"
+        f"{cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step{', documents packed' if cfg.pack else ''}"
+        f", steps {start_step + 1}..{cfg.steps}"
         f" -> {out_dir}",
     )
     sample_prompt = bytes(corpus.val[:48].tolist())
@@ -186,13 +188,22 @@ def run(cfg: Config, out_dir: Path, resume: checkpoint.Checkpoint | None, rt: Ru
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = data.train_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, step)
+        if cfg.pack:
+            packed = data.train_pack(corpus.train, pieces, cfg.seq_len, cfg.batch_size, cfg.seed, step)
+        else:
+            batch = data.train_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, step)
         step_loss = torch.zeros((), device=rt.device)
-        for micro, rows in enumerate(batch.chunk(cfg.grad_accum)):
-            x = rows.chunk(rt.world_size)[rt.rank].to(rt.device, non_blocking=True).long()
+        for micro in range(cfg.grad_accum):
+            if cfg.pack:  # this process's rows of the micro-batch, as the windows' rows are split below
+                lo = (micro * rt.world_size + rt.rank) * micro_batch // rt.world_size
+                x, cu_seqlens, longest = packed.rows(lo, lo + micro_batch // rt.world_size)
+                packing = {"cu_seqlens": cu_seqlens, "max_seqlen": longest}  # lengths stay on the host
+            else:
+                x, packing = batch.chunk(cfg.grad_accum)[micro].chunk(rt.world_size)[rt.rank], {}
+            x = x.to(rt.device, non_blocking=True).long()
             set_grad_sync(trained, model, micro == cfg.grad_accum - 1)
             with rt.autocast():
-                loss = trained(x) / cfg.grad_accum
+                loss = trained(x, **packing) / cfg.grad_accum
             loss.backward()
             step_loss += loss.detach()
         queued.append((step, lr, PendingLoss(rt.all_sum(step_loss))))

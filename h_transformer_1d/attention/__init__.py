@@ -5,6 +5,7 @@ from .geometry import covering_level, level_lengths, num_levels
 from .incremental import HierarchicalCache
 from .interface import h_attention, h_attention_qkv
 from .reference import hierarchical_attention_reference
+from .varlen import h_attention_varlen
 
 __all__ = [
     "HierarchicalCache",
@@ -12,6 +13,7 @@ __all__ = [
     "covering_level",
     "h_attention",
     "h_attention_qkv",
+    "h_attention_varlen",
     "hierarchical_attention_reference",
     "level_lengths",
     "num_levels",

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import check_key_padding_mask
+from ..attention.varlen import check_cu_seqlens
 from .cache import StaticDecoder, compiled_steps_refused, decode_step, prefill, supports_decoding_cache
 
 GRAPH_MIN_TOKENS = 16  # generate(cuda_graph=None) captures a CUDA graph when asked for more tokens
@@ -61,8 +62,21 @@ class AutoregressiveWrapper(nn.Module):
         self.pad_value = pad_value
         self.max_seq_len = net.max_seq_len
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1]; padded targets are ignored."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of predicting x[:, 1:] from x[:, :-1]; padded targets are ignored.
+
+        Packed: x (total,) or (1, total) holds sequences back to back (`cu_seqlens`, `max_seqlen` as for
+        `HTransformer1D`, each sequence at most max_seq_len + 1 tokens): the mean over every sequence's
+        own next-token predictions; the last token of a sequence predicts nothing."""
+        if cu_seqlens is not None:
+            return self.packed_loss(x, mask, cu_seqlens, max_seqlen)
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] < 2:
             raise ValueError(f"x must have shape (batch, seq_len >= 2), got {getattr(x, 'shape', type(x))}")
         # every id, the last target included: cross_entropy would fail on it without naming it (CUDA: a device assert)
@@ -74,6 +88,30 @@ class AutoregressiveWrapper(nn.Module):
             mask = mask[:, :-1]
         logits = self.net(inp, mask=mask)  # (B, N-1, V)
         return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+
+    def packed_loss(self, x, mask, cu_seqlens, max_seqlen) -> torch.Tensor:
+        if mask is not None:
+            raise ValueError("packed sequences (cu_seqlens) take no mask")
+        if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2) or (x.dim() == 2 and x.shape[0] != 1):
+            raise ValueError(f"with cu_seqlens x must have shape (total,) or (1, total), got {getattr(x, 'shape', x)}")
+        x = x.reshape(-1)
+        self.net.check_tokens(x[None], max_len=len(x))
+        lengths = torch.tensor(check_cu_seqlens(cu_seqlens, max_seqlen, len(x)))
+        inputs = (lengths - 1).clamp(min=0)  # each sequence without its last token
+        if not inputs.sum():
+            raise ValueError("packed sequences need at least one sequence of 2 or more tokens to predict")
+        # positions in the stream, on the host: the inputs leave out each sequence's last token, the
+        # targets its first
+        ends = lengths.cumsum(0)
+        last = torch.zeros(len(x), dtype=torch.bool)
+        last[ends[lengths > 0] - 1] = True
+        first = torch.zeros(len(x), dtype=torch.bool)
+        first[(ends - lengths)[lengths > 0]] = True
+        index = torch.cat([(~last).nonzero()[:, 0], (~first).nonzero()[:, 0]]).to(x.device)
+        inp, target = x.index_select(0, index).long().split(int(inputs.sum()))
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), inputs.cumsum(0).to(torch.int32)])
+        logits = self.net(inp, cu_seqlens=cu, max_seqlen=int(inputs.max()))  # (T, V)
+        return F.cross_entropy(logits, target)
 
     @torch.no_grad()
     def generate(

@@ -8,6 +8,7 @@ from ..attention import h_attention, h_attention_qkv
 from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, StepInputs
 from ..attention.interface import check_block_size, check_key_padding_mask, check_probability
 from ..attention.rotary import apply_rotary
+from ..attention.varlen import VarlenLayout, varlen_layout
 
 
 class RotaryEmbedding(nn.Module):
@@ -82,27 +83,44 @@ def _shifted(x: torch.Tensor, bounds, amounts) -> torch.Tensor:
 
 
 def shift_tokens(
-    x: torch.Tensor, mask: torch.Tensor | None, causal: bool, previous: torch.Tensor | None = None
+    x: torch.Tensor, mask: torch.Tensor | VarlenLayout | None, causal: bool, previous: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Move a slice of the features one position along the sequence.
 
     Causal: half the features come from the previous position. Non-causal: a third from the previous
     position, a third from the next. Padded positions contribute zeros, so padding never leaks.
+    `mask` a `VarlenLayout`: x (1, total, dim) holds sequences back to back, and nothing is shifted across
+    their boundaries (zeros come in at each sequence's first position, and, non-causal, its last).
     `previous` (B, dim), causal only: the (masked) features of the position before x[:, 0], when x
     continues a sequence during decoding; zeros when None.
     """
     if previous is not None and not causal:
         raise ValueError("previous features can only be shifted in causally")
+    layout = mask if isinstance(mask, VarlenLayout) else None
+    if layout is not None:
+        mask = None
     if mask is not None:
         x = x.masked_fill(~mask[..., None], 0.0)
     amounts = (1, 0) if causal else (1, -1, 0)
     dim = x.shape[-1]  # the slices of x.tensor_split(len(amounts), dim=-1)
     bounds = tuple(i * (dim // len(amounts)) + min(i, dim % len(amounts)) for i in range(len(amounts) + 1))
     if previous is None:  # plain ops under the compiler, which fuses them into their neighbours
-        return _shifted(x, bounds, amounts) if torch.compiler.is_compiling() else _Shift.apply(x, bounds, amounts)
+        out = _shifted(x, bounds, amounts) if torch.compiler.is_compiling() else _Shift.apply(x, bounds, amounts)
+        return out if layout is None else out.masked_fill(crossing(layout, bounds, x.device), 0.0)
     # decoding: x continues a sequence whose last (masked) features are `previous`
     head = torch.cat([previous[:, None, : bounds[1]], x[:, :-1, : bounds[1]]], dim=1)
     return torch.cat([head, x[..., bounds[1] :]], dim=-1)
+
+
+def crossing(layout: VarlenLayout, bounds, device) -> torch.Tensor:
+    """(total, dim) bool: the shifted features that came across a sequence boundary of `layout` (the slice
+    from the previous position at each first token, the slice from the next at each last one)."""
+    first, last = layout.boundaries()
+    feature = torch.arange(bounds[-1], device=device)
+    out = first[:, None] & (feature < bounds[1])
+    if len(bounds) > 3:  # non-causal: the second slice came from the next position
+        out |= last[:, None] & (feature >= bounds[1]) & (feature < bounds[2])
+    return out
 
 
 def check_features(x, dim: int, name: str = "x") -> None:
@@ -174,17 +192,42 @@ class HAttention1D(nn.Module):
 
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`."""
-        qkv = self.packed_qkv(x).permute(2, 0, 3, 1, 4)
+        return self.rotated_qkv(self.packed_qkv(x), positions)
+
+    def rotated_qkv(self, qkv: torch.Tensor, positions: torch.Tensor):
+        """(B, N, 3, H, dim_head) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`."""
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k = self.rotary(qkv[:2], positions).unbind(0)  # q and k in one rotation (positions (N,))
         return q, k, qkv[2]
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: HierarchicalCache | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | VarlenLayout | None = None,
+        cache: HierarchicalCache | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """`cache` (causal hierarchical layers only): an empty one is filled from x, the prompt; a filled
-        one takes x (B, 1, dim), the next position, with mask None (decoded tokens are real)."""
+        one takes x (B, 1, dim), the next position, with mask None (decoded tokens are real).
+
+        Packed sequences: x (1, total, dim) holds them back to back, `cu_seqlens` and `max_seqlen` as for
+        `h_attention_varlen` (or `mask` their `VarlenLayout`, made once for all the layers of a model);
+        each attends only within itself, with rotary positions from 0 at its start."""
         check_features(x, self.dim)
         b, n, _ = x.shape
+        if cu_seqlens is not None:
+            if mask is not None:
+                raise ValueError("pass either mask or cu_seqlens, not both")
+            mask = varlen_layout(cu_seqlens, max_seqlen, self.block_size, n, x.device)
+        if isinstance(mask, VarlenLayout):
+            if cache is not None or b != 1 or mask.total != n:
+                raise ValueError(
+                    f"packed sequences need x of shape (1, total_tokens={mask.total}, dim) and no cache, got "
+                    f"shape {tuple(x.shape)}{' and a cache' if cache is not None else ''}"
+                )
+            return self.forward_packed(x, mask)
         if cache is not None:
             if not self.causal or self.attention != "hierarchical":
                 raise ValueError("a decoding cache needs a causal layer with attention='hierarchical'")
@@ -214,6 +257,25 @@ class HAttention1D(nn.Module):
                 rotary_freqs=self.rotary.inv_freq,
             )  # (B, H, N, dim_head)
         return self.to_out(out.transpose(1, 2).flatten(2))
+
+    def forward_packed(self, x: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+        """x (1, total, dim) of the packed sequences of `layout` -> (1, total, dim): attention on the padded
+        buckets of similar lengths, one gather in and one out (attention/varlen.py)."""
+        dropout_p = self.dropout if self.training else 0.0
+
+        def attend(qkv, mask):  # qkv (b, L, 3, H, dim_head), each row one sequence from position 0
+            if self.attention == "dense":
+                q, k, v = self.rotated_qkv(qkv, torch.arange(qkv.shape[1], device=qkv.device))
+                out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
+            else:
+                out = h_attention_qkv(
+                    qkv, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
+                    rotary_freqs=self.rotary.inv_freq,
+                )
+            return out.transpose(1, 2)  # (b, L, H, dim_head)
+
+        out = layout.apply(attend, self.packed_qkv(x[0]))  # (total, H, dim_head)
+        return self.to_out(out.flatten(1))[None]
 
     def step(
         self, x: torch.Tensor, cache: HierarchicalCache | StaticHierarchicalCache, inputs: StepInputs
@@ -255,7 +317,8 @@ class PreNorm(nn.Module):
         self.causal = causal
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """`cache`: this sublayer's empty `SublayerCache` (model/cache.py), filled here from the prompt x."""
+        """`cache`: this sublayer's empty `SublayerCache` (model/cache.py), filled here from the prompt x.
+        `mask`: (B, N) bool, or the `VarlenLayout` of packed sequences in x (1, total, dim)."""
         x = self.norm(x)
         if self.shift:
             if cache is not None:  # the last position's features, shifted into the first decoded one

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..attention.interface import check_block_size, check_key_padding_mask, check_probability
+from ..attention.varlen import VarlenLayout, check_cu_seqlens
 from .layers import CausalHAttention1D, FeedForward, HAttention1D, PreNorm
 from .reversible import ReversibleBlock, ReversibleSequence
 
@@ -43,6 +44,8 @@ class HTransformer1D(nn.Module):
     ``model(x, mask=None)`` maps token ids (B, N), N <= max_seq_len, to logits (B, N, num_tokens).
     `mask` (B, N) bool marks real tokens (True); padded positions are never attended to.
     `attention="dense"` swaps in exact softmax attention (SDPA) for baselines of the same model.
+    ``model(x, cu_seqlens=, max_seqlen=)`` runs sequences packed back to back in x (total,) or (1, total)
+    (`h_attention_varlen`'s convention), each as if alone.
     """
 
     def __init__(
@@ -124,9 +127,24 @@ class HTransformer1D(nn.Module):
         """The inverse frequencies of the rotary positions, the same in every attention layer."""
         return self.layers.blocks[0].f.fn.rotary.inv_freq
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache=None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
         """`cache`: a `DecodingCache` (model/cache.py); an empty one is filled from x, a filled one takes
-        the next token per sequence, x (B, 1), and may run past max_seq_len."""
+        the next token per sequence, x (B, 1), and may run past max_seq_len.
+
+        Packed: x (total,) or (1, total) holds sequences back to back, `cu_seqlens` (num_seqs + 1,) int32
+        their cumulative starts (on the CPU, or one copy to the host), `max_seqlen` an int at least the
+        longest; every sequence at most max_seq_len. Returns logits (total, V) or (1, total, V): each
+        sequence's logits as if it ran alone (attention, token shift and positions stop at its ends)."""
+        if cu_seqlens is not None:
+            return self.forward_packed(x, mask, cache, cu_seqlens, max_seqlen)
         self.check_tokens(x)
         x = embedding_ids(x)
         if cache is not None and cache.length:
@@ -140,6 +158,22 @@ class HTransformer1D(nn.Module):
         h = self.token_emb(x)  # (B, N, dim)
         h = self.layers(h, mask=mask, cache=None if cache is None else cache.blocks)
         return self.to_logits(h)  # (B, N, num_tokens)
+
+    def forward_packed(self, x, mask, cache, cu_seqlens, max_seqlen) -> torch.Tensor:
+        if mask is not None or cache is not None:
+            raise ValueError("packed sequences (cu_seqlens) take no mask and no decoding cache")
+        if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2) or (x.dim() == 2 and x.shape[0] != 1):
+            raise ValueError(f"with cu_seqlens x must have shape (total,) or (1, total), got {getattr(x, 'shape', x)}")
+        stream = x.reshape(1, -1)
+        self.check_tokens(stream, max_len=stream.shape[1])
+        lengths = check_cu_seqlens(cu_seqlens, max_seqlen, stream.shape[1])
+        if max(lengths) > self.max_seq_len:
+            raise ValueError(f"cu_seqlens holds a sequence of {max(lengths)} tokens, more than max_seq_len={self.max_seq_len}")
+        layout = VarlenLayout(lengths, self.block_size, stream.device)
+        h = self.token_emb(embedding_ids(stream))  # (1, total, dim)
+        h = self.layers(h, mask=layout)  # the layers take the layout where a padding mask goes
+        logits = self.to_logits(h)  # (1, total, num_tokens)
+        return logits if x.dim() == 2 else logits[0]
 
     def step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """The next token per sequence, `tokens` (B,), through a filled decoding cache: its logits

@@ -38,6 +38,7 @@ QUICK = {
     "train_speed": ["--cases", "128"],
     "scaling": [],
     "lra_listops": ["--cases", "hier", "dense-mean-lra-lr"],
+    "pack": [],
 }
 
 
