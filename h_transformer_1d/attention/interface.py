@@ -142,8 +142,8 @@ def h_attention(
             in float32). v may have its own head dim Dv (not on the Triton kernels). k and v may have
             fewer heads than q (grouped-query attention; Hkv = 1: multi-query): H must be a multiple
             of Hkv, and query head h attends with kv head ``h // (H // Hkv)`` (the convention of
-            SDPA's ``enable_gqa``). No path repeats k and v per query head in memory, except the
-            reference and the blocked path's transient per-chunk copies.
+            SDPA's ``enable_gqa``). Only the dense reference repeats k and v per query head
+            in memory.
         block_size: Nr, the width of the finest blocks; a power of two >= 2. One at or above N / 2
             gives plain attention, computed at the cost of plain attention on N.
         causal: (bool) each position attends only to itself and earlier positions.

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..attention.interface import check_block_size, check_key_padding_mask, check_probability
-from .layers import CausalHAttention1D, FeedForward, HAttention1D, PreNorm
+from .layers import CausalHAttention1D, FeedForward, HAttention1D, PreNorm, check_kv_heads
 from .reversible import ReversibleBlock, ReversibleSequence
 
 
@@ -43,6 +43,8 @@ class HTransformer1D(nn.Module):
     ``model(x, mask=None)`` maps token ids (B, N), N <= max_seq_len, to logits (B, N, num_tokens).
     `mask` (B, N) bool marks real tokens (True); padded positions are never attended to.
     `attention="dense"` swaps in exact softmax attention (SDPA) for baselines of the same model.
+    `kv_heads`: heads of the keys and values in every attention layer, dividing `heads` (grouped-query
+    attention; 1: multi-query; None: `heads`); the decoding cache then holds `kv_heads` heads.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class HTransformer1D(nn.Module):
         attn_dropout: float = 0.0,
         ff_dropout: float = 0.0,
         attention: str = "hierarchical",
+        kv_heads: int | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -73,6 +76,7 @@ class HTransformer1D(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_block_size(block_size)
+        check_kv_heads(kv_heads, heads)
         check_probability(attn_dropout, "attn_dropout")
         check_probability(ff_dropout, "ff_dropout")
         self.num_tokens, self.dim, self.max_seq_len, self.causal = num_tokens, dim, max_seq_len, causal
@@ -90,6 +94,7 @@ class HTransformer1D(nn.Module):
                         block_size=block_size,
                         dropout=attn_dropout,
                         attention=attention,
+                        kv_heads=kv_heads,
                     ),
                     shift=shift_tokens,
                     causal=causal,
