@@ -60,8 +60,9 @@ def test_reference_is_one_kv_head_per_group(h, hkv, causal):
     got = run(q, k, v, grad, impl="reference", **kw)
     grp = h // hkv
     for i in range(h):
-        one = h_attention(q[:, i : i + 1], k[:, i // grp : i // grp + 1], v[:, i // grp : i // grp + 1],
-                          impl="reference", **kw)
+        one = h_attention(
+            q[:, i : i + 1], k[:, i // grp : i // grp + 1], v[:, i // grp : i // grp + 1], impl="reference", **kw
+        )
         torch.testing.assert_close(got[0][:, i : i + 1], one, rtol=0, atol=1e-14)
     assert_close(got, repeated(q, k, v, grad, **kw), 1e-14)
 
@@ -104,8 +105,13 @@ def test_blocked_dropout_broadcasts_kv(causal):
 @pytest.fixture
 def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN: an element a kernel forgets to write (a kv head no program owns) shows."""
-    monkeypatch.setattr(fused, "alloc", lambda *shape, device, dtype: torch.full(
-        shape, float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min, device=device, dtype=dtype))
+    monkeypatch.setattr(
+        fused,
+        "alloc",
+        lambda *shape, device, dtype: torch.full(
+            shape, float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min, device=device, dtype=dtype
+        ),
+    )
 
 
 @pytest.mark.usefixtures("poison_outputs")
@@ -122,8 +128,10 @@ def test_triton_matches_reference(h, hkv, n, causal, mask_kind, rotary):
     kw = {"block_size": 16, "causal": causal, "key_padding_mask": mask, "rotary_freqs": freqs}
     expected = repeated(q, k, v, grad, **kw)
     on = [t.to(device) for t in (q, k, v, grad)]
-    kw.update(key_padding_mask=None if mask is None else mask.to(device),
-              rotary_freqs=None if freqs is None else freqs.float().to(device))
+    kw.update(
+        key_padding_mask=None if mask is None else mask.to(device),
+        rotary_freqs=None if freqs is None else freqs.float().to(device),
+    )
     out, grads = run(*on, dtype=torch.float32, impl="triton", **kw)
     atol = 3e-3 if torch.cuda.is_available() else 1e-5
     assert_close((out.cpu(), [g.cpu() for g in grads]), expected, atol)
@@ -139,8 +147,15 @@ def test_decoding_caches_hold_kv_heads(h, hkv, kind):
     q, k, v, _, _ = inputs(2, h, hkv, n, 8)
     mask = torch.ones(2, n, dtype=torch.bool)
     mask[1, :5] = False  # a left-padded prompt
-    expected = h_attention(q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1), block_size=nr,
-                           causal=True, key_padding_mask=mask, impl="reference")
+    expected = h_attention(
+        q,
+        k.repeat_interleave(h // hkv, 1),
+        v.repeat_interleave(h // hkv, 1),
+        block_size=nr,
+        causal=True,
+        key_padding_mask=mask,
+        impl="reference",
+    )
     cache = HierarchicalCache(nr)
     cache.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], key_padding_mask=mask[:, :prompt])
     assert cache.levels[0].k_sum.shape[1] == hkv

@@ -9,8 +9,16 @@ from h_transformer_1d import HTransformer1D
 from h_transformer_1d.model.cache import StaticDecoder, decode_step, prefill
 from h_transformer_1d.model.layers import CausalHAttention1D, HAttention1D
 
-MODEL = {"num_tokens": 29, "dim": 32, "depth": 2, "max_seq_len": 256, "causal": True, "heads": 4, "dim_head": 8,
-         "block_size": 4}
+MODEL = {
+    "num_tokens": 29,
+    "dim": 32,
+    "depth": 2,
+    "max_seq_len": 256,
+    "causal": True,
+    "heads": 4,
+    "dim_head": 8,
+    "block_size": 4,
+}
 
 
 def repeated_kv_layer(layer: HAttention1D) -> HAttention1D:
@@ -19,7 +27,9 @@ def repeated_kv_layer(layer: HAttention1D) -> HAttention1D:
     twin = twin.to(layer.to_qkv.weight.dtype)
     inner, grp = layer.heads * layer.dim_head, layer.heads // layer.kv_heads
     wq, wk, wv = layer.to_qkv.weight.split([inner, inner // grp, inner // grp])
-    repeat = [w.unflatten(0, (layer.kv_heads, layer.dim_head)).repeat_interleave(grp, 0).flatten(0, 1) for w in (wk, wv)]
+    repeat = [
+        w.unflatten(0, (layer.kv_heads, layer.dim_head)).repeat_interleave(grp, 0).flatten(0, 1) for w in (wk, wv)
+    ]
     with torch.no_grad():
         twin.to_qkv.weight.copy_(torch.cat([wq, *repeat]))
         twin.to_out.load_state_dict(layer.to_out.state_dict())
