@@ -330,8 +330,9 @@ def _hattn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
     rot: torch.Tensor | None, tables: torch.Tensor, nr: int, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B,H,N,D), k, v (B,Hkv,N,D) (H a multiple of Hkv), valid (B,N) bool or None, rot (2, N, D/2) float32 cos and sin of the rotary
-    angles (or None: no rotary), tables: `layout_tables(N, nr)` (int32 on q's device).
+    """q (B,H,N,D), k, v (B,Hkv,N,D) (H a multiple of Hkv), valid (B,N) bool or None, rot (2, N, D/2)
+    float32 cos and sin of the rotary angles (or None: no rotary), tables: `layout_tables(N, nr)` (int32
+    on q's device).
     Returns the output (B,H,N,D), the base-2 lse per level-0 row (B,H,M0) and the packed levels
     (q, k, v, counts, first tokens) kept for backward."""
     return _forward(q, k, v, valid, rot, tables, nr, causal, scale)

@@ -116,11 +116,16 @@ def poison_outputs(monkeypatch):
 
 @pytest.mark.usefixtures("poison_outputs")
 @pytest.mark.parametrize(
-    "h,hkv,n,causal,mask_kind,rotary",
-    [(8, 4, 40, False, "gaps", False), (8, 1, 70, True, "none", True), (4, 2, 64, True, "start", False)],
+    "h,hkv,n,causal,mask_kind,rotary,custom_ops",
+    [
+        (8, 4, 40, False, "gaps", False, False),
+        (8, 1, 70, True, "none", True, False),
+        (4, 2, 64, True, "start", False, True),  # through the custom ops that torch.compile traces
+    ],
 )
-def test_triton_matches_reference(h, hkv, n, causal, mask_kind, rotary):
+def test_triton_matches_reference(monkeypatch, h, hkv, n, causal, mask_kind, rotary, custom_ops):
     pytest.importorskip("triton")
+    monkeypatch.setattr(fused, "VIA_CUSTOM_OPS", custom_ops)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v, grad, gen = inputs(2, h, hkv, n, 16)
     mask = make_mask(mask_kind, 2, n, gen)
