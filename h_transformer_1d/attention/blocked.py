@@ -59,9 +59,10 @@ def _shift_blocks(xb: torch.Tensor, offset: int) -> torch.Tensor:
 def window_partial(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float
 ) -> Partial:
-    """Softmax state of block queries q (B,H,nb,R,D) over window keys k, v (B,H,nb,K,D).
+    """Softmax state of block queries q (...,nb,R,D) over window keys k, v (...,nb,K,D) (leading dims
+    broadcast: grouped-query attention shares a kv head among a group of query heads).
 
-    `bias` broadcasts to (B,H,nb,R,K): 0 or log(count) for a key, -inf where it is not attended.
+    `bias` broadcasts to (...,nb,R,K): 0 or log(count) for a key, -inf where it is not attended.
     """
     # in place after the matmul: one score-sized buffer instead of three (these dominate memory)
     scores = (q @ k.transpose(-1, -2)).add_(bias)
@@ -72,8 +73,8 @@ def window_partial(
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
     o = p @ v
-    b, h, nb, r, d = o.shape
-    return Partial(m.reshape(b, h, nb * r), l.reshape(b, h, nb * r), o.reshape(b, h, nb * r, d))
+    *lead, nb, r, d = o.shape
+    return Partial(m.reshape(*lead, nb * r), l.reshape(*lead, nb * r), o.reshape(*lead, nb * r, d))
 
 
 def merge(a: Partial, b: Partial) -> Partial:
@@ -143,15 +144,22 @@ def _masked_log(count: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(q, k, v, count, nr, causal, level, dropout_p) -> Partial:
-    """One level: queries q and keys k, v (B,H,M,D) at that level's resolution, counts (B,M)."""
+    """One level: queries q (B,H,M,D) and keys k, v (B,Hkv,M,D) at that level's resolution, counts (B,M).
+    The G = H / Hkv query heads of a kv head meet its windows by broadcasting: no copy of k or v per head."""
     offsets = window_offsets(causal, level)
     b, h, m, d = q.shape
+    hkv = k.shape[1]
     bias = _key_bias(_masked_log(count), nr, offsets)
     allowed = _level_mask(nr, causal, level, q.device)
-    bias = bias.masked_fill(~allowed, float("-inf"))
-    return window_partial(
-        q.reshape(b, h, m // nr, nr, d), _window(k, nr, offsets), _window(v, nr, offsets), bias, dropout_p
+    bias = bias.masked_fill(~allowed, float("-inf"))[:, :, None]  # (B,1,1,nb,1,K)
+    part = window_partial(
+        q.reshape(b, hkv, h // hkv, m // nr, nr, d),
+        _window(k, nr, offsets)[:, :, None],
+        _window(v, nr, offsets)[:, :, None],
+        bias,
+        dropout_p,
     )
+    return Partial(part.m.reshape(b, h, m), part.l.reshape(b, h, m), part.o.reshape(b, h, m, -1))
 
 
 def _recorded(x: torch.Tensor) -> bool:
@@ -567,51 +575,91 @@ def _group_backward(q, k, v, valid, out, maxima, dout, grads, metas, x0, x1, nr,
             grad.view(g, 1, -1, grad.shape[-1]).masked_fill_(~keep, 0.0)
 
 
+def _head_ranges(grp: int, xkv: int, m0: int, d: int, elt: int, device):
+    """(x0, x1, y0, y1): query heads x0 .. x1-1 done together and the kv heads y0 .. y1-1 they use.
+
+    Query heads are ordered (group member j, kv head y): x = j * xkv + y, so the heads of one range use
+    a contiguous range of kv heads, which the range reads in place (grouped-query attention repeats no
+    k or v in memory)."""
+    for j in range(grp):
+        for y0, y1 in _groups(xkv, m0, d, elt, device):
+            yield j * xkv + y0, j * xkv + y1, y0, y1
+
+
+def _member_major(t: torch.Tensor, b: int, hkv: int) -> torch.Tensor:
+    """(B, H, ...) with H = Hkv * G heads -> (G * B * Hkv, 1, ...) in the order of `_head_ranges`
+    (a view when G = 1)."""
+    grp = t.shape[1] // hkv
+    t = t.reshape(b, hkv, grp, *t.shape[2:])
+    return t.permute(2, 0, 1, *range(3, t.dim())).reshape(grp * b * hkv, 1, *t.shape[3:])
+
+
+def _head_major(t: torch.Tensor, b: int, hkv: int) -> torch.Tensor:
+    """The inverse of `_member_major`: (G * B * Hkv, 1, ...) -> (B, H, ...)."""
+    grp = t.shape[0] // (b * hkv)
+    t = t.reshape(grp, b, hkv, *t.shape[2:])
+    return t.permute(1, 2, 0, *range(3, t.dim())).reshape(b, hkv * grp, *t.shape[3:])
+
+
 class _HierarchicalAttention(torch.autograd.Function):
     # When N is not a multiple of the block size, q, k, v and the mask are padded once for all heads
     # (and kept for backward); the output (B, H, M0, Dv) is made whole, padded, and the caller keeps
     # its first N rows (so dO arrives padded with zeros); the gradients are made in padded buffers
     # whose first N rows are returned: no per-group padding, no copies of results here (autograd still
-    # copies a gradient view into a leaf tensor's .grad).
+    # copies a gradient view into a leaf tensor's .grad). With grouped-query attention (k, v with Hkv
+    # < H heads) the query heads are reordered so that every range of them reads its kv heads in place
+    # (`_head_ranges`): q, the output and the gradients of q pay one reordering copy, k and v none.
     @staticmethod
     def forward(ctx, q, k, v, valid, nr, causal, scale, masked):
         b, h, n, d = q.shape
-        dv = v.shape[-1]
-        x = b * h
+        hkv, dv = k.shape[1], v.shape[-1]
+        grp, xkv = h // hkv, b * hkv
         lengths = level_lengths(n, nr)  # padded tokens per level
         m0 = lengths[0]
-        qx, kx, vx = (_pad_seq(t.reshape(x, 1, n, t.shape[-1]), m0) for t in (q, k, v))
-        valid_x = _pad_seq(valid.repeat_interleave(h, 0)[:, None], m0)[:, 0]  # (X, M0), False in the padding
+        qx = _pad_seq(_member_major(q, b, hkv), m0)
+        kx, vx = (_pad_seq(t.reshape(xkv, 1, n, t.shape[-1]), m0) for t in (k, v))
+        # (X, M0), False in the padding: query head x = j * xkv + y is batch row y // hkv
+        valid_x = _pad_seq(valid.repeat_interleave(hkv, 0).repeat(grp, 1)[:, None], m0)[:, 0]
         metas = _level_metas(valid_x, lengths, nr, causal, q.dtype)
-        out = q.new_empty(b, h, m0, dv)
-        outx = out.view(x, 1, m0, dv)
+        out = q.new_empty(b, h, m0, dv) if grp == 1 else q.new_empty(b * h, 1, m0, dv)
+        outx = out.view(b * h, 1, m0, dv)
         maxima = []
-        for x0, x1 in _groups(x, m0, d, q.element_size(), q.device):
-            sl = slice(x0, x1)
-            args = (qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], metas, x0, x1, nr, causal, scale, masked)
+        for x0, x1, y0, y1 in _head_ranges(grp, xkv, m0, d, q.element_size(), q.device):
+            sq, skv = slice(x0, x1), slice(y0, y1)
+            args = (qx[sq], kx[skv], vx[skv], valid_x[sq], outx[sq], metas, x0, x1, nr, causal, scale, masked)
             maxima.append(_group_forward(*args))
         ctx.save_for_backward(qx, kx, vx, valid_x, out)
         ctx.maxima = maxima  # intermediates, neither inputs nor outputs
-        ctx.conf = (nr, causal, scale, masked, lengths, (b, h, n, d, dv))
-        return out  # the caller cuts it to N rows: an output that is no view of another tensor
+        ctx.conf = (nr, causal, scale, masked, lengths, (b, h, hkv, n, d, dv))
+        # the caller cuts it to N rows: an output that is no view of another tensor
+        return out if grp == 1 else _head_major(outx, b, hkv)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        nr, causal, scale, masked, lengths, (b, h, n, d, dv) = ctx.conf
+        nr, causal, scale, masked, lengths, (b, h, hkv, n, d, dv) = ctx.conf
         qx, kx, vx, valid_x, out = ctx.saved_tensors
-        x, m0 = b * h, lengths[0]
-        outx = out.view(x, 1, m0, dv)
+        grp, xkv, m0 = h // hkv, b * hkv, lengths[0]
+        outx = out.view(b * h, 1, m0, dv)
         metas = _level_metas(valid_x, lengths, nr, causal, qx.dtype)
-        dout = dout.reshape(x, 1, m0, dv)  # zero past N: the gradient of the caller's cut
-        gradsx = [outx.new_empty(x, 1, m0, width) for width in (d, d, dv)]
-        for (x0, x1), maxima in zip(_groups(x, m0, d, qx.element_size(), qx.device), ctx.maxima):
-            sl = slice(x0, x1)
+        dout = _member_major(dout, b, hkv)  # zero past N: the gradient of the caller's cut
+        dq = outx.new_empty(b * h, 1, m0, d)
+        dk, dv_ = (outx.new_empty(xkv, 1, m0, width) for width in (d, dv))
+        ranges = _head_ranges(grp, xkv, m0, d, qx.element_size(), qx.device)
+        for (x0, x1, y0, y1), maxima in zip(ranges, ctx.maxima):
+            sq, skv = slice(x0, x1), slice(y0, y1)
+            # a kv head's gradient is the sum over its query heads: the first member writes, the others add
+            kv_grads = [dk[skv], dv_[skv]] if x0 < xkv else [torch.empty_like(dk[skv]), torch.empty_like(dv_[skv])]
             _group_backward(
-                qx[sl], kx[sl], vx[sl], valid_x[sl], outx[sl], maxima, dout[sl], [t[sl] for t in gradsx],
+                qx[sq], kx[skv], vx[skv], valid_x[sq], outx[sq], maxima, dout[sq], [dq[sq], *kv_grads],
                 metas, x0, x1, nr, causal, scale, masked,
             )  # fmt: skip
-        return (*(t[:, :, :n].view(b, h, n, t.shape[-1]) for t in gradsx), None, None, None, None, None)
+            if x0 >= xkv:
+                dk[skv].add_(kv_grads[0])
+                dv_[skv].add_(kv_grads[1])
+        dq = dq.view(b, h, m0, d) if grp == 1 else _head_major(dq, b, hkv)
+        dk, dv_ = dk.view(b, hkv, m0, d), dv_.view(b, hkv, m0, dv)
+        return (*(t[:, :, :n] for t in (dq, dk, dv_)), None, None, None, None, None)
 
 
 def blocked_h_attention(
@@ -625,8 +673,8 @@ def blocked_h_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Hierarchical attention on q, k (B, H, N, D) and v (B, H, N, Dv) (inputs assumed validated); returns
-    (B, H, N, Dv).
+    """Hierarchical attention on q (B, H, N, D), k (B, Hkv, N, D) and v (B, Hkv, N, Dv) (inputs assumed
+    validated; H a multiple of Hkv); returns (B, H, N, Dv).
 
     When N is not a multiple of the block size, the float32/float64 result is the first N rows of a
     padded buffer: not contiguous (use .reshape rather than .view on it)."""

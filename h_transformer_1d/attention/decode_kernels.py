@@ -68,8 +68,8 @@ def decode_level_kernel(
     S_OUT,
     ACC_OUT,
     scale,
-    # strides of the ring (rows, B, H, 2D + 1), the queries (levels, B, H, D), the missing flags (levels, B)
-    # and q, k, v (B, H, D each); the last dimensions are contiguous
+    # strides of the ring (rows, B, H / G, 2D + 1), the queries (levels, B, H, D), the missing flags
+    # (levels, B) and q (B, H, D), k, v (B, H / G, D each); the last dimensions are contiguous
     s_rr,
     s_rb,
     s_rh,
@@ -85,6 +85,7 @@ def decode_level_kernel(
     s_nvb,
     s_nvh,
     H: tl.constexpr,
+    G: tl.constexpr,
     LEVELS: tl.constexpr,
     NR: tl.constexpr,
     D: tl.constexpr,
@@ -100,10 +101,11 @@ def decode_level_kernel(
     DT = RING.dtype.element_ty
     b = bh // H
     h = bh % H
+    hk = h // G  # grouped-query attention: the query head's kv head, whose ring row the group's G programs share
     t = tl.load(POS)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    ring = RING + b * s_rb + h * s_rh
+    ring = RING + b * s_rb + hk * s_rh
     below = (1 << lv) - 1
     group = t >> lv
     slot = group % (2 * NR)  # this level's row of t
@@ -119,13 +121,15 @@ def decode_level_kernel(
     below_j = jj < lv
     sibling = (jj * 2 * NR + ((t >> jj) + 2 * NR - 1) % (2 * NR)) * s_rr  # (BLOCK_L,)
     tile_j = below_j[:, None] & dmask[None, :]
-    k_sum = _rotated(K + b * s_nkb + h * s_nkh, COS, SIN, dd, dmask, ROTARY).to(DT)
-    v_sum = tl.load(V + b * s_nvb + h * s_nvh + dd, mask=dmask, other=0.0).to(DT)
+    k_sum = _rotated(K + b * s_nkb + hk * s_nkh, COS, SIN, dd, dmask, ROTARY).to(DT)
+    v_sum = tl.load(V + b * s_nvb + hk * s_nvh + dd, mask=dmask, other=0.0).to(DT)
     k_sum += tl.sum(tl.load(ring + sibling[:, None] + dd[None, :], mask=tile_j, other=0.0), 0)
     v_sum += tl.sum(tl.load(ring + sibling[:, None] + D + dd[None, :], mask=tile_j, other=0.0), 0)
     c_sum = 1.0 + tl.sum(tl.load(ring + sibling + 2 * D, mask=below_j, other=0.0), 0)
     row = ring + (lv * 2 * NR + slot) * s_rr
-    writes = tl.max(mine.to(tl.int32), 0) > 0  # complete, and t's slot is among this program's
+    # complete, and t's slot is among this program's; one query head per group writes (the others use the
+    # same row from registers)
+    writes = tl.where(h % G == 0, tl.max(mine.to(tl.int32), 0) > 0, False)
     tl.store(row + dd, k_sum, mask=tl.where(writes, dmask, False))
     tl.store(row + D + dd, v_sum, mask=tl.where(writes, dmask, False))
     tl.store(
@@ -226,7 +230,8 @@ def supports(ring: torch.Tensor, dim_head: int) -> bool:
 
 def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary=None) -> torch.Tensor:
     """`StaticHierarchicalCache.advance(q, k, v, rotary=rotary)` in two launches: updates `cache`'s ring,
-    queries, missing flags and position in place; returns the output (B, H, D) in q's dtype.
+    queries, missing flags and position in place; returns the output (B, H, D) in q's dtype (q (B, H, D),
+    k, v (B, Hkv, D)).
     `rotary`: (cos, sin), each (D/2,), to turn q and k by inside the level launch (as `rotary.rotate`)."""
     with launch_device(q):
         return _static_step(cache, q, k, v, rotary)
@@ -235,6 +240,7 @@ def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary
 def _static_step(cache, q, k, v, rotary):
     ring, queries, missing = cache.ring, cache.queries, cache.missing
     levels, b, h, d = queries.shape
+    hkv = ring.shape[2]
     nr = cache.block_size
     scale = d**-0.5 if cache.scale is None else cache.scale
     dtype = q.dtype
@@ -267,6 +273,7 @@ def _static_step(cache, q, k, v, rotary):
         scale,
         *strides,
         H=h,
+        G=h // hkv,
         LEVELS=levels,
         NR=nr,
         D=d,

@@ -205,12 +205,13 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
 
     b, h, n, d = q.shape
     dev = q.device
-    # three allocations: the custom op returns these, and its outputs may not alias one another
-    pq, pk, pv = (alloc(b, h, layout.mtot, d, device=dev, dtype=q.dtype) for _ in range(3))
+    # three allocations: the custom op returns these, and its outputs may not alias one another; k and v
+    # keep their own (kv) heads
+    pq, pk, pv = (alloc(b, t.shape[1], layout.mtot, d, device=dev, dtype=q.dtype) for t in (q, k, v))
     pc = alloc(b, layout.mtot, device=dev, dtype=torch.float32)
     pf = alloc(b, layout.mtot, device=dev, dtype=torch.int32)
     has_mask = valid is not None
-    packed_strides = (pq.stride(0), pq.stride(1), pq.stride(2)) * 3
+    packed_strides = (*pq.stride()[:3], *pk.stride()[:3], *pv.stride()[:3])
     for base, lvl in _levels_per_launch(layout, tk.COARSEN_LV):
         raw = base == 0
         if raw:
@@ -223,7 +224,7 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
             *srcs, valid if has_mask else pc, *(rot if rot is not None else (pc, pc)), pq, pk, pv, pc, pf,
             start_t, len_t,
             *strides, valid.stride(0) if has_mask else 0,
-            h, layout.mtot, n_in, row0, base, layout.top, sc,
+            h, h // k.shape[1], layout.mtot, n_in, row0, base, layout.top, sc,
             D=d, LVL=lvl, RAW=raw, HAS_MASK=has_mask, CAUSAL=causal, ROTARY=raw and rot is not None,
             num_warps=tk.COARSEN_WARPS,
         )
@@ -246,7 +247,7 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
                         (b, h, rows, d), (b, h, rows), (b, h, rows))  # one allocation for three
     out = _alloc_bnhd(b, h, n, d, q.device, q.dtype)
     lse = alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
-    common = (pq, pk, pv, pc, lo, hi, start_t, sm, sl, sa, out, lse, *out.stride()[:3], h,
+    common = (pq, pk, pv, pc, lo, hi, start_t, sm, sl, sa, out, lse, *out.stride()[:3], h, h // k.shape[1],
               layout.mtot, layout.m0, n)
     uniform = uniform_levels(n, nr, valid is not None)
     if mc:
@@ -274,6 +275,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     rot = None if rot is None else rot.unbind(0)
     b, h, mtot, d = pq.shape
+    hkv = pk.shape[1]
     n = out.shape[2]
     layout = packed_layout(n, nr)
     lo, hi, start_t, len_t = layout.split(tables)
@@ -291,7 +293,8 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
         )
     # gradients of every packed row, in the input precision for half inputs (summed in float32 later)
     gdtype = torch.float32 if pq.dtype == torch.float32 else pq.dtype
-    pdq, pdk, pdv = alloc(3, b, h, mtot, d, device=dev, dtype=gdtype).unbind(0)
+    pdq, pdk, pdv = _carve(alloc((h + 2 * hkv) * b * mtot * d, device=dev, dtype=gdtype),
+                           (b, h, mtot, d), (b, hkv, mtot, d), (b, hkv, mtot, d))
     args = (pq, pk, pv, pc, lo, hi, pdo, plse, pdel)
     for level0, row0, rows in ((True, 0, layout.m0), (False, layout.m0, mtot - layout.m0)):
         if not rows:
@@ -300,14 +303,17 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
         kw = {"NR": nr, "D": d, "FIRST": first, "STEP": step, "NUM_WIN": num_win, "LEVEL0": level0,
               "CAUSAL": causal, "UNIFORM": uniform}
         tk.launch(tk.window_bwd_dq_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_M"], b * h), *args, pdq, h,
-                  mtot, row0, **kw)
-        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_N"], b * h), *args, pdk,
-                  pdv, h, mtot, row0, **kw)
-    dq, dk, dv = grads if grads is not None else (_alloc_bnhd(b, h, n, d, dev, pq.dtype) for _ in range(3))
+                  h // hkv, mtot, row0, **kw)
+        # one program per key tile of a kv head: it sums dk, dv over the query heads of its group
+        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_N"], b * hkv), *args, pdk,
+                  pdv, h, h // hkv, mtot, row0, **kw)
+    if grads is None:
+        grads = (_alloc_bnhd(b, heads, n, d, dev, pq.dtype) for heads in (h, hkv, hkv))
+    dq, dk, dv = grads
     tk.uncoarsen_kernel[(-(-n // tk.UNCOARSEN_BLOCK), b * h)](
         pdq, pdk, pdv, pc, pf, start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        h, mtot, n, layout.top, scale,
+        h, h // hkv, mtot, n, layout.top, scale,
         D=d, BLOCK=tk.UNCOARSEN_BLOCK, CAUSAL=causal, ROTARY=rot is not None, num_warps=tk.UNCOARSEN_WARPS,
     )
     return dq, dk, dv
@@ -324,8 +330,9 @@ def _hattn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
     rot: torch.Tensor | None, tables: torch.Tensor, nr: int, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B,H,N,D), valid (B,N) bool or None, rot (2, N, D/2) float32 cos and sin of the rotary
-    angles (or None: no rotary), tables: `layout_tables(N, nr)` (int32 on q's device).
+    """q (B,H,N,D), k, v (B,Hkv,N,D) (H a multiple of Hkv), valid (B,N) bool or None, rot (2, N, D/2)
+    float32 cos and sin of the rotary angles (or None: no rotary), tables: `layout_tables(N, nr)` (int32
+    on q's device).
     Returns the output (B,H,N,D), the base-2 lse per level-0 row (B,H,M0) and the packed levels
     (q, k, v, counts, first tokens) kept for backward."""
     return _forward(q, k, v, valid, rot, tables, nr, causal, scale)
@@ -337,7 +344,7 @@ def _(q, k, v, valid, rot, tables, nr, causal, scale):
     return (
         q.new_empty(b, n, h, d).transpose(1, 2),
         q.new_empty(b, h, m0, dtype=torch.float32),
-        *(q.new_empty(b, h, mtot, d) for _ in range(3)),
+        *(q.new_empty(b, t.shape[1], mtot, d) for t in (q, k, v)),
         q.new_empty(b, mtot, dtype=torch.float32),
         q.new_empty(b, mtot, dtype=torch.int32),
     )
@@ -355,7 +362,7 @@ def _hattn_bwd(
 @_hattn_bwd.register_fake
 def _(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform):
     b, h, n, d = out.shape
-    return tuple(out.new_empty(b, n, h, d).transpose(1, 2) for _ in range(3))
+    return tuple(out.new_empty(b, n, heads, d).transpose(1, 2) for heads in (h, pk.shape[1], pk.shape[1]))
 
 
 def _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scale):

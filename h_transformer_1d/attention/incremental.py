@@ -68,20 +68,31 @@ class _Level:
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> Partial:
-    """Softmax state of one (already scaled) query (B, H, D) over keys/values (B, H, K, D) with counts (B, K).
+    """Softmax state of one (already scaled) query (B, H, D) over keys/values (B, Hkv, K, D) with counts (B, K);
+    query head h meets kv head h // (H / Hkv) (grouped-query attention, by broadcasting).
 
     A key standing for `count` positions enters with weight ``count * exp(score)``; a count of 0 (padding,
     an empty group, a slot not written yet) gives log(0) = -inf: no key.
     """
+    b, h, d = query.shape
+    hkv = keys.shape[1]
     bias = torch.log(count)[:, None, None, None, :]  # (B, 1, 1, 1, K)
-    return window_partial(query[:, :, None, None], keys[:, :, None], values[:, :, None], bias, 0.0)
+    # the group's query heads as the rows of one block: (B, Hkv, G, 1, D) against (B, Hkv, 1, K, D)
+    state = window_partial(query.view(b, hkv, h // hkv, 1, d), keys[:, :, None], values[:, :, None], bias, 0.0)
+    return Partial(state.m.view(b, h, 1), state.l.view(b, h, 1), state.o.view(b, h, 1, -1))
+
+
+def _rotate_qk(q: torch.Tensor, k: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, D) and k (B, Hkv, D) turned by `rotary` (cos, sin) in one rotation (heads side by side)."""
+    return rotate(torch.cat((q, k), 1), *rotary).split((q.shape[1], k.shape[1]), 1)
 
 
 class HierarchicalCache:
     """Decoding state of causal hierarchical attention for one layer (all heads).
 
-    ``prefill(q, k, v, key_padding_mask)`` takes a prompt's (B, H, T, D) projections (T >= 0) and
-    ``step(q, k, v)`` the next position's (B, H, 1, D), returning its attention output (B, H, 1, D):
+    ``prefill(q, k, v, key_padding_mask)`` takes a prompt's projections, q (B, H, T, D) and k, v
+    (B, Hkv, T, D) (T >= 0; Hkv dividing H: grouped-query attention, the cache holds Hkv heads), and
+    ``step(q, k, v)`` the next position's (B, H|Hkv, 1, D), returning its attention output (B, H, 1, D):
     the parallel causal forward's output at that position, to float rounding. Positions are absolute
     (rotary must already be applied at them); every stepped position is a real token. Work per step
     is constant in the context length (amortised), memory grows as ``block_size * log2(t)``.
@@ -92,16 +103,22 @@ class HierarchicalCache:
         self.block_size = block_size
         self.scale = scale
         self.length = 0  # positions seen: the next step is position `length`
+        self.heads = None  # query heads, set by the prefill (the levels hold the kv heads)
         self.levels: list[_Level] = []
         # after a prefill, per level >= 1 with keys: the current group's coarse query, and the rows that
         # have no valid position in the group yet (their first valid position is the next step's)
         self._prompt_queries: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None) -> None:
-        """Fill the cache from the prompt's q, k, v (B, H, T, D); `key_padding_mask` (B, T), True = real."""
+        """Fill the cache from the prompt's q (B, H, T, D), k, v (B, Hkv, T, D); `key_padding_mask` (B, T),
+        True = real."""
         if self.length:
             raise ValueError(f"prefill needs an empty cache, this one holds {self.length} positions")
         b, h, n, d = q.shape
+        hkv = k.shape[1]
+        if k.shape[1] != v.shape[1] or h % hkv:
+            raise ValueError(f"q's heads ({h}) must be a multiple of k's and v's heads ({hkv}, {v.shape[1]})")
+        self.heads = h
         check_key_padding_mask(key_padding_mask, b, n)
         nr = self.block_size
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -123,7 +140,7 @@ class HierarchicalCache:
             # room for the groups there are (at least one slot); a ring grows by doubling up to two blocks,
             # so a block size far above the length costs what the length does
             capacity = min(2 * nr, max(1, count.shape[1]))
-            self.levels.append(_Level(b, h, d, 2 * nr, capacity, dtype, q.device))
+            self.levels.append(_Level(b, hkv, d, 2 * nr, capacity, dtype, q.device))
             current_block = (n >> level) // nr
             first = max(0, (current_block - 1) * nr)
             slots = torch.arange(first, count.shape[1], device=q.device) % (2 * nr)
@@ -153,11 +170,17 @@ class HierarchicalCache:
         self.length = n
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attend from the next position: q, k, v (B, H, 1, D) -> output (B, H, 1, D); appends it as a key."""
-        if q.dim() != 4 or q.shape[2] != 1 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        """Attend from the next position: q (B, H, 1, D), k, v (B, Hkv, 1, D) -> output (B, H, 1, D); appends
+        it as a key."""
+        heads = q.shape[1] if self.heads is None else self.heads
+        kv_heads = self.levels[0].k_sum.shape[1] if self.levels else k.shape[1]
+        if (
+            q.dim() != 4 or k.dim() != 4 or q.shape != (q.shape[0], heads, 1, q.shape[-1])
+            or k.shape != (q.shape[0], kv_heads, 1, q.shape[-1]) or v.shape[:3] != k.shape[:3] or heads % kv_heads
+        ):
             raise ValueError(
-                f"step takes q, k, v of shape (batch, heads, 1, dim_head), got {tuple(q.shape)}, "
-                f"{tuple(k.shape)}, {tuple(v.shape)}"
+                f"step takes q of shape (batch, heads={heads}, 1, dim_head) and k, v of shape (batch, kv_heads="
+                f"{kv_heads}, 1, dim_head), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
         if not self.levels:
             self.prefill(q[:, :, :0], k[:, :, :0], v[:, :, :0])
@@ -194,9 +217,10 @@ class HierarchicalCache:
         return StepInputs(rotary_angles(position, inv_freq, first.dtype))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        """A layer's step: q, k, v (B, H, D) of the next position, not yet turned by rotary -> output (B, H, D).
+        """A layer's step: q (B, H, D), k, v (B, Hkv, D) of the next position, not yet turned by rotary -> output
+        (B, H, D).
         The same call as `StaticHierarchicalCache.attend`."""
-        q, k = rotate(torch.stack((q, k)), *inputs.rotary).unbind(0)
+        q, k = _rotate_qk(q, k, inputs.rotary)
         return self.step(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
 
     def _coarse_partial(self, level: int, position: int, query: torch.Tensor) -> Partial:
@@ -314,16 +338,17 @@ class StaticHierarchicalCache:
         self.length = cache.length  # positions held, counted on the host (the device has `position`)
         levels = top_causal_level(capacity - 1, nr) + 1
         first = cache.levels[0]
-        b, h, _, d = first.k_sum.shape
+        b, hkv, _, d = first.k_sum.shape  # the ring holds the kv heads, the queries every query head
+        h = cache.heads
         dtype, device = first.k_sum.dtype, first.k_sum.device
         self.levels, self.dim_head = levels, d
-        ring = torch.zeros(levels, 2 * nr, b, h, 2 * d + 1, dtype=dtype, device=device)
+        ring = torch.zeros(levels, 2 * nr, b, hkv, 2 * d + 1, dtype=dtype, device=device)
         for level, kept in enumerate(cache.levels[:levels]):
             used = kept.count.shape[1]
             ring[level, :used, :, :, :d] = kept.k_sum.permute(2, 0, 1, 3)
             ring[level, :used, :, :, d : 2 * d] = kept.v_sum.permute(2, 0, 1, 3)
             ring[level, :used, :, :, 2 * d] = kept.count.t()[:, :, None]
-        self.ring = ring.flatten(0, 1)  # (levels * 2 * nr, B, H, 2D + 1): level l's slot s at row l * 2nr + s
+        self.ring = ring.flatten(0, 1)  # (levels * 2 * nr, B, Hkv, 2D + 1): level l's slot s at row l * 2nr + s
         # per level, the (scaled) query of the current group's first real position, and the rows that
         # have none yet (the next step's query is theirs); level 0's is the stepped position's own
         self.queries = torch.zeros(levels, b, h, d, dtype=dtype, device=device)
@@ -401,15 +426,16 @@ class StaticHierarchicalCache:
     def step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan | None = None, rotary=None
     ) -> torch.Tensor:
-        """Attend from position `self.position`: q, k, v (B, H, D) -> output (B, H, D); appends it as a key
-        and advances the position. `plan`: `self.plan()` (made here when None); `rotary`: see `advance`.
+        """Attend from position `self.position`: q (B, H, D), k, v (B, Hkv, D) -> output (B, H, D); appends it
+        as a key and advances the position. `plan`: `self.plan()` (made here when None); `rotary`: see `advance`.
 
         Checks the inputs and counts the steps against `capacity` on the host, then `advance`."""
         shape = self.queries.shape[1:]
-        if q.shape != shape or k.shape != shape or v.shape != shape:
+        kv_shape = (*self.ring.shape[1:3], shape[-1])
+        if q.shape != shape or k.shape != kv_shape or v.shape != kv_shape:
             raise ValueError(
-                f"step takes q, k, v of shape (batch, heads, dim_head) = {tuple(shape)}, got {tuple(q.shape)}, "
-                f"{tuple(k.shape)}, {tuple(v.shape)}"
+                f"step takes q of shape (batch, heads, dim_head) = {tuple(shape)} and k, v of shape (batch, kv_heads, "
+                f"dim_head) = {kv_shape}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
         if rotary is not None and (shape[-1] % 2 or any(tuple(x.shape) != (shape[-1] // 2,) for x in rotary)):
             raise ValueError(
@@ -434,7 +460,7 @@ class StaticHierarchicalCache:
         if self.kernel:  # the same step in two Triton launches (`plan` is not needed)
             return self._kernel_step(self, q, k, v, rotary)
         if rotary is not None:
-            q, k = rotate(torch.stack((q, k)), *rotary).unbind(0)
+            q, k = _rotate_qk(q, k, rotary)
         nr, d, levels = self.block_size, self.dim_head, self.levels
         dtype = self.ring.dtype
         scale = d**-0.5 if self.scale is None else self.scale
@@ -443,7 +469,7 @@ class StaticHierarchicalCache:
 
         # append: a completed level-l group's sums are k plus the left sibling at every level below (all
         # of them complete at t too); other levels keep their row
-        new = torch.cat([k.to(dtype), v.to(dtype), torch.ones_like(k[..., :1], dtype=dtype)], -1)  # (B, H, 2D+1)
+        new = torch.cat([k.to(dtype), v.to(dtype), torch.ones_like(k[..., :1], dtype=dtype)], -1)  # (B, Hkv, 2D+1)
         sums = torch.cat([new[None], self.ring.index_select(0, plan.sibling_rows)]).cumsum(0)  # (levels, B, H, 2D+1)
         kept = self.ring.index_select(0, plan.rows)
         self.ring.index_copy_(0, plan.rows, torch.where(plan.complete[:, None, None, None], sums, kept))
@@ -456,14 +482,17 @@ class StaticHierarchicalCache:
 
         # one softmax over every level's keys; a slot that is no key of t has weight count * 0 = 0
         ring = self.ring.view(levels, 2 * nr, *self.ring.shape[1:])
-        count = ring[..., 2 * d] * plan.keys[:, :, None, None]  # (levels, 2nr, B, H)
+        count = ring[..., 2 * d] * plan.keys[:, :, None, None]  # (levels, 2nr, B, Hkv)
         denom = count.clamp(min=1.0)[..., None]
         keys, values = ring[..., :d] / denom, ring[..., d : 2 * d] / denom
-        scores = torch.einsum("lbhd,lsbhd->bhls", self.queries, keys)
+        b, hkv = ring.shape[2:4]
+        # the G = H / Hkv query heads of each kv head: (levels, B, Hkv, G, D)
+        queries = self.queries.view(levels, b, hkv, -1, d)
+        scores = torch.einsum("lbkgd,lsbkd->bkgls", queries, keys)
         # selected: a slot that is no key gets -inf whatever its stale score (+inf - inf would be NaN)
-        count = count.permute(2, 3, 0, 1)
+        count = count.permute(2, 3, 0, 1)[:, :, None]  # (B, Hkv, 1, levels, 2nr)
         scores = torch.where(count > 0, scores + torch.log(count), -torch.inf)
-        weights = torch.softmax(scores.flatten(2), -1)  # (B, H, levels * 2nr)
-        out = torch.einsum("bhx,xbhd->bhd", weights, values.flatten(0, 1))
+        weights = torch.softmax(scores.flatten(3), -1)  # (B, Hkv, G, levels * 2nr)
+        out = torch.einsum("bkgx,xbkd->bkgd", weights, values.flatten(0, 1)).flatten(1, 2)  # (B, H, D)
         self.position.add_(1)
         return out.to(q.dtype)

@@ -49,7 +49,7 @@ def check_key_padding_mask(mask, batch: int, seq_len: int, name: str = "key_padd
         raise ValueError(f"{name} must have shape (batch, seq_len) = {(batch, seq_len)}, got {tuple(mask.shape)}")
 
 
-def _check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -57,14 +57,19 @@ def _check_qkv(q, k, v) -> None:
             raise ValueError(f"{name} must have shape (batch, heads, seq_len, dim_head), got rank {t.dim()}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
-    if q.shape[:3] != k.shape[:3] or k.shape[:3] != v.shape[:3]:
+    if (q.shape[0], q.shape[2]) != (k.shape[0], k.shape[2]) or k.shape[:3] != v.shape[:3]:
         raise ValueError(
-            "q, k and v must agree in (batch, heads, seq_len), got "
+            "q, k and v must agree in (batch, seq_len) and k and v in heads, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     for axis, name in ((0, "batch"), (1, "heads"), (3, "dim_head")):
         if q.shape[axis] == 0 or v.shape[axis] == 0:
             raise ValueError(f"q, k and v must have {name} >= 1, got shapes {tuple(q.shape)} and v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"q's heads ({q.shape[1]}) must be a multiple of k's and v's heads ({k.shape[1]}): grouped-query "
+            f"attention shares each kv head among heads // kv_heads query heads"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same dim_head, got {q.shape[-1]} and {k.shape[-1]}")
     if q.dtype != k.dtype or k.dtype != v.dtype:
@@ -129,11 +134,16 @@ def h_attention(
     impl: str = "auto",
     _qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hierarchical attention (H-Transformer-1D) on q, k (B, H, N, D), v (B, H, N, Dv); returns (B, H, N, Dv).
+    """Hierarchical attention (H-Transformer-1D) on q (B, H, N, D), k (B, Hkv, N, D), v (B, Hkv, N, Dv);
+    returns (B, H, N, Dv).
 
     Args:
         q, k, v: queries, keys, values; any N >= 1, any floating dtype (half precision accumulates
-            in float32). v may have its own head dim Dv (not on the Triton kernels).
+            in float32). v may have its own head dim Dv (not on the Triton kernels). k and v may have
+            fewer heads than q (grouped-query attention; Hkv = 1: multi-query): H must be a multiple
+            of Hkv, and query head h attends with kv head ``h // (H // Hkv)`` (the convention of
+            SDPA's ``enable_gqa``). Only the dense reference repeats k and v per query head
+            in memory.
         block_size: Nr, the width of the finest blocks; a power of two >= 2. One at or above N / 2
             gives plain attention, computed at the cost of plain attention on N.
         causal: (bool) each position attends only to itself and earlier positions.
@@ -151,7 +161,7 @@ def h_attention(
             else the blocked PyTorch path), "triton" (the kernels; float32 runs through TF32),
             "blocked", or "reference" (the dense O(N^2) definition, for testing).
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     check_block_size(block_size)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")

@@ -60,7 +60,8 @@ def hierarchical_attention_reference(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Dense hierarchical attention on q, k (B, H, N, D) and v (B, H, N, Dv); returns (B, H, N, Dv).
+    """Dense hierarchical attention on q (B, H, N, D), k (B, Hkv, N, D) and v (B, Hkv, N, Dv), H a multiple
+    of Hkv (query head i uses kv head i // (H // Hkv)); returns (B, H, N, Dv).
 
     Computes ``softmax(S_H) @ v`` where ``S_H[i, j] = scale * qbar_l(i) . kbar_l(j)`` at the level l
     covering (i, j); padded keys and (when causal) future keys get -inf. Padded query rows and rows
@@ -69,6 +70,8 @@ def hierarchical_attention_reference(
     """
     b, h, n, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    # grouped-query attention: query head i uses kv head i // (H // Hkv); the dense definition repeats them
+    k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
     valid = (
         torch.ones(b, n, dtype=torch.bool, device=q.device)
         if key_padding_mask is None

@@ -214,17 +214,19 @@ def _coarsen_input(
 
 @triton.jit
 def coarsen_kernel(
-    XQ, XK, XV, VALID, COS, SIN,  # raw (B, H, N, D) inputs of any strides (RAW) or the packed buffers; rotary tables
-    PQ, PK, PV, PC, PF,  # packed outputs (B, H, MTOT, D); counts (B, MTOT) f32; first token (B, MTOT) i32
+    XQ, XK, XV, VALID, COS, SIN,  # raw (B, H|HKV, N, D) inputs of any strides (RAW) or the packed buffers; rotary
+    PQ, PK, PV, PC, PF,  # packed outputs (B, H|HKV, MTOT, D); counts (B, MTOT) f32; first token (B, MTOT) i32
     START, LEN,  # int32 per level (padded past the top with zeros)
     sqb, sqh, sqm, skb, skh, skm, svb, svh, svm,  # input strides (D contiguous)
     stride_valid,
-    H, MTOT, N_IN, IN_ROW0, BASE, TOP, scale,
+    H, G, MTOT, N_IN, IN_ROW0, BASE, TOP, scale,
     D: tl.constexpr, LVL: tl.constexpr, RAW: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     ROTARY: tl.constexpr,
 ):
     """RAW: q (scaled, rotated when ROTARY), k (rotated), v and the counts into level 0 and levels
-    1..LVL; otherwise levels BASE+1 .. BASE+LVL from the packed level BASE (ROTARY only with RAW)."""
+    1..LVL; otherwise levels BASE+1 .. BASE+LVL from the packed level BASE (ROTARY only with RAW).
+    One program per query head; k and v have H / G heads (grouped-query attention): the first query
+    head of each group of G coarsens its kv head, once."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -245,10 +247,13 @@ def coarsen_kernel(
     in_rows = IN_ROW0 + rows
     _coarsen_input(XQ, b * sqb + h * sqh, sqm, in_rows, ok, cnt, scale, COS, SIN, PQ, p_off, pid, START, LEN, BASE,
                    TOP, RAW, CAUSAL, ROTARY, CH, LVL, D)
-    _coarsen_input(XK, b * skb + h * skh, skm, in_rows, ok, cnt, 1.0, COS, SIN, PK, p_off, pid, START, LEN, BASE,
-                   TOP, RAW, False, ROTARY, CH, LVL, D)
-    _coarsen_input(XV, b * svb + h * svh, svm, in_rows, ok, cnt, 1.0, COS, SIN, PV, p_off, pid, START, LEN, BASE,
-                   TOP, RAW, False, False, CH, LVL, D)
+    if h % G == 0:
+        hk = h // G
+        kv_off = (b * (H // G) + hk) * MTOT * D
+        _coarsen_input(XK, b * skb + hk * skh, skm, in_rows, ok, cnt, 1.0, COS, SIN, PK, kv_off, pid, START, LEN,
+                       BASE, TOP, RAW, False, ROTARY, CH, LVL, D)
+        _coarsen_input(XV, b * svb + hk * svh, svm, in_rows, ok, cnt, 1.0, COS, SIN, PV, kv_off, pid, START, LEN,
+                       BASE, TOP, RAW, False, False, CH, LVL, D)
     if h == 0:  # counts and sampled positions are per batch row
         if RAW:
             m0 = tl.load(LEN)
@@ -329,34 +334,40 @@ def fold_kernel(
 
 @triton.jit
 def uncoarsen_kernel(
-    PDQ, PDK, PDV, PC, PF, START, COS, SIN,  # packed gradients (B, H, MTOT, D), counts, first tokens, rotary
-    DQ, DK, DV,  # outputs (B, H, N, D), any strides
+    PDQ, PDK, PDV, PC, PF, START, COS, SIN,  # packed gradients (B, H|HKV, MTOT, D), counts, first tokens, rotary
+    DQ, DK, DV,  # outputs (B, H|HKV, N, D), any strides
     sqb, sqh, sqm, skb, skh, skm, svb, svh, svm,
-    H, MTOT, N, TOP, scale,
+    H, G, MTOT, N, TOP, scale,
     D: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
 ):
     """dq, dk, dv of token i: its level-0 gradient plus, per level, its group's coarse gradient
     (divided by the group's count for means; causal queries: only the group's first token);
-    ROTARY turns dq and dk back to the unrotated inputs."""
+    ROTARY turns dq and dk back to the unrotated inputs. One program per query head; the first of each
+    group of G (grouped-query attention) also does dk and dv of its kv head (masked off in the others)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    hk = h // G
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     ok = rows < N
+    kv_ok = tl.where(h % G == 0, ok, False)  # (tl.where: `&` with a scalar gives int32 in the interpreter)
     p_off = (b * H + h) * MTOT * D
+    kv_off = (b * (H // G) + hk) * MTOT * D
     ptr = p_off + rows[:, None] * D + offs_d[None, :]
+    kv_ptr = kv_off + rows[:, None] * D + offs_d[None, :]
     dq = tl.load(PDQ + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    dk = tl.load(PDK + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    dv = tl.load(PDV + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    dk = tl.load(PDK + kv_ptr, mask=kv_ok[:, None], other=0.0).to(tl.float32)
+    dv = tl.load(PDV + kv_ptr, mask=kv_ok[:, None], other=0.0).to(tl.float32)
     valid = tl.load(PC + b * MTOT + rows, mask=ok, other=0.0) > 0
     for level in range(1, TOP + 1):
         anc = tl.load(START + level) + (rows >> level)
         inv = 1.0 / tl.maximum(tl.load(PC + b * MTOT + anc, mask=ok, other=1.0), 1.0)
         aptr = p_off + anc[:, None] * D + offs_d[None, :]
-        dk += tl.load(PDK + aptr, mask=ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
-        dv += tl.load(PDV + aptr, mask=ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
+        kv_aptr = kv_off + anc[:, None] * D + offs_d[None, :]
+        dk += tl.load(PDK + kv_aptr, mask=kv_ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
+        dv += tl.load(PDV + kv_aptr, mask=kv_ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
         gq = tl.load(PDQ + aptr, mask=ok[:, None], other=0.0).to(tl.float32)
         if CAUSAL:
             first = tl.load(PF + b * MTOT + anc, mask=ok, other=-1)
@@ -373,8 +384,10 @@ def uncoarsen_kernel(
     dk = tl.where(valid[:, None], dk * 0.6931471805599453, 0.0)  # packed q carries log2(e): d/dk of q.k / log2(e)
     dv = tl.where(valid[:, None], dv, 0.0)
     tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok[:, None])
-    tl.store(DK + b * skb + h * skh + rows[:, None] * skm + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=ok[:, None])
-    tl.store(DV + b * svb + h * svh + rows[:, None] * svm + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=ok[:, None])
+    tl.store(DK + b * skb + hk * skh + rows[:, None] * skm + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_ok[:, None])
+    tl.store(DV + b * svb + hk * svh + rows[:, None] * svm + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_ok[:, None])
 
 
 # --------------------------------------------------------------------------- windowed attention
@@ -537,11 +550,12 @@ def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
 @_autotune(FWD_CONFIGS)
 @triton.jit
 def window_fwd_kernel(
-    Q, K, V, CNT, LO, HI, START,  # packed (B, H, MTOT, D); counts (B, MTOT); per-block ranges; level starts
+    Q, K, V, CNT, LO, HI, START,  # packed q (B, H, MTOT, D), k, v (B, H / G, MTOT, D); counts (B, MTOT); per-block
+    # ranges; level starts
     SM, SL, SA,  # coarse softmax states (B, H, MTOT - M0[, D]): written (not FINAL) or read (FINAL)
     O, LSE,  # FINAL: output (B, H, N, D) any strides, base-2 log-sum-exp (B, H, M0)
     sob, soh, som,
-    H, MTOT, M0, N, ROW0, TOP,
+    H, G, MTOT, M0, N, ROW0, TOP,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
     LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, FINAL: tl.constexpr, UNIFORM: tl.constexpr,
@@ -558,6 +572,7 @@ def window_fwd_kernel(
     hi = tl.load(HI + qblock)
 
     base = (b * H + h) * MTOT * D
+    kv_base = (b * (H // G) + h // G) * MTOT * D  # grouped-query attention: the kv head of query head h
     cbase = b * MTOT
     sbase = (b * H + h) * (MTOT - M0)
     q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
@@ -581,15 +596,15 @@ def window_fwd_kernel(
 
     if LEVEL0:
         n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, diag,
+        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, kv_base, cbase, offs_m, n_lo, diag,
                                   0, True, False, NR, D, BLOCK_N, UNIFORM)
         if CAUSAL:
-            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, diag, n_hi,
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, kv_base, cbase, offs_m, diag, n_hi,
                                       0, True, True, NR, D, BLOCK_N, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
-            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, offs_m, n_lo, n_hi,
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, kv_base, cbase, offs_m, n_lo, n_hi,
                                       FIRST + w * STEP, False, False, NR, D, BLOCK_N, UNIFORM)
 
     if FINAL:
@@ -623,8 +638,8 @@ def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
 @_autotune(FWD_CONFIGS)
 @triton.jit
 def window_bwd_dq_kernel(
-    Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,  # all packed: (B, H, MTOT[, D]); counts (B, MTOT)
-    H, MTOT, ROW0,
+    Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,  # all packed: (B, H, MTOT[, D]), k, v (B, H / G, MTOT, D); counts
+    H, G, MTOT, ROW0,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
     LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr,
@@ -640,6 +655,7 @@ def window_bwd_dq_kernel(
     lo = tl.load(LO + qblock)
     hi = tl.load(HI + qblock)
     base = (b * H + h) * MTOT * D
+    kv_base = (b * (H // G) + h // G) * MTOT * D
     cbase = b * MTOT
     sbase = (b * H + h) * MTOT
     q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
@@ -651,15 +667,15 @@ def window_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if LEVEL0:
         n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
-        dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, diag, 0, True, False, NR, D,
+        dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, kv_base, cbase, offs_m, n_lo, diag, 0, True, False, NR, D,
                       BLOCK_N, UNIFORM)
         if CAUSAL:
-            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, diag, n_hi, 0, True, True, NR, D,
-                          BLOCK_N, UNIFORM)
+            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, kv_base, cbase, offs_m, diag, n_hi, 0, True, True, NR,
+                          D, BLOCK_N, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
-            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, offs_m, n_lo, n_hi,
+            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, kv_base, cbase, offs_m, n_lo, n_hi,
                           FIRST + w * STEP, False, False, NR, D, BLOCK_N, UNIFORM)
     tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
@@ -689,45 +705,50 @@ def _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, cols, m
 @triton.jit
 def window_bwd_dkdv_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DK, DV,
-    H, MTOT, ROW0,
+    H, G, MTOT, ROW0,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
     LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr,
 ):
+    """One program per key tile of a kv head. With grouped-query attention (k, v with H / G heads) it
+    walks the queries of the G query heads that share the kv head in turn, so dk and dv come out summed
+    over the group in registers: no per-query-head copy of them, no atomics."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh = tl.program_id(1)  # (batch row, kv head)
     start = ROW0 + pid_n * BLOCK_N
     kblock = start // NR
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     lo = tl.load(LO + kblock)
     hi = tl.load(HI + kblock)
-    base = (b * H + h) * MTOT * D
-    sbase = (b * H + h) * MTOT
-    k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :])
-    v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :])
+    b = bh // (H // G)
+    kv_base = bh * MTOT * D
+    k = tl.load(K + kv_base + offs_n[:, None] * D + offs_d[None, :])
+    v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :])
     cnt = 1.0 if UNIFORM else tl.load(CNT + b * MTOT + offs_n)
     shift = _level_shift(CNT, b * MTOT + start, LEVEL0, UNIFORM)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    if LEVEL0:  # the queries whose windows hold this key tile: this block (and the next, the previous)
-        m_hi = tl.minimum(kblock + 2, hi) * NR
-        if CAUSAL:  # queries along the diagonal (masked), then the later ones (no mask)
-            diag_lo = start // BLOCK_M * BLOCK_M
-            diag_hi = (start + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_lo, diag_hi,
-                                0, True, True, NR, D, BLOCK_M, UNIFORM)
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_hi, m_hi,
-                                0, True, False, NR, D, BLOCK_M, UNIFORM)
+    for member in range(G):
+        qh = b * H + bh % (H // G) * G + member  # the query heads of kv head bh % (H / G)
+        base = qh * MTOT * D
+        sbase = qh * MTOT
+        if LEVEL0:  # the queries whose windows hold this key tile: this block (and the next, the previous)
+            m_hi = tl.minimum(kblock + 2, hi) * NR
+            if CAUSAL:  # queries along the diagonal (masked), then the later ones (no mask)
+                diag_lo = start // BLOCK_M * BLOCK_M
+                diag_hi = (start + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+                dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_lo,
+                                    diag_hi, 0, True, True, NR, D, BLOCK_M, UNIFORM)
+                dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, diag_hi, m_hi,
+                                    0, True, False, NR, D, BLOCK_M, UNIFORM)
+            else:
+                dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n,
+                                    tl.maximum(kblock - 1, lo) * NR, m_hi, 0, True, False, NR, D, BLOCK_M, UNIFORM)
         else:
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n,
-                                tl.maximum(kblock - 1, lo) * NR, m_hi, 0, True, False, NR, D, BLOCK_M, UNIFORM)
-    else:
-        for w in tl.static_range(NUM_WIN):
-            m_lo, m_hi = _query_span(start, kblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
-            dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, m_lo, m_hi,
-                                FIRST + w * STEP, False, False, NR, D, BLOCK_M, UNIFORM)
-    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty))
-    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+            for w in tl.static_range(NUM_WIN):
+                m_lo, m_hi = _query_span(start, kblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
+                dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, m_lo, m_hi,
+                                    FIRST + w * STEP, False, False, NR, D, BLOCK_M, UNIFORM)
+    tl.store(DK + kv_base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty))
+    tl.store(DV + kv_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))

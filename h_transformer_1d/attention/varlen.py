@@ -13,7 +13,7 @@ from itertools import pairwise
 
 import torch
 
-from .interface import _check_qkv, check_block_size, h_attention
+from .interface import check_block_size, check_qkv, h_attention
 
 # A bucket closes when one more sequence would make more than this share of its slots padding beyond the
 # whole blocks each sequence needs anyway; at most MAX_BUCKETS buckets (the last one takes the rest).
@@ -148,13 +148,13 @@ def check_packed_qkv(q, k, v) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape (total_tokens, heads, dim_head), got rank {t.dim()}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+    if q.shape[0] != k.shape[0] or k.shape[:2] != v.shape[:2]:
         raise ValueError(
-            "q, k and v must agree in (total_tokens, heads), got "
+            "q, k and v must agree in total_tokens and k and v in heads, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if q.shape[0]:  # dtypes, devices, head dims: as h_attention checks them
-        _check_qkv(*(t[None].transpose(1, 2) for t in (q, k, v)))
+    if q.shape[0]:  # dtypes, devices, head dims, kv heads dividing q's: as h_attention checks them
+        check_qkv(*(t[None].transpose(1, 2) for t in (q, k, v)))
 
 
 def varlen_attention(q, k, v, layout: VarlenLayout, **kwargs) -> torch.Tensor:
@@ -184,8 +184,9 @@ def h_attention_varlen(
     rotary_freqs: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Hierarchical attention on sequences packed back to back: q, k (total_tokens, H, D), v (total_tokens,
-    H, Dv) -> (total_tokens, H, Dv).
+    """Hierarchical attention on sequences packed back to back: q (total_tokens, H, D), k (total_tokens, Hkv,
+    D), v (total_tokens, Hkv, Dv) -> (total_tokens, H, Dv); Hkv < H is grouped-query attention as in
+    `h_attention`.
 
     Args:
         cu_seqlens: (num_seqs + 1,) int32, the cumulative sequence starts: 0, then each sequence's end,

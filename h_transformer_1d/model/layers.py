@@ -135,17 +135,28 @@ def check_features(x, dim: int, name: str = "x") -> None:
 ATTENTION_KINDS = ("hierarchical", "dense")
 
 
+def check_kv_heads(kv_heads, heads: int) -> int:
+    """`kv_heads` as an int: None means `heads`; else an int >= 1 dividing `heads`."""
+    if kv_heads is None:
+        return heads
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"kv_heads must be None or a positive int dividing heads={heads}, got {kv_heads!r}")
+    return kv_heads
+
+
 def dense_attention(q, k, v, *, causal: bool, key_padding_mask, dropout_p: float) -> torch.Tensor:
-    """Exact softmax attention through SDPA, with the same masking conventions as `h_attention`."""
+    """Exact softmax attention through SDPA, with the same masking conventions as `h_attention` (k, v may
+    have fewer heads than q: grouped-query attention)."""
     n = q.shape[2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, **gqa)
     allowed = key_padding_mask[:, None, None, :]  # (B, 1, 1, N)
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     # a query with no key (a padded query before the first real token) attends to itself, then is zeroed
     allowed = allowed | torch.eye(n, dtype=torch.bool, device=q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, **gqa)
     return out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
 
 
@@ -153,7 +164,9 @@ class HAttention1D(nn.Module):
     """Multi-head self-attention with its projections: (B, N, dim) -> (B, N, dim).
 
     `attention="hierarchical"` (the point of this package) or `"dense"` (exact softmax attention via
-    SDPA, for baselines inside the same model).
+    SDPA, for baselines inside the same model). `kv_heads`: heads of the keys and values, dividing
+    `heads` (grouped-query attention; 1: multi-query); None: `heads`. The projection `to_qkv` makes
+    the queries, then the keys and values, ``(heads + 2 * kv_heads) * dim_head`` features.
     """
 
     causal = False
@@ -168,6 +181,7 @@ class HAttention1D(nn.Module):
         dropout: float = 0.0,
         max_seq_len: int | None = None,
         attention: str = "hierarchical",
+        kv_heads: int | None = None,
     ):
         super().__init__()
         if attention not in ATTENTION_KINDS:
@@ -176,23 +190,40 @@ class HAttention1D(nn.Module):
         for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        kv_heads = check_kv_heads(kv_heads, heads)
         check_block_size(block_size)
         check_probability(dropout, "dropout")
         self.dim, self.heads, self.dim_head, self.block_size = dim, heads, dim_head, block_size
+        self.kv_heads = kv_heads
         self.dropout = dropout
         self.max_seq_len = max_seq_len
         inner = heads * dim_head
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_qkv = nn.Linear(dim, inner + 2 * kv_heads * dim_head, bias=False)
         self.to_out = nn.Linear(inner, dim)
         self.rotary = RotaryEmbedding(dim_head)
 
     def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, dim) -> the projection's output as (B, N, 3, H, dim_head), without rotary."""
+        """(B, N, dim) -> the projection's output as (B, N, 3, H, dim_head), without rotary (kv_heads = heads)."""
         return self.to_qkv(x).unflatten(-1, (3, self.heads, self.dim_head))
 
+    def split_qkv(self, x: torch.Tensor):
+        """(..., dim) -> q (..., H, dim_head), k and v (..., kv_heads, dim_head): views of the projection's
+        output, without rotary."""
+        return self.split_projection(self.to_qkv(x))
+
+    def split_projection(self, proj: torch.Tensor):
+        """The projection's output (..., (H + 2 kv_heads) dim_head) as q (..., H, dim_head), k, v (..., kv_heads,
+        dim_head) views."""
+        sizes = (self.heads * self.dim_head, self.kv_heads * self.dim_head, self.kv_heads * self.dim_head)
+        return (t.unflatten(-1, (-1, self.dim_head)) for t in proj.split(sizes, -1))
+
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """(B, N, dim) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`."""
-        return self.rotated_qkv(self.packed_qkv(x), positions)
+        """(B, N, dim) -> q (B, H, N, dim_head), k, v (B, kv_heads, N, dim_head), rotary applied to q and k at
+        `positions`."""
+        if self.kv_heads == self.heads:
+            return self.rotated_qkv(self.packed_qkv(x), positions)
+        q, k, v = (t.transpose(1, 2) for t in self.split_qkv(x))
+        return self.rotary(q, positions), self.rotary(k, positions), v
 
     def rotated_qkv(self, qkv: torch.Tensor, positions: torch.Tensor):
         """(B, N, 3, H, dim_head) -> q, k, v each (B, H, N, dim_head), rotary applied to q and k at `positions`."""
@@ -252,10 +283,12 @@ class HAttention1D(nn.Module):
                 )
                 cache.prefill(q, k, v, key_padding_mask=mask)
         else:  # rotary inside h_attention: the Triton kernels rotate on the fly
-            out = h_attention_qkv(
-                self.packed_qkv(x), block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
-                rotary_freqs=self.rotary.inv_freq,
-            )  # (B, H, N, dim_head)
+            kw = {"block_size": self.block_size, "causal": self.causal, "key_padding_mask": mask,
+                  "dropout_p": dropout_p, "rotary_freqs": self.rotary.inv_freq}
+            if self.kv_heads == self.heads:
+                out = h_attention_qkv(self.packed_qkv(x), **kw)  # (B, H, N, dim_head)
+            else:
+                out = h_attention(*(t.transpose(1, 2) for t in self.split_qkv(x)), **kw)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def forward_packed(self, x: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
@@ -263,18 +296,21 @@ class HAttention1D(nn.Module):
         buckets of similar lengths, one gather in and one out (attention/varlen.py)."""
         dropout_p = self.dropout if self.training else 0.0
 
-        def attend(qkv, mask):  # qkv (b, L, 3, H, dim_head), each row one sequence from position 0
+        def attend(proj, mask):  # proj (b, L, features): the projection, each row one sequence from position 0
+            kw = {"causal": self.causal, "key_padding_mask": mask, "dropout_p": dropout_p}
             if self.attention == "dense":
-                q, k, v = self.rotated_qkv(qkv, torch.arange(qkv.shape[1], device=qkv.device))
-                out = dense_attention(q, k, v, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p)
+                q, k, v = (t.transpose(1, 2) for t in self.split_projection(proj))
+                positions = torch.arange(proj.shape[1], device=proj.device)
+                out = dense_attention(self.rotary(q, positions), self.rotary(k, positions), v, **kw)
+            elif self.kv_heads == self.heads:
+                qkv = proj.unflatten(-1, (3, self.heads, self.dim_head))
+                out = h_attention_qkv(qkv, block_size=self.block_size, rotary_freqs=self.rotary.inv_freq, **kw)
             else:
-                out = h_attention_qkv(
-                    qkv, block_size=self.block_size, causal=self.causal, key_padding_mask=mask, dropout_p=dropout_p,
-                    rotary_freqs=self.rotary.inv_freq,
-                )
+                q, k, v = (t.transpose(1, 2) for t in self.split_projection(proj))
+                out = h_attention(q, k, v, block_size=self.block_size, rotary_freqs=self.rotary.inv_freq, **kw)
             return out.transpose(1, 2)  # (b, L, H, dim_head)
 
-        out = layout.apply(attend, self.packed_qkv(x[0]))  # (total, H, dim_head)
+        out = layout.apply(attend, self.to_qkv(x[0]))  # (total, H, dim_head)
         return self.to_out(out.flatten(1))[None]
 
     def step(
@@ -283,7 +319,7 @@ class HAttention1D(nn.Module):
         """The next position's features x (B, dim) through a filled decoding cache -> (B, dim). `inputs`: the
         position's rotary angles (and plan), `cache.step_inputs(self.rotary.inv_freq)`, shared by the layers.
         The decoders' one step: eager (`decode_step`) and fixed-shape (`StaticDecoder`) alike."""
-        q, k, v = self.packed_qkv(x).unbind(1)  # each (B, H, dim_head), not yet turned by rotary
+        q, k, v = self.split_qkv(x)  # (B, H, dim_head), k and v (B, kv_heads, dim_head), not yet turned by rotary
         out = cache.attend(q, k, v, inputs)  # (B, H, dim_head)
         return self.to_out(out.flatten(1))
 

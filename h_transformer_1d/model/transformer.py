@@ -5,7 +5,7 @@ from torch import nn
 
 from ..attention.interface import check_block_size, check_key_padding_mask, check_probability
 from ..attention.varlen import VarlenLayout, check_cu_seqlens
-from .layers import CausalHAttention1D, FeedForward, HAttention1D, PreNorm
+from .layers import CausalHAttention1D, FeedForward, HAttention1D, PreNorm, check_kv_heads
 from .reversible import ReversibleBlock, ReversibleSequence
 
 
@@ -46,6 +46,8 @@ class HTransformer1D(nn.Module):
     `attention="dense"` swaps in exact softmax attention (SDPA) for baselines of the same model.
     ``model(x, cu_seqlens=, max_seqlen=)`` runs sequences packed back to back in x (total,) or (1, total)
     (`h_attention_varlen`'s convention), each as if alone.
+    `kv_heads`: heads of the keys and values in every attention layer, dividing `heads` (grouped-query
+    attention; 1: multi-query; None: `heads`); the decoding cache then holds `kv_heads` heads.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class HTransformer1D(nn.Module):
         attn_dropout: float = 0.0,
         ff_dropout: float = 0.0,
         attention: str = "hierarchical",
+        kv_heads: int | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -76,6 +79,7 @@ class HTransformer1D(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_block_size(block_size)
+        check_kv_heads(kv_heads, heads)
         check_probability(attn_dropout, "attn_dropout")
         check_probability(ff_dropout, "ff_dropout")
         self.num_tokens, self.dim, self.max_seq_len, self.causal = num_tokens, dim, max_seq_len, causal
@@ -93,6 +97,7 @@ class HTransformer1D(nn.Module):
                         block_size=block_size,
                         dropout=attn_dropout,
                         attention=attention,
+                        kv_heads=kv_heads,
                     ),
                     shift=shift_tokens,
                     causal=causal,

@@ -55,10 +55,11 @@ def one_by_one(q, k, v, lengths, **kw):
 
 
 def check_packed(lengths, causal, impl, dtype=torch.float64, expected_impl="reference", rotary=True, tol=1e-12,
-                 heads=2, d=8, block_size=NR):  # fmt: skip
+                 heads=2, d=8, block_size=NR, kv_heads=None):  # fmt: skip
     gen = torch.Generator().manual_seed(len(lengths) + causal)
     total = sum(lengths)
-    q, k, v, g = (randn(total, heads, d, generator=gen) for _ in range(4))
+    q, g = (randn(total, heads, d, generator=gen) for _ in range(2))
+    k, v = (randn(total, kv_heads or heads, d, generator=gen) for _ in range(2))
     freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d) if rotary else None
     kw = {"block_size": block_size, "causal": causal, "rotary_freqs": freqs}
 
@@ -85,6 +86,13 @@ def test_packed_triton_equals_each_sequence_alone(causal):
     """The kernels (Triton's interpreter on the CPU) on the padded buckets, float32 against float64;
     lengths 1, block_size - 1, block_size + 1 and primes past two levels."""
     check_packed([1, 15, 17, 23, 37, 71], causal, "triton", dtype=torch.float32, tol=3e-5, d=16, block_size=16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_grouped_query_attention(causal):
+    """k and v with fewer heads than q (4 query heads on 2 and on 1 kv head), per sequence as h_attention."""
+    check_packed(LENGTHS, causal, "blocked", heads=4, kv_heads=2)
+    check_packed([5, 19, 30], causal, "blocked", heads=4, kv_heads=1)
 
 
 def test_one_sequence_and_no_rotary():
@@ -168,7 +176,9 @@ def test_cu_seqlens_on_other_layouts_of_the_stream():
         ({"max_seqlen": 5}, ValueError, "max_seqlen must be at least the longest sequence, 6"),
         ({"max_seqlen": 6.0}, TypeError, "max_seqlen must be an int"),
         ({"q": torch.zeros(1, 10, 2, 4)}, ValueError, "q must have shape \\(total_tokens, heads, dim_head\\)"),
-        ({"k": torch.zeros(9, 2, 4)}, ValueError, "must agree in \\(total_tokens, heads\\)"),
+        ({"k": torch.zeros(9, 2, 4)}, ValueError, "must agree in total_tokens and k and v in heads"),
+        ({"k": torch.zeros(10, 1, 4)}, ValueError, "must agree in total_tokens and k and v in heads"),
+        ({"k": torch.zeros(10, 3, 4), "v": torch.zeros(10, 3, 4)}, ValueError, "must be a multiple of k's and v's heads"),
         ({"v": torch.zeros(10, 2, 4, dtype=torch.float64)}, TypeError, "share one dtype"),
         ({"block_size": 6}, ValueError, "block_size must be a power of two"),
         ({"causal": 1}, TypeError, "causal must be a bool"),

@@ -30,6 +30,8 @@ def grads(model):
         {"causal": True, "shift_tokens": True},
         {"causal": True, "shift_tokens": True, "reversible": True},
         {"causal": False, "attention": "dense", "shift_tokens": True},
+        {"causal": True, "heads": 4, "kv_heads": 2},  # grouped-query layers: q and kv split from one projection
+        {"causal": False, "attention": "dense", "heads": 4, "kv_heads": 1},
     ],
 )
 def test_packed_model_equals_each_sequence_alone(kw):
