@@ -32,6 +32,7 @@ class Config:
     depth: int = shared("depth", 4)
     heads: int = shared("heads", 4)
     dim_head: int = shared("dim_head", 48)
+    kv_heads: int = shared("kv_heads", 0)
     block_size: int = shared("block_size", 32)
     seq_len: int = shared("seq_len", 256, "the training context in bytes")
     ff_mult: int = shared("ff_mult", 4)
@@ -151,8 +152,8 @@ def build_model(cfg: Config):
 
 def upgrade(values: dict) -> dict:
     """A Config stored by an earlier version: `max_steps` is now `steps`, its `dropout` applied to the
-    attention weights too, and it read --data of any size."""
-    values = {"max_data_bytes": MAX_DATA_BYTES, **values}
+    attention weights too, it read --data of any size, and its keys and values had every head."""
+    values = {"max_data_bytes": MAX_DATA_BYTES, "kv_heads": 0, **values}
     if "max_steps" in values:
         values["steps"] = values.pop("max_steps")
     values.setdefault("attn_dropout", values.get("dropout", 0.0))

@@ -289,14 +289,34 @@ def test_checkpoints_of_the_earlier_version_still_load_and_resume(trained, tmp_p
     del record["task"]
     cfg = record["config"]
     cfg["max_steps"] = cfg.pop("steps")
-    del cfg["attn_dropout"]
+    del cfg["attn_dropout"], cfg["kv_heads"]
     cfg["dropout"] = 0.25
     (old / "config.json").write_text(json.dumps(record))
     saved = checkpoint.load(old, LM)
     assert (saved.config.steps, saved.config.dropout, saved.config.attn_dropout) == (6, 0.25, 0.25)
+    assert saved.config.kv_heads == 0  # keys and values had every head
     assert isinstance(h_transformer_1d.load(old), AutoregressiveWrapper)
     assert main(["train", "--out", str(old), "--resume", "--steps", "7", "--eval-every", "7"]) == 0
     assert checkpoint.load(old, LM).step == 7 and checkpoint.locate(old) == old / checkpoint.SAVES / "step-000007"
+
+
+def test_kv_heads_flag_trains_resumes_and_decodes(tmp_path, capsys):
+    """--kv-heads makes every layer grouped-query (its projection smaller), survives --resume and decodes; a value
+    that does not divide --heads is refused naming both flags."""
+    out = tmp_path / "gqa"
+    args = ["train", *TINY, "--heads", "4", "--kv-heads", "2", "--out", str(out)]
+    assert main([*args, "--steps", "2", "--eval-every", "2"]) == 0
+    model = h_transformer_1d.load(out)
+    attention = [m for m in model.modules() if hasattr(m, "kv_heads")]
+    assert attention and all((m.heads, m.kv_heads) == (4, 2) for m in attention)
+    assert all(m.to_qkv.out_features == (4 + 2 * 2) * m.dim_head for m in attention)
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--eval-every", "3"]) == 0
+    assert checkpoint.load(out, LM).config.kv_heads == 2
+    assert main(["train", "--out", str(out), "--resume", "--kv-heads", "1", "--steps", "4"]) == 2
+    assert "kv_heads=2 (asked: --kv-heads 1)" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def ", "--length", "5", "--device", "cpu"]) == 0
+    assert main(["train", *TINY, "--heads", "4", "--kv-heads", "3", "--out", str(tmp_path / "bad")]) == 2
+    assert "--kv-heads must divide --heads = 4 (or be 0), got 3" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(cache_module.torch_version() < (2, 13), reason="compile on the CPU needs torch >= 2.13")

@@ -108,8 +108,9 @@ def test_new_settings_and_earlier_checkpoints():
     assert (cfg.schedule, cfg.epochs, cfg.shuffle_operands, cfg.bucket) == ("rsqrt", 0.0, False, 50)
     # a configuration saved before these settings existed resumes as it trained: random batches, no shuffling
     stored = {k: v for k, v in ListOpsConfig().__dict__.items()
-              if k not in ("schedule", "epochs", "shuffle_operands", "bucket", "max_data_bytes")}  # fmt: skip
+              if k not in ("schedule", "epochs", "shuffle_operands", "bucket", "max_data_bytes", "kv_heads")}  # fmt: skip
     values = upgrade(stored)
+    assert values["kv_heads"] == 0  # every head had its keys and values
     assert (values["schedule"], values["epochs"], values["shuffle_operands"], values["bucket"]) == (
         "rsqrt", 0.0, False, 1
     )  # fmt: skip

@@ -75,6 +75,8 @@ SHARED = {
     "depth": ("number of layers", "model", (POSITIVE, at_most(1024)), None),
     "heads": ("attention heads", "model", (POSITIVE, at_most(1024)), None),
     "dim_head": ("width of one attention head (even)", "model", (POSITIVE, EVEN, at_most(1 << 12)), None),
+    "kv_heads": ("key and value heads, dividing --heads (grouped-query attention; 1: multi-query; 0: --heads)",
+                 "model", (NON_NEGATIVE, at_most(1024)), None),
     "block_size": ("hierarchical attention block size Nr (a power of two >= 2)", "model",
                    (POWER_OF_TWO, at_most(1 << 16)), None),
     "seq_len": ("longest sequence in tokens (the model's max_seq_len)", "model", (POSITIVE, at_most(1 << 24)), None),
@@ -114,6 +116,7 @@ def body_kwargs(cfg) -> dict:
         "max_seq_len": cfg.seq_len,
         "heads": cfg.heads,
         "dim_head": cfg.dim_head,
+        "kv_heads": cfg.kv_heads or None,
         "block_size": cfg.block_size,
         "ff_mult": cfg.ff_mult,
         "attn_dropout": cfg.attn_dropout,
@@ -229,6 +232,9 @@ def validate(cfg) -> None:
         for check in f.metadata["checks"]:
             if not check.ok(value):
                 raise ConfigError(f"{flag(name)} must be {check.expected}, got {value!r}")
+    kv_heads, heads = getattr(cfg, "kv_heads", 0), getattr(cfg, "heads", 0)
+    if kv_heads and heads % kv_heads:
+        raise ConfigError(f"{flag('kv_heads')} must divide {flag('heads')} = {heads} (or be 0), got {kv_heads}")
 
 
 def check_same_model(stored, requested, where: str) -> None:

@@ -42,6 +42,7 @@ class Recipe:
     depth: int = shared("depth", 4)
     heads: int = shared("heads", 8)
     dim_head: int = shared("dim_head", 64)
+    kv_heads: int = shared("kv_heads", 0)
     ff_mult: int = shared("ff_mult", 2, "2: 1024 for width 512")
     block_size: int = shared("block_size", 16)
     seq_len: int = shared("seq_len", 2000, "<cls> included; longer inputs are truncated")
@@ -137,7 +138,8 @@ def build_classifier(cfg: ListOpsConfig) -> SequenceClassifier:
 def upgrade(values: dict) -> dict:
     """A configuration stored by an earlier version, with the settings it trained with: --data files of any
     size, random batches, no operand shuffling, LRA's schedule, a budget in steps."""
-    earlier = {"max_data_bytes": MAX_DATA_BYTES, "bucket": 1, "shuffle_operands": False, "schedule": "rsqrt"}
+    earlier = {"max_data_bytes": MAX_DATA_BYTES, "bucket": 1, "shuffle_operands": False, "schedule": "rsqrt",
+               "kv_heads": 0}
     return {**earlier, "epochs": 0.0, "init_from": "", **values}
 
 
@@ -157,7 +159,12 @@ def build_pretrain_model(cfg: PretrainConfig) -> MaskedTokenModel:
     return MaskedTokenModel(build_body(cfg, MASK + 1))
 
 
+def upgrade_pretrain(values: dict) -> dict:
+    """A pretraining configuration stored before grouped-query attention: every head had its keys and values."""
+    return {"kv_heads": 0, **values}
+
+
 PROGRESS = {"val_acc": float, "best_val_acc": float, "best_val_step": int, "elapsed_s": float}
 LISTOPS = App("listops", ListOpsConfig, build_classifier, "h-transformer-1d lra listops train", upgrade, PROGRESS)
 PRETRAIN = App("listops-pretrain", PretrainConfig, build_pretrain_model, "h-transformer-1d lra listops pretrain",
-               None, PROGRESS)  # fmt: skip
+               upgrade_pretrain, PROGRESS)  # fmt: skip
