@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.incremental import check_lengths
 from ..attention.interface import check_key_padding_mask
 from ..attention.varlen import check_cu_seqlens
 from .cache import StaticDecoder, compiled_steps_refused, decode_step, prefill, supports_decoding_cache
@@ -116,7 +117,7 @@ class AutoregressiveWrapper(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompt: torch.Tensor | list[torch.Tensor],
         seq_len: int,
         *,
         use_cache: bool = True,
@@ -125,6 +126,7 @@ class AutoregressiveWrapper(nn.Module):
         top_p: float | None = None,
         eos_token: int | None = None,
         mask: torch.Tensor | None = None,
+        lengths=None,
         cuda_graph: bool | None = None,
         compile: bool = False,
     ) -> torch.Tensor:
@@ -149,10 +151,23 @@ class AutoregressiveWrapper(nn.Module):
         `mask` (B, T) or (T,) bool marks the real prompt tokens (True). Each row's real tokens are
         moved to the end of the row, in order (right padding becomes left padding), so that every
         continuation directly follows its own last real token; both paths then compute the model on
-        that left-padded sequence. Temperature 0 is greedy. After a sequence emits `eos_token`, its
-        remaining positions hold `pad_value`; generation stops once every sequence has emitted it.
+        that left-padded sequence (the padded frame: padding counts as positions). Temperature 0 is
+        greedy. After a sequence emits `eos_token`, its remaining positions hold `pad_value`; generation
+        stops once every sequence has emitted it.
+
+        Prompts of different lengths without padding: `prompt` a list of B 1-D token tensors, or a
+        right-padded (B, T) batch with `lengths` (B,) (row i real on its first lengths[i] tokens). Each
+        row is then continued exactly as it would be alone (its own positions from 0; the cache keeps
+        a position per row); returns (B, seq_len). Its cached steps are eager: `cuda_graph=True` and
+        `compile=True` refuse prompts of different lengths (equal ones take the usual path).
         """
         check_sampling(seq_len, temperature, top_k, top_p)
+        if isinstance(prompt, (list, tuple)) or lengths is not None:
+            rows = self.prompt_rows(prompt, lengths, mask)
+            if len({len(row) for row in rows}) > 1:
+                return self.generate_rows(rows, seq_len, use_cache, (temperature, top_k, top_p), eos_token,
+                                          cuda_graph, compile)
+            prompt = torch.stack(rows)  # one length: the usual path, unpadded
         if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1:
             raise ValueError("prompt must be a non-empty tensor of token ids of shape (T,) or (batch, T)")
         squeeze = prompt.dim() == 1
@@ -216,3 +231,82 @@ class AutoregressiveWrapper(nn.Module):
         finally:
             self.net.train(was_training)
         return out[0] if squeeze else out
+
+    def prompt_rows(self, prompt, lengths, mask) -> list[torch.Tensor]:
+        """The real tokens of each prompt row (`generate`'s list, or its right-padded batch with `lengths`),
+        each cut to its last `max_seq_len`."""
+        if mask is not None:
+            raise ValueError("pass either mask (the padded frame) or lengths / a list of prompts, not both")
+        if isinstance(prompt, (list, tuple)):
+            if lengths is not None:
+                raise ValueError("a list of prompts takes no lengths (each prompt's is its own)")
+            if not prompt or any(not isinstance(row, torch.Tensor) or row.dim() != 1 or not len(row) for row in prompt):
+                raise ValueError("prompt as a list must hold one or more non-empty 1-D tensors of token ids")
+            if len({row.device for row in prompt}) > 1:
+                raise ValueError(f"the prompts must be on one device, got {sorted({str(r.device) for r in prompt})}")
+            rows = list(prompt)
+        else:
+            if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+                raise ValueError(f"with lengths, prompt must be a (batch, T) tensor, got {getattr(prompt, 'shape', prompt)}")
+            counts = check_lengths(lengths, *prompt.shape)
+            if min(counts) < 1:
+                raise ValueError(f"lengths must be at least 1 (every row needs a real token), got {counts}")
+            rows = [row[:count] for row, count in zip(prompt, counts)]
+        return [row[-self.max_seq_len :] for row in rows]
+
+    def generate_rows(self, rows, seq_len, use_cache, sampling, eos_token, cuda_graph, compile) -> torch.Tensor:
+        """`generate` for prompts `rows` of different lengths, each continued in its own frame: a
+        right-padded batch whose rows the cache decodes at their own positions, or, recomputing, each
+        row's last `max_seq_len` tokens gathered into a right-padded window per token."""
+        cached = use_cache and supports_decoding_cache(self.net)
+        if cuda_graph or compile:
+            raise ValueError(
+                "cuda_graph=True and compile=True decode from one position for all rows: they do not take prompts "
+                "of different lengths (leave them unset: the cached steps then run eagerly)"
+            )
+        b, device, dtype = len(rows), rows[0].device, rows[0].dtype
+        counts = [len(row) for row in rows]
+        # every token so far, right padded: row i's first counts[i] entries
+        history = rows[0].new_zeros(b, max(counts) + seq_len)
+        for i, row in enumerate(rows):
+            history[i, : len(row)] = row
+        lengths = torch.tensor(counts, device=device)
+        batch = torch.arange(b, device=device)
+        out = torch.full((b, seq_len), self.pad_value, dtype=dtype, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if cached:
+                logits, cache = prefill(self.net, history[:, : max(counts)], lengths=lengths)
+                logits = logits[batch, lengths - 1]
+            else:
+                logits = self.window_logits(history, lengths, max(counts))
+            for step in range(seq_len):
+                nxt = sample_next(logits, *sampling).masked_fill(done, self.pad_value).to(dtype)
+                out[:, step] = nxt
+                if eos_token is not None:
+                    done |= nxt == eos_token
+                    if bool(done.all()):
+                        break
+                if step + 1 == seq_len:
+                    break
+                if cached:
+                    logits = decode_step(self.net, cache, nxt)
+                else:
+                    history[batch, lengths] = nxt
+                    lengths = lengths + 1
+                    logits = self.window_logits(history, lengths, max(counts) + step + 1)
+        finally:
+            self.net.train(was_training)
+        return out
+
+    def window_logits(self, history: torch.Tensor, lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """The next-token logits (B, V) of each row of the right-padded `history` (row i real on its first
+        lengths[i] tokens, the longest `longest`) from its last `max_seq_len` tokens alone: the rows'
+        windows gathered right padded (causal: what follows a row's end does not reach it)."""
+        start = (lengths - self.max_seq_len).clamp(min=0)
+        offsets = torch.arange(min(longest, self.max_seq_len), device=history.device)
+        index = torch.minimum(start[:, None] + offsets, (lengths - 1)[:, None])  # padding: repeats the last token
+        logits = self.net(history.gather(1, index))
+        return logits[torch.arange(len(lengths), device=history.device), lengths - start - 1]
