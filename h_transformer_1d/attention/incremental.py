@@ -38,7 +38,8 @@ from .rotary import rotary_angles, rotate
 class StepInputs(NamedTuple):
     """What the attention steps of every layer share at one decoded position (computed once per token)."""
 
-    rotary: tuple[torch.Tensor, torch.Tensor]  # cos and sin (D/2,) of the position's rotary angles (per row: (B, 1, D/2))
+    # cos and sin (D/2,) of the position's rotary angles (a position per row: (B, 1, D/2))
+    rotary: tuple[torch.Tensor, torch.Tensor]
     plan: "StepPlan | None" = None  # a StaticHierarchicalCache's rows and masks (None: the step finds them)
 
 
@@ -122,6 +123,7 @@ class HierarchicalCache:
         # (the step's control flow reads the list: no synchronisation); `length` is then their maximum
         self.positions: torch.Tensor | None = None
         self._rows: list[int] | None = None
+        self._prompt_rows: list[int] | None = None
         self._queries: list[torch.Tensor] = []  # per level >= 1, each row's current coarse query (B, H, D)
         # what prefill takes as `lengths` when not given: the model's forward passes the prompt and its
         # mask only, so `DecodingCache` sets the lengths here before it
@@ -354,6 +356,7 @@ class HierarchicalCache:
             start = ((lengths >> level) << level).clamp(max=n - 1)
             self._queries.append(q_scaled.gather(2, start[:, None, None, None].expand(b, h, 1, d))[:, :, 0])
         self.positions, self._rows, self.length = lengths, list(rows), max(rows)
+        self._prompt_rows = self._rows  # (a StaticHierarchicalCache is made before any step)
 
     def _step_rows(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """`step` with each row at its own position: query (B, H, D) already scaled, k, v (B, Hkv, D) in the
@@ -489,7 +492,8 @@ def check_capacity(capacity, length: int) -> int:
 
 
 class StepPlan(NamedTuple):
-    """Rows of a `StaticHierarchicalCache` ring that one step reads and writes, and its masks."""
+    """Rows of a `StaticHierarchicalCache` ring that one step reads and writes, and its masks (with a
+    position per row, each tensor has a last dimension of size B)."""
 
     rows: torch.Tensor  # (levels,) the position's group per level
     sibling_rows: torch.Tensor  # (levels - 1,) the group before it, per level but the last
@@ -520,6 +524,9 @@ class StaticHierarchicalCache:
     associated from the fine end); every level's softmax state is recomputed at every step instead of
     once per group; the levels are merged by one softmax instead of pairwise, coarse to fine.
 
+    From a cache prefilled with prompts of different lengths, `position` holds each row's (B,) and every
+    plan tensor has a last dimension B (rows written per row, keys masked per row); otherwise the same.
+
     `kernel`: step through the Triton kernels of decode_kernels.py (two launches per step instead of
     about thirty PyTorch operations). None (default): on CUDA with float32 sums; True: wherever
     Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1), float32 or float64; False: PyTorch.
@@ -530,12 +537,8 @@ class StaticHierarchicalCache:
 
         A block size above what `capacity` needs (``capacity <= 2 * block_size``: plain causal attention)
         is cut to `geometry.effective_block_size`, the same result in a ring sized by the capacity."""
-        if cache.positions is not None:
-            raise ValueError(
-                "a StaticHierarchicalCache keeps one position for all rows: it does not take prompts of different "
-                "lengths (a prefill with unequal lengths); step that cache itself (HierarchicalCache.step)"
-            )
-        if cache.length and cache._prompt_queries is None:
+        rows_apart = cache.positions is not None
+        if cache.length and cache._prompt_queries is None and not (rows_apart and cache._rows == cache._prompt_rows):
             raise ValueError("a StaticHierarchicalCache is made from a cache right after its prefill, before any step")
         if not cache.levels:
             raise ValueError("the cache is empty: prefill it first (an empty prompt is fine)")
@@ -566,9 +569,16 @@ class StaticHierarchicalCache:
             if level < levels:
                 self.queries[level] = query
                 self.missing[level] = missing
-        self.position = torch.tensor(cache.length, dtype=torch.int64, device=device)
+        for level, query in enumerate(cache._queries if rows_apart else [], 1):  # every row has its group's query
+            if level < levels:
+                self.queries[level] = query
+                self.missing[level] = False
+        # prompts of different lengths: a position per row (B,), and every plan tensor gets a last dimension B
+        position = cache.positions if rows_apart else cache.length
+        self.position = torch.as_tensor(position, dtype=torch.int64, device=device).clone()
         self._level = torch.arange(levels, device=device)
         self._slot = torch.arange(2 * nr, device=device)
+        self._batch = torch.arange(b, device=device)
         self._kernel_step = self._choose_kernel(kernel)
         self.kernel = self._kernel_step is not None
 
@@ -601,7 +611,9 @@ class StaticHierarchicalCache:
         """Where the step at `self.position` reads and writes: the same for every layer of a model
         (equal block size and capacity, equal position), so a decoder computes it once per token."""
         nr = self.block_size
-        t, lv = self.position, self._level
+        t, lv, slot = self.position, self._level, self._slot
+        if t.dim():  # a position per row: (levels, B) where one position has (levels,), (2nr, B) for (2nr,)
+            lv, slot = lv[:, None], slot[:, None]
         group = t >> lv  # (levels,) the position's group per level
         base = lv * (2 * nr)
         below = (1 << lv) - 1
@@ -611,8 +623,8 @@ class StaticHierarchicalCache:
         start = ((block + 1) * nr) % (2 * nr)  # ring slot of block c - 1's first group (operands >= 0 throughout)
         width = torch.where(group % nr >= nr // 2, nr, nr // 2)
         width = torch.where(block >= 1, width, 0)
-        coarse = (self._slot[None] - start[:, None] + 2 * nr) % (2 * nr) < width[:, None]  # (levels, 2nr)
-        fine_position = t - (t - self._slot + 2 * nr) % (2 * nr)  # the latest position <= t in each level-0 slot
+        coarse = (slot[None] - start[:, None] + 2 * nr) % (2 * nr) < width[:, None]  # (levels, 2nr)
+        fine_position = t - (t - slot + 2 * nr) % (2 * nr)  # the latest position <= t in each level-0 slot
         fine = fine_position >= ((block[0] - 1) * nr).clamp(min=0)
         return StepPlan(
             rows=base + group % (2 * nr),
@@ -626,6 +638,8 @@ class StaticHierarchicalCache:
         """The rotary angles of the position being decoded (by `inv_freq`) and, for the PyTorch step, its
         plan: the same for every layer of a model, so a decoder makes them once per token."""
         rotary = rotary_angles(self.position, inv_freq, self.ring.dtype)
+        if self.position.dim():  # a position per row: (B, 1, D/2), broadcast over the heads
+            rotary = tuple(x[:, None] for x in rotary)
         return StepInputs(rotary, None if self.kernel else self.plan())
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -646,10 +660,11 @@ class StaticHierarchicalCache:
                 f"step takes q of shape (batch, heads, dim_head) = {tuple(shape)} and k, v of shape (batch, kv_heads, "
                 f"dim_head) = {kv_shape}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
-        if rotary is not None and (shape[-1] % 2 or any(tuple(x.shape) != (shape[-1] // 2,) for x in rotary)):
+        angles = (shape[-1] // 2,) if not self.position.dim() else (shape[0], 1, shape[-1] // 2)
+        if rotary is not None and (shape[-1] % 2 or any(tuple(x.shape) != angles for x in rotary)):
             raise ValueError(
-                f"rotary takes cos and sin of shape (dim_head / 2,) = ({shape[-1] // 2},), "
-                f"got {[tuple(x.shape) for x in rotary]}"
+                f"rotary takes cos and sin of shape {'(dim_head / 2,)' if len(angles) == 1 else '(B, 1, dim_head / 2)'}"
+                f" = {angles}, got {[tuple(x.shape) for x in rotary]}"
             )
         if self.length >= self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions (its capacity), all used")
@@ -679,19 +694,26 @@ class StaticHierarchicalCache:
         # append: a completed level-l group's sums are k plus the left sibling at every level below (all
         # of them complete at t too); other levels keep their row
         new = torch.cat([k.to(dtype), v.to(dtype), torch.ones_like(k[..., :1], dtype=dtype)], -1)  # (B, Hkv, 2D+1)
-        sums = torch.cat([new[None], self.ring.index_select(0, plan.sibling_rows)]).cumsum(0)  # (levels, B, H, 2D+1)
-        kept = self.ring.index_select(0, plan.rows)
-        self.ring.index_copy_(0, plan.rows, torch.where(plan.complete[:, None, None, None], sums, kept))
+        if self.position.dim():  # a position per row: each row's rows of the ring, plan tensors (..., B)
+            sums = torch.cat([new[None], self.ring[plan.sibling_rows, self._batch]]).cumsum(0)
+            kept = self.ring[plan.rows, self._batch]
+            self.ring[plan.rows, self._batch] = torch.where(plan.complete[..., None, None], sums, kept)
+            starts, keys = plan.starts, plan.keys[..., None]
+        else:  # sums (levels, B, Hkv, 2D + 1)
+            sums = torch.cat([new[None], self.ring.index_select(0, plan.sibling_rows)]).cumsum(0)
+            kept = self.ring.index_select(0, plan.rows)
+            self.ring.index_copy_(0, plan.rows, torch.where(plan.complete[:, None, None, None], sums, kept))
+            starts, keys = plan.starts[:, None], plan.keys[:, :, None, None]
 
         # queries: a level whose group starts at t, or a row without one yet, takes q
         query = q.to(dtype) * scale
-        take = plan.starts[:, None] | self.missing  # (levels, B)
+        take = starts | self.missing  # (levels, B)
         self.queries.copy_(torch.where(take[..., None, None], query[None], self.queries))
         self.missing.fill_(False)
 
         # one softmax over every level's keys; a slot that is no key of t has weight count * 0 = 0
         ring = self.ring.view(levels, 2 * nr, *self.ring.shape[1:])
-        count = ring[..., 2 * d] * plan.keys[:, :, None, None]  # (levels, 2nr, B, Hkv)
+        count = ring[..., 2 * d] * keys  # (levels, 2nr, B, Hkv)
         denom = count.clamp(min=1.0)[..., None]
         keys, values = ring[..., :d] / denom, ring[..., d : 2 * d] / denom
         b, hkv = ring.shape[2:4]

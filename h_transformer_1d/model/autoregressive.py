@@ -158,8 +158,7 @@ class AutoregressiveWrapper(nn.Module):
         Prompts of different lengths without padding: `prompt` a list of B 1-D token tensors, or a
         right-padded (B, T) batch with `lengths` (B,) (row i real on its first lengths[i] tokens). Each
         row is then continued exactly as it would be alone (its own positions from 0; the cache keeps
-        a position per row); returns (B, seq_len). Its cached steps are eager: `cuda_graph=True` and
-        `compile=True` refuse prompts of different lengths (equal ones take the usual path).
+        a position per row, also in the CUDA graph steps); returns (B, seq_len).
         """
         check_sampling(seq_len, temperature, top_k, top_p)
         if isinstance(prompt, (list, tuple)) or lengths is not None:
@@ -183,54 +182,68 @@ class AutoregressiveWrapper(nn.Module):
             mask = None if bool(mask[:, -self.max_seq_len :].all()) else mask[:, -self.max_seq_len :]
         tokens = tokens[:, -self.max_seq_len :]
         cached = use_cache and supports_decoding_cache(self.net)
-        if cuda_graph and not (cached and tokens.is_cuda):
+        graph = self.check_decoder_options(seq_len, cached, tokens.device, use_cache, cuda_graph, compile)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if cached:
+                logits, cache = prefill(self.net, tokens, mask)
+                advance = self.cached_steps(cache, tokens.shape[1] + seq_len, graph, compile)
+            else:
+                logits = self.net(tokens, mask=mask)
+
+                def advance(nxt):
+                    nonlocal tokens, mask
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -self.max_seq_len :]
+                    if mask is not None:
+                        mask = F.pad(mask, (0, 1), value=True)[:, -self.max_seq_len :]
+                    return self.net(tokens, mask=mask)[:, -1]
+
+            sampling = (temperature, top_k, top_p)
+            out = self.sample_steps(logits[:, -1], advance, seq_len, sampling, eos_token, tokens.dtype)
+        finally:
+            self.net.train(was_training)
+        return out[0] if squeeze else out
+
+    def check_decoder_options(self, seq_len, cached, device, use_cache, cuda_graph, compile) -> bool:
+        """Check `generate`'s `cuda_graph` and `compile` (before the prefill's work); whether the cached steps
+        replay a CUDA graph."""
+        if cuda_graph and not (cached and device.type == "cuda"):
             raise ValueError(
                 "cuda_graph=True needs use_cache=True, a causal hierarchical model and a prompt on a CUDA device"
-                f" (use_cache={use_cache}, prompt on {tokens.device})"
+                f" (use_cache={use_cache}, prompt on {device})"
             )
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
         if compile and not use_cache:
             raise ValueError("compile=True needs use_cache=True (it compiles the cached steps)")
-        if compile and (refused := compiled_steps_refused(self.net)):  # checked before the prefill's work
+        if compile and (refused := compiled_steps_refused(self.net)):
             raise ValueError(refused)
-        graph = cached and tokens.is_cuda and seq_len > GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
-        decoder = None
-        was_training = self.net.training
-        self.net.eval()
-        out = torch.full((b, seq_len), self.pad_value, dtype=tokens.dtype, device=tokens.device)
-        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-        try:
-            if cached:
-                logits, cache = prefill(self.net, tokens, mask)
-                if graph or compile:
-                    capacity = tokens.shape[1] + seq_len
-                    decoder = StaticDecoder(self.net, cache, capacity, graph=graph, compile=compile)
-            else:
-                logits = self.net(tokens, mask=mask)
-            logits = logits[:, -1]  # (B, V)
-            for step in range(seq_len):
-                nxt = sample_next(logits, temperature, top_k, top_p).masked_fill(done, self.pad_value)
-                nxt = nxt.to(tokens.dtype)
-                out[:, step] = nxt
-                if eos_token is not None:
-                    done |= nxt == eos_token
-                    if bool(done.all()):
-                        break
-                if step + 1 == seq_len:
+        return cached and device.type == "cuda" and seq_len > GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
+
+    def cached_steps(self, cache, capacity: int, graph: bool, compile: bool):
+        """The step from a filled decoding cache, one token per row -> the next logits (B, V): through a
+        `StaticDecoder` (room for `capacity` positions) with `graph` or `compile`, else `decode_step`."""
+        if graph or compile:
+            return StaticDecoder(self.net, cache, capacity, graph=graph, compile=compile).step
+        return lambda nxt: decode_step(self.net, cache, nxt)
+
+    def sample_steps(self, logits, advance, seq_len: int, sampling, eos_token, dtype) -> torch.Tensor:
+        """`seq_len` tokens (B, seq_len) sampled from `logits` (B, V), then from `advance(tokens)` after each
+        but the last; a row that has emitted `eos_token` gets `pad_value`, and sampling stops once all have."""
+        b = logits.shape[0]
+        out = torch.full((b, seq_len), self.pad_value, dtype=dtype, device=logits.device)
+        done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+        for step in range(seq_len):
+            nxt = sample_next(logits, *sampling).masked_fill(done, self.pad_value).to(dtype)
+            out[:, step] = nxt
+            if eos_token is not None:
+                done |= nxt == eos_token
+                if bool(done.all()):
                     break
-                if decoder is not None:
-                    logits = decoder.step(nxt)
-                elif cached:
-                    logits = decode_step(self.net, cache, nxt)
-                else:
-                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -self.max_seq_len :]
-                    if mask is not None:
-                        mask = F.pad(mask, (0, 1), value=True)[:, -self.max_seq_len :]
-                    logits = self.net(tokens, mask=mask)[:, -1]
-        finally:
-            self.net.train(was_training)
-        return out[0] if squeeze else out
+            if step + 1 < seq_len:
+                logits = advance(nxt)
+        return out
 
     def prompt_rows(self, prompt, lengths, mask) -> list[torch.Tensor]:
         """The real tokens of each prompt row (`generate`'s list, or its right-padded batch with `lengths`),
@@ -247,7 +260,8 @@ class AutoregressiveWrapper(nn.Module):
             rows = list(prompt)
         else:
             if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
-                raise ValueError(f"with lengths, prompt must be a (batch, T) tensor, got {getattr(prompt, 'shape', prompt)}")
+                got = getattr(prompt, "shape", prompt)
+                raise ValueError(f"with lengths, prompt must be a (batch, T) tensor, got {got}")
             counts = check_lengths(lengths, *prompt.shape)
             if min(counts) < 1:
                 raise ValueError(f"lengths must be at least 1 (every row needs a real token), got {counts}")
@@ -259,47 +273,33 @@ class AutoregressiveWrapper(nn.Module):
         right-padded batch whose rows the cache decodes at their own positions, or, recomputing, each
         row's last `max_seq_len` tokens gathered into a right-padded window per token."""
         cached = use_cache and supports_decoding_cache(self.net)
-        if cuda_graph or compile:
-            raise ValueError(
-                "cuda_graph=True and compile=True decode from one position for all rows: they do not take prompts "
-                "of different lengths (leave them unset: the cached steps then run eagerly)"
-            )
-        b, device, dtype = len(rows), rows[0].device, rows[0].dtype
+        device = rows[0].device
+        graph = self.check_decoder_options(seq_len, cached, device, use_cache, cuda_graph, compile)
         counts = [len(row) for row in rows]
-        # every token so far, right padded: row i's first counts[i] entries
-        history = rows[0].new_zeros(b, max(counts) + seq_len)
+        # every token so far, right padded: row i's first lengths[i] entries
+        history = rows[0].new_zeros(len(rows), max(counts) + seq_len)
         for i, row in enumerate(rows):
             history[i, : len(row)] = row
         lengths = torch.tensor(counts, device=device)
-        batch = torch.arange(b, device=device)
-        out = torch.full((b, seq_len), self.pad_value, dtype=dtype, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
         was_training = self.net.training
         self.net.eval()
         try:
             if cached:
                 logits, cache = prefill(self.net, history[:, : max(counts)], lengths=lengths)
-                logits = logits[batch, lengths - 1]
+                logits = logits[torch.arange(len(rows), device=device), lengths - 1]
+                advance = self.cached_steps(cache, max(counts) + seq_len, graph, compile)
             else:
                 logits = self.window_logits(history, lengths, max(counts))
-            for step in range(seq_len):
-                nxt = sample_next(logits, *sampling).masked_fill(done, self.pad_value).to(dtype)
-                out[:, step] = nxt
-                if eos_token is not None:
-                    done |= nxt == eos_token
-                    if bool(done.all()):
-                        break
-                if step + 1 == seq_len:
-                    break
-                if cached:
-                    logits = decode_step(self.net, cache, nxt)
-                else:
-                    history[batch, lengths] = nxt
+
+                def advance(nxt):
+                    nonlocal lengths
+                    history[torch.arange(len(rows), device=device), lengths] = nxt
                     lengths = lengths + 1
-                    logits = self.window_logits(history, lengths, max(counts) + step + 1)
+                    return self.window_logits(history, lengths, int(lengths.max()))
+
+            return self.sample_steps(logits, advance, seq_len, sampling, eos_token, history.dtype)
         finally:
             self.net.train(was_training)
-        return out
 
     def window_logits(self, history: torch.Tensor, lengths: torch.Tensor, longest: int) -> torch.Tensor:
         """The next-token logits (B, V) of each row of the right-padded `history` (row i real on its first

@@ -158,8 +158,9 @@ class StaticDecoder:
     """Decoding steps of fixed shape after a prefill, replayed as one CUDA graph per token on GPUs.
 
     ``decoder = StaticDecoder(model, cache, capacity)`` takes a `DecodingCache` right after `prefill`
-    and room for positions up to ``capacity - 1``; ``decoder.step(tokens)`` then does what
-    `decode_step` does, with the logits equal to float rounding. Each attention layer keeps a
+    (prompts of different lengths too: each row then steps from its own position, the longest row's
+    counting against `capacity`) and room for positions up to ``capacity - 1``;
+    ``decoder.step(tokens)`` then does what `decode_step` does, with the logits equal to float rounding. Each attention layer keeps a
     `StaticHierarchicalCache` (attention/incremental.py); the token-shift features, the position and
     the input token live in fixed buffers, so a step (the model's own `HTransformer1D.step`) is the same
     tensor program at every position.
@@ -187,11 +188,6 @@ class StaticDecoder:
     ):
         if not isinstance(cache, DecodingCache) or cache.length == 0:
             raise ValueError("StaticDecoder needs a DecodingCache filled by prefill")
-        if cache.positions is not None:
-            raise ValueError(
-                "StaticDecoder keeps one position for all rows: it does not take prompts of different lengths "
-                "(a prefill with unequal lengths); step that cache with decode_step"
-            )
         capacity = check_capacity(capacity, cache.length)
         self.model = model
         self.length = cache.length

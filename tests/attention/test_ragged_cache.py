@@ -1,4 +1,5 @@
-"""The eager decoding cache with prompts of different lengths (``HierarchicalCache.prefill(lengths=)``):
+"""The decoding caches with prompts of different lengths (``HierarchicalCache.prefill(lengths=)``, then
+eager steps or a StaticHierarchicalCache in PyTorch or its Triton step, the interpreter on the CPU):
 every row, decoded at its own position, against the dense definition on that row alone."""
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 from h_transformer_1d.attention import h_attention
 from h_transformer_1d.attention.incremental import HierarchicalCache, StaticHierarchicalCache
 from h_transformer_1d.attention.rotary import apply_rotary, rotary_angles
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton step: compiled, or interpreted on the CPU
 
 
 def ragged_lengths(block_size: int) -> list[int]:
@@ -21,7 +24,10 @@ def step_rows(cache, q, k, v, lengths, steps, rotary_freqs=None):
     for step in range(steps):
         at = torch.tensor(lengths) + step
         q_t, k_t, v_t = (x[rows, :, at] for x in (q, k, v))  # (B, H, D)
-        if rotary_freqs is None:
+        if isinstance(cache, StaticHierarchicalCache):
+            inputs = cache.step_inputs(rotary_freqs) if rotary_freqs is not None else None
+            outs.append(cache.step(q_t, k_t, v_t, rotary=inputs and inputs.rotary)[:, :, None])
+        elif rotary_freqs is None:
             outs.append(cache.step(q_t[:, :, None], k_t[:, :, None], v_t[:, :, None]))
         else:
             outs.append(cache.attend(q_t, k_t, v_t, cache.step_inputs(rotary_freqs))[:, :, None])
@@ -46,22 +52,50 @@ def test_rows_match_the_reference_alone(block_size, kv_heads):
         alone = (x[row : row + 1, :, : length + steps] for x in (q, k, v))
         ref = h_attention(*alone, block_size=block_size, causal=True, impl="reference")
         for step, out in enumerate(outs):
-            torch.testing.assert_close(out[row : row + 1], ref[:, :, length + step : length + step + 1], rtol=0, atol=1e-12)
+            at = length + step
+            torch.testing.assert_close(out[row : row + 1], ref[:, :, at : at + 1], rtol=0, atol=1e-12)
 
 
-def test_rows_turn_by_their_own_rotary_positions():
-    """`attend` turns each row's q and k at the row's own position (from 0 at its first token)."""
-    lengths, steps, block_size = [2, 9, 5], 30, 4
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_static_rows_match_the_reference_alone(block_size):
+    """The fixed-shape cache made from the prefill, in PyTorch: a position per row on the device."""
+    lengths, steps = ragged_lengths(block_size), 50
     b, h, d, t = len(lengths), 2, 8, max(lengths)
     n = t + steps
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    positions = torch.arange(n)
+    cache = HierarchicalCache(block_size)
+    cache.prefill(q[:, :, :t], k[:, :, :t], v[:, :, :t], lengths=lengths)
+    static = StaticHierarchicalCache(cache, capacity=n, kernel=False)
+    outs = step_rows(static, q, k, v, lengths, steps)
+    assert static.position.tolist() == [length + steps for length in lengths] and static.length == n
+    for row, length in enumerate(lengths):
+        alone = (x[row : row + 1, :, : length + steps] for x in (q, k, v))
+        ref = h_attention(*alone, block_size=block_size, causal=True, impl="reference")
+        got = torch.cat([out[row : row + 1] for out in outs], 2)
+        torch.testing.assert_close(got, ref[:, :, length:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["eager", "static", "kernel"])
+def test_rows_turn_by_their_own_rotary_positions(kind):
+    """Each row's q and k are turned at the row's own position (from 0 at its first token): the eager
+    `attend`, the static step and the Triton step (which turns them as it loads them); grouped-query."""
+    if kind == "kernel":
+        pytest.importorskip("triton")
+    lengths, block_size = [2, 9, 5], 4
+    steps = 10 if kind == "kernel" else 30  # up to level 2 (the interpreter is slow)
+    b, h, d, t = len(lengths), 2, 8, max(lengths)
+    n = t + steps
+    q = torch.randn(b, h, n, d, dtype=torch.float64, device=DEVICE)
+    k, v = (torch.randn(b, 1, n, d, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64, device=DEVICE) / d)
+    positions = torch.arange(n, device=DEVICE)
     q_turned, k_turned = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
     cache = HierarchicalCache(block_size)
     cache.prefill(q_turned[:, :, :t], k_turned[:, :, :t], v[:, :, :t], lengths=lengths)
+    if kind != "eager":
+        cache = StaticHierarchicalCache(cache, capacity=n, kernel=kind == "kernel")
     cos, _ = cache.step_inputs(inv_freq).rotary
-    torch.testing.assert_close(cos[:, 0], rotary_angles(torch.tensor(lengths), inv_freq, torch.float64)[0])
+    torch.testing.assert_close(cos[:, 0], rotary_angles(torch.tensor(lengths, device=DEVICE), inv_freq, q.dtype)[0])
     outs = step_rows(cache, q, k, v, lengths, steps, rotary_freqs=inv_freq)
     for row, length in enumerate(lengths):
         alone = (x[row : row + 1, :, : length + steps] for x in (q_turned, k_turned, v))
@@ -123,5 +157,12 @@ def test_lengths_are_checked():
     cache.prefill(q, k, v, lengths=[1, 2, 3])
     with pytest.raises(ValueError, match="prefill needs an empty cache"):
         cache.prefill(q, k, v, lengths=[1, 2, 3])
-    with pytest.raises(ValueError, match="does not take prompts of different lengths"):
+    with pytest.raises(ValueError, match="capacity must be an int above the prompt length 3"):
+        StaticHierarchicalCache(cache, capacity=3)
+    static = StaticHierarchicalCache(cache, capacity=20)
+    x = torch.randn(b, h, d)
+    with pytest.raises(ValueError, match=r"rotary takes cos and sin of shape \(B, 1, dim_head / 2\) = \(3, 1, 2\)"):
+        static.step(x, x, x, rotary=(torch.ones(d // 2), torch.ones(d // 2)))
+    cache.step(*(torch.randn(b, h, 1, d) for _ in range(3)))
+    with pytest.raises(ValueError, match="right after its prefill"):
         StaticHierarchicalCache(cache, capacity=20)

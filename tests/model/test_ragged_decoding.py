@@ -7,6 +7,8 @@ import torch
 from h_transformer_1d import AutoregressiveWrapper, HTransformer1D
 from h_transformer_1d.model.cache import StaticDecoder, decode_step, prefill
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton step: compiled, or interpreted on the CPU
+
 MODEL = {"num_tokens": 29, "dim": 32, "depth": 2, "max_seq_len": 64, "causal": True, "heads": 2, "dim_head": 8}
 
 
@@ -41,6 +43,26 @@ def test_each_row_decodes_as_alone(block_size, options):
             torch.testing.assert_close(torch.stack([d[row] for d in decoded]), full[length:], rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("kernel", [False, True])
+def test_static_decoder_steps_each_row_as_alone(kernel):
+    """StaticDecoder from a prefill of different lengths (on a GPU: a CUDA graph), the attention steps in
+    PyTorch or through the Triton step: logits against each row's full forward."""
+    if kernel:
+        pytest.importorskip("triton")
+    net = model(4, shift_tokens=True, kv_heads=1, depth=1 if kernel else 2).to(DEVICE)
+    lengths, steps = [1, 6, 3], 11 if kernel else 36  # up to level 2 (the interpreter is slow)
+    sequences = [torch.randint(0, 29, (length + steps,), device=DEVICE) for length in lengths]
+    with torch.no_grad():
+        _, cache = prefill(net, right_padded([s[:n] for s, n in zip(sequences, lengths)]).to(DEVICE), lengths=lengths)
+        decoder = StaticDecoder(net, cache, max(lengths) + steps, kernel=kernel)
+        decoded = []
+        for step in range(steps):
+            decoded.append(decoder.step(torch.stack([s[n + step] for s, n in zip(sequences, lengths)])).clone())
+        for row, (sequence, length) in enumerate(zip(sequences, lengths)):
+            full = net(sequence[None])[0]
+            torch.testing.assert_close(torch.stack([d[row] for d in decoded]), full[length:], rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generate_continues_each_prompt_as_alone(use_cache):
     """max_seq_len 16 and a prompt of 20: the cached path keeps the whole context, the recomputing one
@@ -52,7 +74,8 @@ def test_generate_continues_each_prompt_as_alone(use_cache):
     alone = torch.stack([wrapper.generate(row, 10, temperature=0.0, use_cache=use_cache) for row in rows])
     assert torch.equal(out, alone)
     lengths = torch.tensor([len(row) for row in rows])
-    assert torch.equal(wrapper.generate(right_padded(rows), 10, temperature=0.0, lengths=lengths, use_cache=use_cache), out)
+    padded = wrapper.generate(right_padded(rows), 10, temperature=0.0, lengths=lengths, use_cache=use_cache)
+    assert torch.equal(padded, out)
 
 
 def test_generate_of_equal_lengths_is_the_batch_path():
@@ -92,13 +115,14 @@ def test_ragged_prompts_are_checked():
         wrapper.generate(padded, 3, lengths=[2])
     with pytest.raises(ValueError, match=r"\(batch, T\) tensor"):
         wrapper.generate(padded[0], 3, lengths=[2])
-    with pytest.raises(ValueError, match="do not take prompts of different lengths"):
-        wrapper.generate(rows, 3, cuda_graph=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True needs"):
+            wrapper.generate(rows, 3, cuda_graph=True)
     net = wrapper.net
     with pytest.raises(ValueError, match="either mask or lengths"):
         prefill(net, padded, mask=torch.ones(2, 5, dtype=torch.bool), lengths=[2, 5])
     with pytest.raises(ValueError, match="at least 1"):
         prefill(net, padded, lengths=[0, 5])
     _, cache = prefill(net, padded, lengths=[2, 5])
-    with pytest.raises(ValueError, match="does not take prompts of different lengths"):
-        StaticDecoder(net, cache, 20, graph=False)
+    with pytest.raises(ValueError, match="capacity must be an int above the prompt length 5"):
+        StaticDecoder(net, cache, 5, graph=False)
