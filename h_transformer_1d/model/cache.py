@@ -80,8 +80,12 @@ class DecodingCache:
 
     @property
     def positions(self) -> torch.Tensor | None:
-        """Prompts of different lengths: each row's next position (B,); None while every row is at `length`."""
-        return self.blocks[0][0].attention.positions
+        """Prompts of different lengths: each row's next position (B,); None while every row is at `length`.
+        (A `StaticDecoder`'s copy: the device position, counted by its steps, or None.)"""
+        attention = self.blocks[0][0].attention
+        if isinstance(attention, StaticHierarchicalCache):
+            return attention.position if attention.position.dim() else None
+        return attention.positions
 
     def step_inputs(self, inv_freq: torch.Tensor) -> StepInputs:
         """What every layer's step of the next token shares (`HTransformer1D.step` makes it once per token)."""
