@@ -94,6 +94,7 @@ def decode_level_kernel(
     CHUNK: tl.constexpr,
     CHUNKS: tl.constexpr,
     ROTARY: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     lv = tl.program_id(1)
@@ -102,7 +103,12 @@ def decode_level_kernel(
     b = bh // H
     h = bh % H
     hk = h // G  # grouped-query attention: the query head's kv head, whose ring row the group's G programs share
-    t = tl.load(POS)
+    if ROWS:  # a position per row, and rotary angles per row (B, 1, D/2), contiguous
+        t = tl.load(POS + b)
+        COS += b * (D // 2)
+        SIN += b * (D // 2)
+    else:
+        t = tl.load(POS)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
     ring = RING + b * s_rb + hk * s_rh
@@ -197,6 +203,7 @@ def decode_combine_kernel(
     BLOCK_L: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // H
@@ -217,7 +224,11 @@ def decode_combine_kernel(
     # every program of the level launch has read the flags and the position: clear and advance them
     ll = tl.arange(0, BLOCK_L)
     tl.store(MISSING + ll * s_ml + b * s_mb, tl.zeros([BLOCK_L], tl.int1), mask=tl.where(h == 0, ll < LEVELS, False))
-    if bh == 0:
+    if ROWS:  # each row's position, by the row's first head
+        if h == 0:
+            t = tl.load(POS + b)
+            tl.store(POS + b, t + 1)
+    elif bh == 0:
         t = tl.load(POS)
         tl.store(POS, t + 1)
 
@@ -232,7 +243,8 @@ def static_step(cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary
     """`StaticHierarchicalCache.advance(q, k, v, rotary=rotary)` in two launches: updates `cache`'s ring,
     queries, missing flags and position in place; returns the output (B, H, D) in q's dtype (q (B, H, D),
     k, v (B, Hkv, D)).
-    `rotary`: (cos, sin), each (D/2,), to turn q and k by inside the level launch (as `rotary.rotate`)."""
+    `rotary`: (cos, sin), each (D/2,) (a position per row: (B, 1, D/2)), to turn q and k by inside the level
+    launch (as `rotary.rotate`)."""
     with launch_device(q):
         return _static_step(cache, q, k, v, rotary)
 
@@ -282,12 +294,14 @@ def _static_step(cache, q, k, v, rotary):
         CHUNK=chunk,
         CHUNKS=chunks,
         ROTARY=rotary is not None,
+        ROWS=cache.position.dim() == 1,
         num_warps=LEVEL_WARPS,
     )
     tensors = (m, s, acc, out, missing, cache.position)
     strides = (*out.stride()[:2], *missing.stride())
     block_p = triton.next_power_of_2(parts)
     decode_combine_kernel[(b * h,)](
-        *tensors, *strides, H=h, LEVELS=levels, PARTS=parts, BLOCK_P=block_p, BLOCK_L=block_l, D=d, BLOCK_D=block_d
+        *tensors, *strides, H=h, LEVELS=levels, PARTS=parts, BLOCK_P=block_p, BLOCK_L=block_l, D=d, BLOCK_D=block_d,
+        ROWS=cache.position.dim() == 1,
     )
     return out

@@ -13,6 +13,11 @@ valid positions (group g in slot ``g % (2 * block_size)``). A group's sums are t
 children, added when the second child completes: the same pairwise sums, in the same order, as the
 blocked forward's coarsening, so decoding reproduces it to rounding of the matmuls.
 
+Prompts of different lengths (``prefill(..., lengths=)``, right padded): each row keeps its own
+position, so its groups, ring slots and rotary positions count from its own first token, as if it
+were decoded alone. Rows at different positions complete and start groups at different steps, so
+those steps select keys by the row's position (a mask over the ring) instead of by Python slicing.
+
 `StaticHierarchicalCache` keeps the same state in fixed-shape tensors and steps without Python
 branches on the position, for CUDA graphs (see its docstring); on a GPU its step is two Triton
 launches (decode_kernels.py).
@@ -33,7 +38,8 @@ from .rotary import rotary_angles, rotate
 class StepInputs(NamedTuple):
     """What the attention steps of every layer share at one decoded position (computed once per token)."""
 
-    rotary: tuple[torch.Tensor, torch.Tensor]  # cos and sin (D/2,) of the position's rotary angles
+    # cos and sin (D/2,) of the position's rotary angles (a position per row: (B, 1, D/2))
+    rotary: tuple[torch.Tensor, torch.Tensor]
     plan: "StepPlan | None" = None  # a StaticHierarchicalCache's rows and masks (None: the step finds them)
 
 
@@ -96,6 +102,11 @@ class HierarchicalCache:
     the parallel causal forward's output at that position, to float rounding. Positions are absolute
     (rotary must already be applied at them); every stepped position is a real token. Work per step
     is constant in the context length (amortised), memory grows as ``block_size * log2(t)``.
+
+    ``prefill(q, k, v, lengths=)`` takes prompts of different lengths, right padded: row i is real on
+    its first ``lengths[i]`` positions and continues at position ``lengths[i]`` of its own frame, so each
+    row's outputs are those of its prompt alone (`positions` holds each row's next position; rotary
+    must be applied at the row's own positions). Equal lengths take the one-position path.
     """
 
     def __init__(self, block_size: int, scale: float | None = None):
@@ -108,11 +119,24 @@ class HierarchicalCache:
         # after a prefill, per level >= 1 with keys: the current group's coarse query, and the rows that
         # have no valid position in the group yet (their first valid position is the next step's)
         self._prompt_queries: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # prompts of different lengths: each row's next position, (B,) on the device and as a host list
+        # (the step's control flow reads the list: no synchronisation); `length` is then their maximum
+        self.positions: torch.Tensor | None = None
+        self._rows: list[int] | None = None
+        self._prompt_rows: list[int] | None = None
+        self._queries: list[torch.Tensor] = []  # per level >= 1, each row's current coarse query (B, H, D)
+        # what prefill takes as `lengths` when not given: the model's forward passes the prompt and its
+        # mask only, so `DecodingCache` sets the lengths here before it
+        self.prompt_lengths = None
 
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None) -> None:
+    def prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None, lengths=None
+    ) -> None:
         """Fill the cache from the prompt's q (B, H, T, D), k, v (B, Hkv, T, D); `key_padding_mask` (B, T),
-        True = real."""
-        if self.length:
+        True = real (the padded frame: every row continues at position T); or `lengths` (B,) ints in
+        [0, T]: right-padded prompts, row i real on its first lengths[i] positions and continued from there
+        in its own frame (default: `prompt_lengths`)."""
+        if self.length or self.positions is not None:
             raise ValueError(f"prefill needs an empty cache, this one holds {self.length} positions")
         b, h, n, d = q.shape
         hkv = k.shape[1]
@@ -123,6 +147,15 @@ class HierarchicalCache:
         nr = self.block_size
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         scale = d**-0.5 if self.scale is None else self.scale
+        lengths = self.prompt_lengths if lengths is None else lengths
+        if lengths is not None:
+            if key_padding_mask is not None:
+                raise ValueError("pass either key_padding_mask or lengths, not both")
+            rows = check_lengths(lengths, b, n)
+            if len(set(rows)) > 1:
+                return self._prefill_rows(q, k, v, rows, dtype, scale)
+            n = rows[0] if rows else n  # equal lengths: the one-position cache of the prompts' real part
+            q, k, v = q[:, :, :n], k[:, :, :n], v[:, :, :n]
         if key_padding_mask is None:
             valid = torch.ones(b, n, dtype=torch.bool, device=q.device)
         else:
@@ -186,8 +219,10 @@ class HierarchicalCache:
             self.prefill(q[:, :, :0], k[:, :, :0], v[:, :, :0])
         dtype = self.levels[0].k_sum.dtype
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        t = self.length
         query = q[:, :, 0].to(dtype) * scale  # (B, H, D)
+        if self.positions is not None:  # prompts of different lengths: each row at its own position
+            return self._step_rows(query, k[:, :, 0].to(dtype), v[:, :, 0].to(dtype)).to(q.dtype)
+        t = self.length
         self._append(k[:, :, 0].to(dtype), v[:, :, 0].to(dtype))
 
         top = top_causal_level(t, self.block_size)
@@ -213,6 +248,9 @@ class HierarchicalCache:
     def step_inputs(self, inv_freq: torch.Tensor) -> StepInputs:
         """The rotary angles of the next position (by `inv_freq`), in the cache's precision."""
         first = self.levels[0].k_sum
+        if self.positions is not None:  # each row's own position: angles (B, 1, D/2), broadcast over heads
+            cos, sin = rotary_angles(self.positions, inv_freq, first.dtype)
+            return StepInputs((cos[:, None], sin[:, None]))
         position = torch.full((), self.length, device=first.device)
         return StepInputs(rotary_angles(position, inv_freq, first.dtype))
 
@@ -270,7 +308,176 @@ class HierarchicalCache:
         kept = [t for level in self.levels for t in level.tensors()]
         if self._prompt_queries is not None:
             kept += [t for pair in self._prompt_queries for t in pair]
+        if self.positions is not None:
+            kept += [self.positions, *self._queries]
         return kept
+
+    # ------------------------------------------------------------ prompts of different lengths
+
+    def _prefill_rows(self, q, k, v, rows: list[int], dtype, scale) -> None:
+        """`prefill` of right-padded prompts of the lengths `rows`: every row's levels hold the complete
+        groups of its own prompt in the slots its own position gives them."""
+        b, h, n, d = q.shape
+        nr = self.block_size
+        lengths = torch.tensor(rows, dtype=torch.int64, device=q.device)
+        valid = torch.arange(n, device=q.device) < lengths[:, None]
+        # selected, not multiplied: the padding's content (NaN, Inf) must not reach any sum
+        k_sum = torch.where(valid[:, None, :, None], k.to(dtype), 0.0)
+        v_sum = torch.where(valid[:, None, :, None], v.to(dtype), 0.0)
+        count = valid.to(dtype)
+        self.levels = []
+        level = 0
+        while True:
+            groups = count.shape[1]  # n >> level
+            kept = _Level(b, k.shape[1], d, 2 * nr, min(2 * nr, max(1, groups)), dtype, q.device)
+            # a row keeps its complete groups from the block before its next position's block on (padding
+            # and partial groups are none of them): at most one per ring slot, so a sum over the slot's
+            # groups is that group
+            ends = lengths >> level
+            index = torch.arange(groups, device=q.device)
+            keep = (index >= ((ends // nr - 1) * nr).clamp(min=0)[:, None]) & (index < ends[:, None])  # (B, groups)
+            capacity = kept.count.shape[1]
+            kept.k_sum = _fold_slots(torch.where(keep[:, None, :, None], k_sum, 0.0), 2, 2 * nr, capacity)
+            kept.v_sum = _fold_slots(torch.where(keep[:, None, :, None], v_sum, 0.0), 2, 2 * nr, capacity)
+            kept.count = _fold_slots(torch.where(keep, count, 0.0), 1, 2 * nr, capacity)
+            self.levels.append(kept)
+            pairs = groups // 2
+            if pairs == 0:
+                break
+            k_sum = k_sum[:, :, : 2 * pairs].unflatten(2, (pairs, 2)).sum(3)
+            v_sum = v_sum[:, :, : 2 * pairs].unflatten(2, (pairs, 2)).sum(3)
+            count = count[:, : 2 * pairs].unflatten(1, (pairs, 2)).sum(2)
+            level += 1
+        # per level >= 1, the query of the first position of each row's current group (a row whose group
+        # starts at its next position takes that one's, at the step)
+        q_scaled = q.to(dtype) * scale
+        self._queries = []
+        for level in range(1, len(self.levels)):
+            start = ((lengths >> level) << level).clamp(max=n - 1)
+            self._queries.append(q_scaled.gather(2, start[:, None, None, None].expand(b, h, 1, d))[:, :, 0])
+        self.positions, self._rows, self.length = lengths, list(rows), max(rows)
+        self._prompt_rows = self._rows  # (a StaticHierarchicalCache is made before any step)
+
+    def _step_rows(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`step` with each row at its own position: query (B, H, D) already scaled, k, v (B, Hkv, D) in the
+        cache's precision. A level's state is recomputed when any row's group there starts (the others
+        recompute the same keys with their kept query); a row without keys at a level has an empty state
+        there, which merges as nothing."""
+        nr = self.block_size
+        t = self.positions
+        self._append_rows(k, v)
+        top = max(top_causal_level(r, nr) for r in self._rows)
+        self._queries += [torch.zeros_like(query) for _ in range(top - len(self._queries))]
+        changed = False  # a level's merged state changes when its own state or a coarser one does
+        for level in range(top, 0, -1):
+            kept = self.levels[level]
+            below = (1 << level) - 1
+            if kept.partial is None or any(r & below == 0 for r in self._rows):
+                starts = (t & below) == 0  # (B,) rows whose level-l group starts at their position
+                self._queries[level - 1] = torch.where(starts[:, None, None], query, self._queries[level - 1])
+                kept.partial = self._coarse_partial_rows(level, t, self._queries[level - 1])
+                changed = True
+            if changed:
+                kept.merged = kept.partial if level == top else merge(self.levels[level + 1].merged, kept.partial)
+        # level 0: the slots whose latest position up to t lies in blocks c - 1 and c
+        fine = self.levels[0]
+        slots = torch.arange(fine.count.shape[1], device=t.device)
+        latest = t[:, None] - (t[:, None] - slots) % (2 * nr)
+        lowest = ((t // nr - 1) * nr).clamp(min=0)
+        state = _attend(query, fine.k_sum, fine.v_sum, torch.where(latest >= lowest[:, None], fine.count, 0.0))
+        if top:
+            state = merge(self.levels[1].merged, state)
+        self.positions = t + 1
+        self._rows = [r + 1 for r in self._rows]
+        self.length = max(self._rows)
+        return state.o / state.l.clamp(min=torch.finfo(query.dtype).tiny)[..., None]  # (B, H, 1, D)
+
+    def _coarse_partial_rows(self, level: int, t: torch.Tensor, query: torch.Tensor) -> Partial:
+        """`_coarse_partial` for each row at its position t (B,): the ring's slots masked to the row's keys."""
+        nr = self.block_size
+        kept = self.levels[level]
+        group = t >> level
+        block = group // nr
+        first = ((block + 1) % 2) * nr  # ring slot of block c - 1's first group
+        width = torch.where(group % nr >= nr // 2, nr, nr // 2)  # first-half groups: the level below has the rest
+        width = torch.where(block >= 1, width, 0)
+        offset = torch.arange(kept.count.shape[1], device=t.device) - first[:, None]
+        count = torch.where((offset >= 0) & (offset < width[:, None]), kept.count, 0.0)
+        denom = count.clamp(min=1.0)[:, None, :, None]
+        return _attend(query, kept.k_sum / denom, kept.v_sum / denom, count)
+
+    def _append_rows(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`_append` for each row at its own position: the levels a row completes are written for it, the
+        other rows keep their slots."""
+        nr = self.block_size
+        t = self.positions
+        batch = torch.arange(len(self._rows), device=t.device)
+        self._write_rows(0, t, self._rows, k, v, torch.ones_like(k[:, 0, 0]), None)
+        level = 1
+        while any((r + 1) % (1 << level) == 0 for r in self._rows):
+            child = self.levels[level - 1]
+            complete = ((t + 1) & ((1 << level) - 1)) == 0
+            left = (2 * (t >> level)) % (2 * nr)  # both children sit in one block
+            # rows that complete nothing read slot 0 (which exists), and keep their own row below
+            left, right = torch.where(complete, left, 0), torch.where(complete, left + 1, 0)
+            k_sum = child.k_sum[batch, :, left] + child.k_sum[batch, :, right]
+            v_sum = child.v_sum[batch, :, left] + child.v_sum[batch, :, right]
+            count = child.count[batch, left] + child.count[batch, right]
+            if level == len(self.levels):
+                b, h, _, d = child.k_sum.shape
+                self.levels.append(_Level(b, h, d, 2 * nr, 1, k_sum.dtype, k_sum.device))
+            self._write_rows(level, t >> level, [r >> level for r in self._rows], k_sum, v_sum, count, complete)
+            level += 1
+
+    def _write_rows(self, level: int, group, host_groups: list[int], k_sum, v_sum, count, writes) -> None:
+        """Group `group` (B,) of each row (`host_groups` on the host) into its ring slot, where `writes`
+        (B,) bool (None: every row). No slots are cleared: the steps pick keys by position, not count."""
+        nr = self.block_size
+        kept = self.levels[level]
+        kept.reserve(max(g % (2 * nr) for g in host_groups) + 1)
+        slot = group % (2 * nr)
+        batch = torch.arange(len(host_groups), device=slot.device)
+        if writes is not None:
+            k_sum = torch.where(writes[:, None, None], k_sum, kept.k_sum[batch, :, slot])
+            v_sum = torch.where(writes[:, None, None], v_sum, kept.v_sum[batch, :, slot])
+            count = torch.where(writes, count, kept.count[batch, slot])
+        kept.k_sum[batch, :, slot] = k_sum
+        kept.v_sum[batch, :, slot] = v_sum
+        kept.count[batch, slot] = count
+
+
+def _fold_slots(x: torch.Tensor, dim: int, ring: int, capacity: int) -> torch.Tensor:
+    """The groups along `dim` of x summed into ring slots ``group % ring``, the first `capacity` slots."""
+    groups = x.shape[dim]
+    rounds = -(-groups // ring)
+    shape = list(x.shape)
+    shape[dim] = rounds * ring
+    padded = x.new_zeros(shape)
+    padded.narrow(dim, 0, groups).copy_(x)
+    return padded.unflatten(dim, (rounds, ring)).sum(dim).narrow(dim, 0, capacity).contiguous()
+
+
+def check_lengths(lengths, batch: int, n: int) -> list[int]:
+    """`lengths`, the real positions of each of `batch` right-padded prompt rows of `n` positions, as a
+    list of ints in [0, n]."""
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        if lengths.dim() != 1:
+            raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {tuple(lengths.shape)}")
+        rows = lengths.tolist()
+    else:
+        try:
+            rows = [operator.index(x) for x in lengths]
+        except TypeError:
+            raise TypeError(f"lengths must be a 1-D integer tensor or a sequence of ints, got {lengths!r}") from None
+        if any(isinstance(x, bool) for x in lengths):
+            raise TypeError(f"lengths must hold ints, not bools, got {lengths!r}")
+    if len(rows) != batch:
+        raise ValueError(f"lengths must have one entry per prompt row ({batch}), got {len(rows)}")
+    if any(not 0 <= r <= n for r in rows):
+        raise ValueError(f"lengths must lie in [0, {n}] (the prompt's positions), got {rows}")
+    return rows
 
 
 def check_capacity(capacity, length: int) -> int:
@@ -285,7 +492,8 @@ def check_capacity(capacity, length: int) -> int:
 
 
 class StepPlan(NamedTuple):
-    """Rows of a `StaticHierarchicalCache` ring that one step reads and writes, and its masks."""
+    """Rows of a `StaticHierarchicalCache` ring that one step reads and writes, and its masks (with a
+    position per row, each tensor has a last dimension of size B)."""
 
     rows: torch.Tensor  # (levels,) the position's group per level
     sibling_rows: torch.Tensor  # (levels - 1,) the group before it, per level but the last
@@ -316,6 +524,9 @@ class StaticHierarchicalCache:
     associated from the fine end); every level's softmax state is recomputed at every step instead of
     once per group; the levels are merged by one softmax instead of pairwise, coarse to fine.
 
+    From a cache prefilled with prompts of different lengths, `position` holds each row's (B,) and every
+    plan tensor has a last dimension B (rows written per row, keys masked per row); otherwise the same.
+
     `kernel`: step through the Triton kernels of decode_kernels.py (two launches per step instead of
     about thirty PyTorch operations). None (default): on CUDA with float32 sums; True: wherever
     Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1), float32 or float64; False: PyTorch.
@@ -326,7 +537,8 @@ class StaticHierarchicalCache:
 
         A block size above what `capacity` needs (``capacity <= 2 * block_size``: plain causal attention)
         is cut to `geometry.effective_block_size`, the same result in a ring sized by the capacity."""
-        if cache.length and cache._prompt_queries is None:
+        rows_apart = cache.positions is not None
+        if cache.length and cache._prompt_queries is None and not (rows_apart and cache._rows == cache._prompt_rows):
             raise ValueError("a StaticHierarchicalCache is made from a cache right after its prefill, before any step")
         if not cache.levels:
             raise ValueError("the cache is empty: prefill it first (an empty prompt is fine)")
@@ -357,9 +569,16 @@ class StaticHierarchicalCache:
             if level < levels:
                 self.queries[level] = query
                 self.missing[level] = missing
-        self.position = torch.tensor(cache.length, dtype=torch.int64, device=device)
+        for level, query in enumerate(cache._queries if rows_apart else [], 1):  # every row has its group's query
+            if level < levels:
+                self.queries[level] = query
+                self.missing[level] = False
+        # prompts of different lengths: a position per row (B,), and every plan tensor gets a last dimension B
+        position = cache.positions if rows_apart else cache.length
+        self.position = torch.as_tensor(position, dtype=torch.int64, device=device).clone()
         self._level = torch.arange(levels, device=device)
         self._slot = torch.arange(2 * nr, device=device)
+        self._batch = torch.arange(b, device=device)
         self._kernel_step = self._choose_kernel(kernel)
         self.kernel = self._kernel_step is not None
 
@@ -392,7 +611,9 @@ class StaticHierarchicalCache:
         """Where the step at `self.position` reads and writes: the same for every layer of a model
         (equal block size and capacity, equal position), so a decoder computes it once per token."""
         nr = self.block_size
-        t, lv = self.position, self._level
+        t, lv, slot = self.position, self._level, self._slot
+        if t.dim():  # a position per row: (levels, B) where one position has (levels,), (2nr, B) for (2nr,)
+            lv, slot = lv[:, None], slot[:, None]
         group = t >> lv  # (levels,) the position's group per level
         base = lv * (2 * nr)
         below = (1 << lv) - 1
@@ -402,8 +623,8 @@ class StaticHierarchicalCache:
         start = ((block + 1) * nr) % (2 * nr)  # ring slot of block c - 1's first group (operands >= 0 throughout)
         width = torch.where(group % nr >= nr // 2, nr, nr // 2)
         width = torch.where(block >= 1, width, 0)
-        coarse = (self._slot[None] - start[:, None] + 2 * nr) % (2 * nr) < width[:, None]  # (levels, 2nr)
-        fine_position = t - (t - self._slot + 2 * nr) % (2 * nr)  # the latest position <= t in each level-0 slot
+        coarse = (slot[None] - start[:, None] + 2 * nr) % (2 * nr) < width[:, None]  # (levels, 2nr)
+        fine_position = t - (t - slot + 2 * nr) % (2 * nr)  # the latest position <= t in each level-0 slot
         fine = fine_position >= ((block[0] - 1) * nr).clamp(min=0)
         return StepPlan(
             rows=base + group % (2 * nr),
@@ -417,6 +638,8 @@ class StaticHierarchicalCache:
         """The rotary angles of the position being decoded (by `inv_freq`) and, for the PyTorch step, its
         plan: the same for every layer of a model, so a decoder makes them once per token."""
         rotary = rotary_angles(self.position, inv_freq, self.ring.dtype)
+        if self.position.dim():  # a position per row: (B, 1, D/2), broadcast over the heads
+            rotary = tuple(x[:, None] for x in rotary)
         return StepInputs(rotary, None if self.kernel else self.plan())
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -437,10 +660,11 @@ class StaticHierarchicalCache:
                 f"step takes q of shape (batch, heads, dim_head) = {tuple(shape)} and k, v of shape (batch, kv_heads, "
                 f"dim_head) = {kv_shape}, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
-        if rotary is not None and (shape[-1] % 2 or any(tuple(x.shape) != (shape[-1] // 2,) for x in rotary)):
+        angles = (shape[-1] // 2,) if not self.position.dim() else (shape[0], 1, shape[-1] // 2)
+        if rotary is not None and (shape[-1] % 2 or any(tuple(x.shape) != angles for x in rotary)):
             raise ValueError(
-                f"rotary takes cos and sin of shape (dim_head / 2,) = ({shape[-1] // 2},), "
-                f"got {[tuple(x.shape) for x in rotary]}"
+                f"rotary takes cos and sin of shape {'(dim_head / 2,)' if len(angles) == 1 else '(B, 1, dim_head / 2)'}"
+                f" = {angles}, got {[tuple(x.shape) for x in rotary]}"
             )
         if self.length >= self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions (its capacity), all used")
@@ -470,19 +694,26 @@ class StaticHierarchicalCache:
         # append: a completed level-l group's sums are k plus the left sibling at every level below (all
         # of them complete at t too); other levels keep their row
         new = torch.cat([k.to(dtype), v.to(dtype), torch.ones_like(k[..., :1], dtype=dtype)], -1)  # (B, Hkv, 2D+1)
-        sums = torch.cat([new[None], self.ring.index_select(0, plan.sibling_rows)]).cumsum(0)  # (levels, B, H, 2D+1)
-        kept = self.ring.index_select(0, plan.rows)
-        self.ring.index_copy_(0, plan.rows, torch.where(plan.complete[:, None, None, None], sums, kept))
+        if self.position.dim():  # a position per row: each row's rows of the ring, plan tensors (..., B)
+            sums = torch.cat([new[None], self.ring[plan.sibling_rows, self._batch]]).cumsum(0)
+            kept = self.ring[plan.rows, self._batch]
+            self.ring[plan.rows, self._batch] = torch.where(plan.complete[..., None, None], sums, kept)
+            starts, keys = plan.starts, plan.keys[..., None]
+        else:  # sums (levels, B, Hkv, 2D + 1)
+            sums = torch.cat([new[None], self.ring.index_select(0, plan.sibling_rows)]).cumsum(0)
+            kept = self.ring.index_select(0, plan.rows)
+            self.ring.index_copy_(0, plan.rows, torch.where(plan.complete[:, None, None, None], sums, kept))
+            starts, keys = plan.starts[:, None], plan.keys[:, :, None, None]
 
         # queries: a level whose group starts at t, or a row without one yet, takes q
         query = q.to(dtype) * scale
-        take = plan.starts[:, None] | self.missing  # (levels, B)
+        take = starts | self.missing  # (levels, B)
         self.queries.copy_(torch.where(take[..., None, None], query[None], self.queries))
         self.missing.fill_(False)
 
         # one softmax over every level's keys; a slot that is no key of t has weight count * 0 = 0
         ring = self.ring.view(levels, 2 * nr, *self.ring.shape[1:])
-        count = ring[..., 2 * d] * plan.keys[:, :, None, None]  # (levels, 2nr, B, Hkv)
+        count = ring[..., 2 * d] * keys  # (levels, 2nr, B, Hkv)
         denom = count.clamp(min=1.0)[..., None]
         keys, values = ring[..., :d] / denom, ring[..., d : 2 * d] / denom
         b, hkv = ring.shape[2:4]

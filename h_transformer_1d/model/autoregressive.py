@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.incremental import check_lengths
 from ..attention.interface import check_key_padding_mask
 from ..attention.varlen import check_cu_seqlens
 from .cache import StaticDecoder, compiled_steps_refused, decode_step, prefill, supports_decoding_cache
@@ -116,7 +117,7 @@ class AutoregressiveWrapper(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompt: torch.Tensor,
+        prompt: torch.Tensor | list[torch.Tensor],
         seq_len: int,
         *,
         use_cache: bool = True,
@@ -125,6 +126,7 @@ class AutoregressiveWrapper(nn.Module):
         top_p: float | None = None,
         eos_token: int | None = None,
         mask: torch.Tensor | None = None,
+        lengths=None,
         cuda_graph: bool | None = None,
         compile: bool = False,
     ) -> torch.Tensor:
@@ -149,10 +151,22 @@ class AutoregressiveWrapper(nn.Module):
         `mask` (B, T) or (T,) bool marks the real prompt tokens (True). Each row's real tokens are
         moved to the end of the row, in order (right padding becomes left padding), so that every
         continuation directly follows its own last real token; both paths then compute the model on
-        that left-padded sequence. Temperature 0 is greedy. After a sequence emits `eos_token`, its
-        remaining positions hold `pad_value`; generation stops once every sequence has emitted it.
+        that left-padded sequence (the padded frame: padding counts as positions). Temperature 0 is
+        greedy. After a sequence emits `eos_token`, its remaining positions hold `pad_value`; generation
+        stops once every sequence has emitted it.
+
+        Prompts of different lengths without padding: `prompt` a list of B 1-D token tensors, or a
+        right-padded (B, T) batch with `lengths` (B,) (row i real on its first lengths[i] tokens). Each
+        row is then continued exactly as it would be alone (its own positions from 0; the cache keeps
+        a position per row, also in the CUDA graph steps); returns (B, seq_len).
         """
         check_sampling(seq_len, temperature, top_k, top_p)
+        if isinstance(prompt, (list, tuple)) or lengths is not None:
+            rows = self.prompt_rows(prompt, lengths, mask)
+            if len({len(row) for row in rows}) > 1:
+                return self.generate_rows(rows, seq_len, use_cache, (temperature, top_k, top_p), eos_token,
+                                          cuda_graph, compile)
+            prompt = torch.stack(rows)  # one length: the usual path, unpadded
         if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (1, 2) or prompt.shape[-1] < 1:
             raise ValueError("prompt must be a non-empty tensor of token ids of shape (T,) or (batch, T)")
         squeeze = prompt.dim() == 1
@@ -168,51 +182,131 @@ class AutoregressiveWrapper(nn.Module):
             mask = None if bool(mask[:, -self.max_seq_len :].all()) else mask[:, -self.max_seq_len :]
         tokens = tokens[:, -self.max_seq_len :]
         cached = use_cache and supports_decoding_cache(self.net)
-        if cuda_graph and not (cached and tokens.is_cuda):
+        graph = self.check_decoder_options(seq_len, cached, tokens.device, use_cache, cuda_graph, compile)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if cached:
+                logits, cache = prefill(self.net, tokens, mask)
+                advance = self.cached_steps(cache, tokens.shape[1] + seq_len, graph, compile)
+            else:
+                logits = self.net(tokens, mask=mask)
+
+                def advance(nxt):
+                    nonlocal tokens, mask
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -self.max_seq_len :]
+                    if mask is not None:
+                        mask = F.pad(mask, (0, 1), value=True)[:, -self.max_seq_len :]
+                    return self.net(tokens, mask=mask)[:, -1]
+
+            sampling = (temperature, top_k, top_p)
+            out = self.sample_steps(logits[:, -1], advance, seq_len, sampling, eos_token, tokens.dtype)
+        finally:
+            self.net.train(was_training)
+        return out[0] if squeeze else out
+
+    def check_decoder_options(self, seq_len, cached, device, use_cache, cuda_graph, compile) -> bool:
+        """Check `generate`'s `cuda_graph` and `compile` (before the prefill's work); whether the cached steps
+        replay a CUDA graph."""
+        if cuda_graph and not (cached and device.type == "cuda"):
             raise ValueError(
                 "cuda_graph=True needs use_cache=True, a causal hierarchical model and a prompt on a CUDA device"
-                f" (use_cache={use_cache}, prompt on {tokens.device})"
+                f" (use_cache={use_cache}, prompt on {device})"
             )
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
         if compile and not use_cache:
             raise ValueError("compile=True needs use_cache=True (it compiles the cached steps)")
-        if compile and (refused := compiled_steps_refused(self.net)):  # checked before the prefill's work
+        if compile and (refused := compiled_steps_refused(self.net)):
             raise ValueError(refused)
-        graph = cached and tokens.is_cuda and seq_len > GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
-        decoder = None
+        return cached and device.type == "cuda" and seq_len > GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
+
+    def cached_steps(self, cache, capacity: int, graph: bool, compile: bool):
+        """The step from a filled decoding cache, one token per row -> the next logits (B, V): through a
+        `StaticDecoder` (room for `capacity` positions) with `graph` or `compile`, else `decode_step`."""
+        if graph or compile:
+            return StaticDecoder(self.net, cache, capacity, graph=graph, compile=compile).step
+        return lambda nxt: decode_step(self.net, cache, nxt)
+
+    def sample_steps(self, logits, advance, seq_len: int, sampling, eos_token, dtype) -> torch.Tensor:
+        """`seq_len` tokens (B, seq_len) sampled from `logits` (B, V), then from `advance(tokens)` after each
+        but the last; a row that has emitted `eos_token` gets `pad_value`, and sampling stops once all have."""
+        b = logits.shape[0]
+        out = torch.full((b, seq_len), self.pad_value, dtype=dtype, device=logits.device)
+        done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+        for step in range(seq_len):
+            nxt = sample_next(logits, *sampling).masked_fill(done, self.pad_value).to(dtype)
+            out[:, step] = nxt
+            if eos_token is not None:
+                done |= nxt == eos_token
+                if bool(done.all()):
+                    break
+            if step + 1 < seq_len:
+                logits = advance(nxt)
+        return out
+
+    def prompt_rows(self, prompt, lengths, mask) -> list[torch.Tensor]:
+        """The real tokens of each prompt row (`generate`'s list, or its right-padded batch with `lengths`),
+        each cut to its last `max_seq_len`."""
+        if mask is not None:
+            raise ValueError("pass either mask (the padded frame) or lengths / a list of prompts, not both")
+        if isinstance(prompt, (list, tuple)):
+            if lengths is not None:
+                raise ValueError("a list of prompts takes no lengths (each prompt's is its own)")
+            if not prompt or any(not isinstance(row, torch.Tensor) or row.dim() != 1 or not len(row) for row in prompt):
+                raise ValueError("prompt as a list must hold one or more non-empty 1-D tensors of token ids")
+            if len({row.device for row in prompt}) > 1:
+                raise ValueError(f"the prompts must be on one device, got {sorted({str(r.device) for r in prompt})}")
+            rows = list(prompt)
+        else:
+            if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+                got = getattr(prompt, "shape", prompt)
+                raise ValueError(f"with lengths, prompt must be a (batch, T) tensor, got {got}")
+            counts = check_lengths(lengths, *prompt.shape)
+            if min(counts) < 1:
+                raise ValueError(f"lengths must be at least 1 (every row needs a real token), got {counts}")
+            rows = [row[:count] for row, count in zip(prompt, counts)]
+        return [row[-self.max_seq_len :] for row in rows]
+
+    def generate_rows(self, rows, seq_len, use_cache, sampling, eos_token, cuda_graph, compile) -> torch.Tensor:
+        """`generate` for prompts `rows` of different lengths, each continued in its own frame: a
+        right-padded batch whose rows the cache decodes at their own positions, or, recomputing, each
+        row's last `max_seq_len` tokens gathered into a right-padded window per token."""
+        cached = use_cache and supports_decoding_cache(self.net)
+        device = rows[0].device
+        graph = self.check_decoder_options(seq_len, cached, device, use_cache, cuda_graph, compile)
+        counts = [len(row) for row in rows]
+        # every token so far, right padded: row i's first lengths[i] entries
+        history = rows[0].new_zeros(len(rows), max(counts) + seq_len)
+        for i, row in enumerate(rows):
+            history[i, : len(row)] = row
+        lengths = torch.tensor(counts, device=device)
         was_training = self.net.training
         self.net.eval()
-        out = torch.full((b, seq_len), self.pad_value, dtype=tokens.dtype, device=tokens.device)
-        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         try:
             if cached:
-                logits, cache = prefill(self.net, tokens, mask)
-                if graph or compile:
-                    capacity = tokens.shape[1] + seq_len
-                    decoder = StaticDecoder(self.net, cache, capacity, graph=graph, compile=compile)
+                logits, cache = prefill(self.net, history[:, : max(counts)], lengths=lengths)
+                logits = logits[torch.arange(len(rows), device=device), lengths - 1]
+                advance = self.cached_steps(cache, max(counts) + seq_len, graph, compile)
             else:
-                logits = self.net(tokens, mask=mask)
-            logits = logits[:, -1]  # (B, V)
-            for step in range(seq_len):
-                nxt = sample_next(logits, temperature, top_k, top_p).masked_fill(done, self.pad_value)
-                nxt = nxt.to(tokens.dtype)
-                out[:, step] = nxt
-                if eos_token is not None:
-                    done |= nxt == eos_token
-                    if bool(done.all()):
-                        break
-                if step + 1 == seq_len:
-                    break
-                if decoder is not None:
-                    logits = decoder.step(nxt)
-                elif cached:
-                    logits = decode_step(self.net, cache, nxt)
-                else:
-                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -self.max_seq_len :]
-                    if mask is not None:
-                        mask = F.pad(mask, (0, 1), value=True)[:, -self.max_seq_len :]
-                    logits = self.net(tokens, mask=mask)[:, -1]
+                logits = self.window_logits(history, lengths, max(counts))
+
+                def advance(nxt):
+                    nonlocal lengths
+                    history[torch.arange(len(rows), device=device), lengths] = nxt
+                    lengths = lengths + 1
+                    return self.window_logits(history, lengths, int(lengths.max()))
+
+            return self.sample_steps(logits, advance, seq_len, sampling, eos_token, history.dtype)
         finally:
             self.net.train(was_training)
-        return out[0] if squeeze else out
+
+    def window_logits(self, history: torch.Tensor, lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """The next-token logits (B, V) of each row of the right-padded `history` (row i real on its first
+        lengths[i] tokens, the longest `longest`) from its last `max_seq_len` tokens alone: the rows'
+        windows gathered right padded (causal: what follows a row's end does not reach it)."""
+        start = (lengths - self.max_seq_len).clamp(min=0)
+        offsets = torch.arange(min(longest, self.max_seq_len), device=history.device)
+        index = torch.minimum(start[:, None] + offsets, (lengths - 1)[:, None])  # padding: repeats the last token
+        logits = self.net(history.gather(1, index))
+        return logits[torch.arange(len(lengths), device=history.device), lengths - start - 1]

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attention.incremental import HierarchicalCache, StaticHierarchicalCache, StepInputs, check_capacity
+from ..attention.incremental import (
+    HierarchicalCache,
+    StaticHierarchicalCache,
+    StepInputs,
+    check_capacity,
+    check_lengths,
+)
 from .layers import HAttention1D
 
 
@@ -24,6 +30,17 @@ class SublayerCache:
 
     attention: HierarchicalCache | StaticHierarchicalCache | None = None  # attention sublayers only
     previous: torch.Tensor | None = None  # (B, dim) normed features of the last position (token shift)
+    lengths: torch.Tensor | None = None  # (B,) prompts of different lengths: each row's real positions
+
+    def keep_last(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Keep the prompt's normed features x (B, N, dim) at its last position (each row's last real one
+        with `lengths`; zeros where `mask` marks it padding), which token shift moves into the first
+        decoded position. A copy, so the prompt's features are not kept alive."""
+        if self.lengths is not None:
+            self.previous = x[torch.arange(x.shape[0], device=x.device), self.lengths - 1]  # (indexing copies)
+            return
+        last = x[:, -1] if mask is None else x[:, -1].masked_fill(~mask[:, -1, None], 0.0)
+        self.previous = last.clone()
 
     def stored_tensors(self) -> list[torch.Tensor]:
         kept = [] if self.attention is None else self.attention.stored_tensors()
@@ -40,20 +57,35 @@ def supports_decoding_cache(model: nn.Module) -> bool:
 
 
 class DecodingCache:
-    """Per block of `model`, the (attention, feedforward) `SublayerCache`s; empty until a prefill."""
+    """Per block of `model`, the (attention, feedforward) `SublayerCache`s; empty until a prefill.
 
-    def __init__(self, model: nn.Module):
+    `lengths` (B,) int tensor: the prompt to come is right padded, row i real on its first lengths[i]
+    tokens, and each row continues from its own last token (`prefill`'s `lengths`)."""
+
+    def __init__(self, model: nn.Module, lengths: torch.Tensor | None = None):
         if not supports_decoding_cache(model):
             raise ValueError("a DecodingCache needs HTransformer1D(..., causal=True) with attention='hierarchical'")
         self.blocks = [
-            (SublayerCache(attention=HierarchicalCache(block.f.fn.block_size)), SublayerCache())
+            (SublayerCache(HierarchicalCache(block.f.fn.block_size), lengths=lengths), SublayerCache(lengths=lengths))
             for block in model.layers.blocks
         ]
+        for attention, _ in self.blocks:
+            attention.attention.prompt_lengths = lengths
 
     @property
     def length(self) -> int:
-        """Positions seen so far, padding included: the next token's position."""
+        """Positions seen so far, padding included: the next token's position (with prompts of different
+        lengths, the largest row's; `positions` has each row's)."""
         return self.blocks[0][0].attention.length
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """Prompts of different lengths: each row's next position (B,); None while every row is at `length`.
+        (A `StaticDecoder`'s copy: the device position, counted by its steps, or None.)"""
+        attention = self.blocks[0][0].attention
+        if isinstance(attention, StaticHierarchicalCache):
+            return attention.position if attention.position.dim() else None
+        return attention.positions
 
     def step_inputs(self, inv_freq: torch.Tensor) -> StepInputs:
         """What every layer's step of the next token shares (`HTransformer1D.step` makes it once per token)."""
@@ -63,14 +95,29 @@ class DecodingCache:
         return [t for pair in self.blocks for sublayer in pair for t in sublayer.stored_tensors()]
 
 
-def prefill(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None = None):
-    """Logits (B, T, num_tokens) of the prompt `tokens` (B, T) and the cache to continue it from."""
-    cache = DecodingCache(model)
-    return model(tokens, mask=mask, cache=cache), cache
+def prefill(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None = None, lengths=None):
+    """Logits (B, T, num_tokens) of the prompt `tokens` (B, T) and the cache to continue it from.
+
+    `mask` (B, T) bool marks real tokens in the padded frame: every row continues at position T.
+    `lengths` (B,) ints in [1, T] instead: right-padded prompts, row i real on its first lengths[i]
+    tokens and continued from there as if alone (rotary positions and hierarchy from its own first token);
+    its logits at positions >= lengths[i] are of the padding."""
+    if lengths is None:
+        cache = DecodingCache(model)
+        return model(tokens, mask=mask, cache=cache), cache
+    if mask is not None:
+        raise ValueError("pass either mask or lengths, not both")
+    model.check_tokens(tokens)
+    rows = check_lengths(lengths, *tokens.shape)
+    if min(rows, default=1) < 1:
+        raise ValueError(f"lengths must be at least 1 (every row needs a real token), got {rows}")
+    cache = DecodingCache(model, torch.tensor(rows, dtype=torch.int64, device=tokens.device))
+    return model(tokens, cache=cache), cache
 
 
 def decode_step(model: nn.Module, cache: DecodingCache, tokens: torch.Tensor) -> torch.Tensor:
-    """Append one token per sequence, `tokens` (B,), at position `cache.length`; its logits (B, num_tokens)."""
+    """Append one token per sequence, `tokens` (B,), at position `cache.length` (each row's own position
+    after a prefill with `lengths`: `cache.positions`); its logits (B, num_tokens)."""
     if cache.length == 0:
         raise ValueError("decode_step needs a cache filled by prefill")
     return model(tokens[:, None], cache=cache)[:, 0]  # checks the tokens, then `model.step`
@@ -115,8 +162,9 @@ class StaticDecoder:
     """Decoding steps of fixed shape after a prefill, replayed as one CUDA graph per token on GPUs.
 
     ``decoder = StaticDecoder(model, cache, capacity)`` takes a `DecodingCache` right after `prefill`
-    and room for positions up to ``capacity - 1``; ``decoder.step(tokens)`` then does what
-    `decode_step` does, with the logits equal to float rounding. Each attention layer keeps a
+    (prompts of different lengths too: each row then steps from its own position, the longest row's
+    counting against `capacity`) and room for positions up to ``capacity - 1``;
+    ``decoder.step(tokens)`` then does what `decode_step` does, with the logits equal to float rounding. Each attention layer keeps a
     `StaticHierarchicalCache` (attention/incremental.py); the token-shift features, the position and
     the input token live in fixed buffers, so a step (the model's own `HTransformer1D.step`) is the same
     tensor program at every position.

@@ -358,8 +358,7 @@ class PreNorm(nn.Module):
         x = self.norm(x)
         if self.shift:
             if cache is not None:  # the last position's features, shifted into the first decoded one
-                last = x[:, -1] if mask is None else x[:, -1].masked_fill(~mask[:, -1, None], 0.0)
-                cache.previous = last.clone()  # a copy, so the prompt's features are not kept alive
+                cache.keep_last(x, mask)
             x = shift_tokens(x, mask, self.causal)
         if cache is not None and cache.attention is not None:
             return self.fn(x, mask=mask, cache=cache.attention)
