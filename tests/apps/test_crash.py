@@ -1,16 +1,20 @@
 """Fault injection: a tiny run, checkpointing every step, killed with SIGKILL again and again and resumed from what
 is on disk each time, must lose nothing and end exactly where an uninterrupted run ends.
 
-The killed runs are forked children of the test process (no interpreter start per kill): once at random moments
-from outside, and once from inside at every I/O stage of a save in turn (the child kills itself just before its
-n-th fsync or rename). Nothing in the package knows about this test.
+The killed runs are child interpreters (a fork of the test process would inherit its threads' locks, pytest's and
+xdist's among them, and can hang on one): once at random moments from outside, and once from inside at every I/O
+stage of a save in turn (the child kills itself just before its n-th fsync or rename). Nothing in the package knows
+about this test.
 """
 
 import csv
+import json
 import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +31,6 @@ STEPS = 10
 RUN = [*TINY, "--steps", str(STEPS), "--eval-every", "1", "--eval-batches", "1", "--dropout", "0.1"]
 KEYS = ("step", "tokens", "lr", "train_bpb", "val_bpb")
 RANDOM_KILLS = 32
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forked children")
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +53,39 @@ def argv(out: Path, corpus: Path) -> list[str]:
     return ["train", "--data", str(corpus), "--out", str(out), *RUN]
 
 
-def fork(args: list[str], before=None) -> int:
-    """A child process that runs `main(args)` with its output thrown away (`before()` first) and exits."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 99
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            torch.set_num_threads(1)
-            if before:
-                before()
-            code = main(args)
-        finally:
-            os._exit(code)
-    return pid
+# The child: the training tool's main, with curves.png not drawn (not what is tested; matplotlib would take most of
+# the time) and, given a call number, a SIGKILL just before that call of os.fsync, os.rename or os.replace, after
+# writing down what the call was about to do.
+CHILD = """
+import json, os, signal, sys
+args, target, log = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import torch
+torch.set_num_threads(1)
+from h_transformer_1d.apps import train as train_module
+from h_transformer_1d.apps.cli import main
+train_module.plot_curves = lambda *a, **k: None
+count = [0]
+def wrap(name, real):
+    def call(*a):
+        count[0] += 1
+        if count[0] == target:
+            what = [os.readlink(f"/proc/self/fd/{x}") if isinstance(x, int) else str(x) for x in a]
+            with open(log, "a") as f:
+                f.write(name + " " + " ".join(what) + chr(10))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a)
+    return call
+if target:
+    for name in ("fsync", "rename", "replace"):
+        setattr(os, name, wrap(name, getattr(os, name)))
+sys.exit(main(args))
+"""
+
+
+def spawn(args: list[str], target: int = 0, log: Path | None = None) -> subprocess.Popen:
+    """A child interpreter running `main(args)` with its output thrown away; `target`: see CHILD."""
+    command = [sys.executable, "-c", CHILD, json.dumps(args), str(target), str(log or os.devnull)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def rows(out: Path) -> list[list[str]]:
@@ -75,8 +95,8 @@ def rows(out: Path) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory) -> tuple[Path, float]:
-    """The uninterrupted run, and the time of one of its steps. It runs in this process, so the children forked
-    later start warm (modules imported, first-call work done) and reach their first save in a fraction of a second."""
+    """The uninterrupted run, in this process, and the time of one of its steps (warm: a child's steps take about
+    as long once its interpreter has started, which `wait_for_a_save` waits out)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "plot_curves", lambda *args, **kwargs: None)
@@ -103,19 +123,41 @@ def last_complete(out: Path) -> int:
     return checkpoint.load(out, LM, training=True).step if checkpoint.exists(out) else 0
 
 
+def saves_listing(out: Path) -> set[str]:
+    saves = out / checkpoint.SAVES
+    return {p.name for p in saves.iterdir()} if saves.is_dir() else set()
+
+
+def wait_for_a_save(child, out: Path, timeout: float = 60.0) -> int | None:
+    """Until the child begins a save of its own (the saves folder changes): None, or the child's exit status if it
+    ended first. Kills are timed from there, not from the start, so that the interpreter's start (slower on a loaded
+    machine) does not move every kill before the first save. A child that begins none within `timeout` is killed
+    all the same."""
+    before, deadline = saves_listing(out), time.monotonic() + timeout
+    while saves_listing(out) == before and time.monotonic() < deadline:
+        if child.poll() is not None:
+            return child.returncode
+        time.sleep(0.001)
+    return None
+
+
 def test_random_kills_lose_nothing(corpus, reference, tmp_path):
     reference_out, step_time = reference
     rng = random.Random(30)
     out = tmp_path / "run"
     kills = mid_save = 0
     saved = 0
-    while kills < RANDOM_KILLS:
-        pid = fork(argv(out, corpus))
-        time.sleep(rng.uniform(0, 3 * step_time))  # a start, then a step or two: often within a save
-        os.kill(pid, signal.SIGKILL)  # a child that has exited but is not yet waited for ignores it
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != -signal.SIGKILL:  # the run ended first: start it over
-            assert os.waitstatus_to_exitcode(status) == 0 and last_complete(out) == STEPS
+    # more kills only while none has hit a save (a fast machine can finish most saves between two polls)
+    while kills < RANDOM_KILLS or (not mid_save and kills < 4 * RANDOM_KILLS):
+        child = spawn(argv(out, corpus))
+        status = wait_for_a_save(child, out)
+        if status is None:
+            # half at once (the save just begun is likely still running), half within the next step
+            time.sleep(0.0 if rng.random() < 0.5 else rng.uniform(0, step_time))
+            child.send_signal(signal.SIGKILL)  # a child that has exited but is not yet waited for ignores it
+            status = child.wait()
+        if status != -signal.SIGKILL:  # the run ended first: start it over
+            assert status == 0 and last_complete(out) == STEPS
             shutil.rmtree(out)
             saved = 0
             continue
@@ -124,35 +166,10 @@ def test_random_kills_lose_nothing(corpus, reference, tmp_path):
         now = last_complete(out)  # a kill never loses a complete save, and what is there always loads
         assert now >= saved
         saved = now
-    _, status = os.waitpid(fork(argv(out, corpus)), 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert spawn(argv(out, corpus)).wait() == 0
     assert_same_run(out, reference_out)
     print(f"{kills} kills at random moments, {mid_save} of them during a save; nothing lost")
     assert mid_save >= 1  # the moments drawn hit saves, not only the steps between them
-
-
-def die_at(target: int, log: Path):
-    """In the child: count the calls of os.fsync, os.rename and os.replace, and SIGKILL this process just before
-    call number `target`, after writing down what that call was about to do."""
-    count = [0]
-
-    def wrap(name, real):
-        def call(*args):
-            count[0] += 1
-            if count[0] == target:
-                what = [os.readlink(f"/proc/self/fd/{a}") if isinstance(a, int) else str(a) for a in args]
-                with open(log, "a") as f:
-                    f.write(f"{name} {' '.join(what)}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args)
-
-        return call
-
-    def install():
-        for name in ("fsync", "rename", "replace"):
-            setattr(os, name, wrap(name, getattr(os, name)))
-
-    return install
 
 
 def stage(line: str) -> str:
@@ -178,12 +195,9 @@ def test_a_kill_at_every_stage_of_a_save_loses_nothing(corpus, reference, tmp_pa
     targets = [3 + 8 + 8 + 1] + [3 + 1 + k for k in range(9)]
     for target in targets:
         saved = last_complete(out)
-        pid = fork(argv(out, corpus), die_at(target, log))
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        assert spawn(argv(out, corpus), target, log).wait() == -signal.SIGKILL
         assert last_complete(out) >= saved
-    _, status = os.waitpid(fork(argv(out, corpus)), 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert spawn(argv(out, corpus)).wait() == 0
     assert_same_run(out, reference_out)
     stages = {stage(line) for line in log.read_text().splitlines()}
     expected = {f"fsync {name}" for name in (*checkpoint.FILES, checkpoint.MANIFEST)}
