@@ -35,6 +35,13 @@ from .interface import check_block_size, check_key_padding_mask
 from .rotary import rotary_angles, rotate
 
 
+def pair_sums(k_sum, v_sum, count, groups: int):
+    """The next level's sums: the first 2 * groups groups of key sums (B, H, G, D), value sums and counts (B, G)
+    added in pairs."""
+    return (k_sum[:, :, : 2 * groups].unflatten(2, (groups, 2)).sum(3),
+            v_sum[:, :, : 2 * groups].unflatten(2, (groups, 2)).sum(3),
+            count[:, : 2 * groups].unflatten(1, (groups, 2)).sum(2))  # fmt: skip
+
 class StepInputs(NamedTuple):
     """What the attention steps of every layer share at one decoded position (computed once per token)."""
 
@@ -184,9 +191,7 @@ class HierarchicalCache:
             groups = n >> (level + 1)
             if groups == 0:
                 break
-            k_sum = k_sum[:, :, : 2 * groups].unflatten(2, (groups, 2)).sum(3)
-            v_sum = v_sum[:, :, : 2 * groups].unflatten(2, (groups, 2)).sum(3)
-            count = count[:, : 2 * groups].unflatten(1, (groups, 2)).sum(2)
+            k_sum, v_sum, count = pair_sums(k_sum, v_sum, count, groups)
             level += 1
 
         q_scaled = q.to(dtype) * scale
@@ -344,9 +349,7 @@ class HierarchicalCache:
             pairs = groups // 2
             if pairs == 0:
                 break
-            k_sum = k_sum[:, :, : 2 * pairs].unflatten(2, (pairs, 2)).sum(3)
-            v_sum = v_sum[:, :, : 2 * pairs].unflatten(2, (pairs, 2)).sum(3)
-            count = count[:, : 2 * pairs].unflatten(1, (pairs, 2)).sum(2)
+            k_sum, v_sum, count = pair_sums(k_sum, v_sum, count, pairs)
             level += 1
         # per level >= 1, the query of the first position of each row's current group (a row whose group
         # starts at its next position takes that one's, at the step)
