@@ -24,10 +24,7 @@ import torch
 from .geometry import effective_block_size, level_lengths, num_levels, window_offsets
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-# The kernels' tiles span the head dim: these widths run as they are; any other head dim up to 256 is zero-padded to
-# the next of them (zeros add nothing to a score, and the output's extra columns are dropped).
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
-MAX_HEAD_DIM = KERNEL_HEAD_DIMS[-1]
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MIN_BLOCK, MAX_BLOCK = 16, 512
 LOG2E = 1.4426950408889634  # the kernels keep scores in base 2: level-0 queries carry it
 # True: eager calls go through the custom ops too, as torch.compile does (tests compare both paths)
@@ -44,14 +41,9 @@ def supports(q: torch.Tensor, block_size: int, allow_float32: bool = False) -> b
     """Whether the kernels handle these inputs (float32 only on request: it runs through TF32)."""
     return (
         (q.dtype in SUPPORTED_DTYPES or (allow_float32 and q.dtype == torch.float32))
-        and q.shape[-1] <= MAX_HEAD_DIM
+        and q.shape[-1] in SUPPORTED_HEAD_DIMS
         and MIN_BLOCK <= block_size <= MAX_BLOCK
     )
-
-
-def kernel_head_dim(d: int) -> int:
-    """The width the kernels run a head dim `d` (<= MAX_HEAD_DIM) at: the narrowest of KERNEL_HEAD_DIMS >= d."""
-    return next(w for w in KERNEL_HEAD_DIMS if w >= d)
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -486,15 +478,6 @@ def fused_h_attention(
     its gradient as one tensor of its layout (`_EagerHAttentionQKV`)."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
-    width = kernel_head_dim(d)
-    if width != d:  # zero columns: the same scores; rotary turns the zero pairs by angle 0 (they stay zero)
-        pad = (0, width - d)
-        q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
-        freqs = None if rotary_freqs is None else torch.nn.functional.pad(rotary_freqs, (0, (width - d) // 2))
-        return fused_h_attention(
-            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-            rotary_freqs=freqs,
-        )[..., :d]
     block_size = effective_block_size(q.shape[2], block_size, MIN_BLOCK)  # past N / 2: plain attention
     valid = None
     if key_padding_mask is not None:
