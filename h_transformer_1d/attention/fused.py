@@ -443,21 +443,23 @@ ROTARY_TABLES: dict = {}
 def rotary_table(n: int, freqs: torch.Tensor) -> torch.Tensor:
     """(2, n, D/2) float32: cos and sin of position * freqs, as `rotary.apply_rotary` computes them.
 
-    Cached per (n, frequencies): a model's layers share one table."""
+    Cached per (n, frequencies): a model's layers share one table. The frequencies are known by their
+    memory (address, layout, dtype, version), and each entry keeps its frequency tensor alive, so that its
+    memory is not handed out again to other frequencies while the entry stands."""
     def build():
         angles = torch.arange(n, device=freqs.device, dtype=torch.float32)[:, None] * freqs.float()
         return torch.stack((angles.cos(), angles.sin()))
 
     if torch.compiler.is_compiling():
         return build()
-    key = (n, freqs.data_ptr(), freqs._version, str(freqs.device))
-    table = ROTARY_TABLES.get(key)
-    if table is None:
+    key = (n, freqs.data_ptr(), freqs.shape, freqs.stride(), freqs.dtype, freqs._version, str(freqs.device))
+    entry = ROTARY_TABLES.get(key)
+    if entry is None:
         if len(ROTARY_TABLES) >= 16:
             ROTARY_TABLES.clear()
         with torch.inference_mode(False):  # as in layout_tables: saved for backward by later calls
-            table = ROTARY_TABLES[key] = build()
-    return table
+            entry = ROTARY_TABLES[key] = (freqs, build())
+    return entry[1]
 
 
 def fused_h_attention(

@@ -166,6 +166,25 @@ def test_kernels_rotate_on_the_fly(n, causal, mask_kind):
         assert rel_err(a, e) <= TOL[torch.float32] * 3, name
 
 
+def test_rotary_tables_follow_the_frequencies_not_their_address():
+    """The kernels' cos/sin tables are cached per frequency tensor: frequencies that start at the same
+    address as cached ones (a view of the same memory, or memory freed and handed out again) but differ in
+    length or values get tables of their own."""
+    gen = torch.Generator().manual_seed(9)
+    n = 40
+    memory = 10000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float32) / 32)
+    for d, freqs in ((32, memory), (16, memory[:8])):  # same data_ptr and version, 8 frequencies not 16
+        q, k, v = (torch.randn(1, 2, n, d, dtype=torch.float64, generator=gen) for _ in range(3))
+        got = h_attention(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), block_size=16, impl="triton",
+                          rotary_freqs=freqs.to(DEVICE))
+        expected = h_attention(q, k, v, block_size=16, impl="blocked", rotary_freqs=freqs.double())
+        assert rel_err(got, expected) <= TOL[torch.float32] * 3, d
+    table = fused.rotary_table(n, memory[:8])
+    fused.rotary_table(n, memory[:8])
+    memory[:8] *= 2  # in place: a new version
+    assert not torch.equal(fused.rotary_table(n, memory[:8]), table)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernels_take_head_interleaved_inputs(causal):
     """q, k, v as the layers make them: (B, N, H, D) memory seen as (B, H, N, D), q a slice of qkv."""
