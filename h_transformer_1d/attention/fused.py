@@ -24,7 +24,10 @@ import torch
 from .geometry import effective_block_size, level_lengths, num_levels, window_offsets
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+# The kernels' tiles span the head dim: these widths run as they are; any other head dim up to 256 is zero-padded to
+# the next of them (zeros add nothing to a score, and the output's extra columns are dropped).
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = KERNEL_HEAD_DIMS[-1]
 MIN_BLOCK, MAX_BLOCK = 16, 512
 LOG2E = 1.4426950408889634  # the kernels keep scores in base 2: level-0 queries carry it
 # True: eager calls go through the custom ops too, as torch.compile does (tests compare both paths)
@@ -41,9 +44,14 @@ def supports(q: torch.Tensor, block_size: int, allow_float32: bool = False) -> b
     """Whether the kernels handle these inputs (float32 only on request: it runs through TF32)."""
     return (
         (q.dtype in SUPPORTED_DTYPES or (allow_float32 and q.dtype == torch.float32))
-        and q.shape[-1] in SUPPORTED_HEAD_DIMS
+        and q.shape[-1] <= MAX_HEAD_DIM
         and MIN_BLOCK <= block_size <= MAX_BLOCK
     )
+
+
+def kernel_head_dim(d: int) -> int:
+    """The width the kernels run a head dim `d` (<= MAX_HEAD_DIM) at: the narrowest of KERNEL_HEAD_DIMS >= d."""
+    return next(w for w in KERNEL_HEAD_DIMS if w >= d)
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -440,19 +448,24 @@ def split_qkv(qkv: torch.Tensor):
 ROTARY_TABLES: dict = {}
 
 
-def rotary_table(n: int, freqs: torch.Tensor) -> torch.Tensor:
-    """(2, n, D/2) float32: cos and sin of position * freqs, as `rotary.apply_rotary` computes them.
+def rotary_table(n: int, freqs: torch.Tensor, half: int | None = None) -> torch.Tensor:
+    """(2, n, half) float32: cos and sin of position * freqs, as `rotary.apply_rotary` computes them;
+    columns past the frequencies (a head dim zero-padded to the kernels' width, `half` of it) turn by
+    angle 0.
 
     Cached per (n, frequencies): a model's layers share one table. The frequencies are known by their
     memory (address, layout, dtype, version), and each entry keeps its frequency tensor alive, so that its
     memory is not handed out again to other frequencies while the entry stands."""
+    half = freqs.shape[0] if half is None else half
+
     def build():
         angles = torch.arange(n, device=freqs.device, dtype=torch.float32)[:, None] * freqs.float()
+        angles = torch.nn.functional.pad(angles, (0, half - freqs.shape[0]))
         return torch.stack((angles.cos(), angles.sin()))
 
     if torch.compiler.is_compiling():
         return build()
-    key = (n, freqs.data_ptr(), freqs.shape, freqs.stride(), freqs.dtype, freqs._version, str(freqs.device))
+    key = (n, half, freqs.data_ptr(), freqs.shape, freqs.stride(), freqs.dtype, freqs._version, str(freqs.device))
     entry = ROTARY_TABLES.get(key)
     if entry is None:
         if len(ROTARY_TABLES) >= 16:
@@ -480,6 +493,14 @@ def fused_h_attention(
     its gradient as one tensor of its layout (`_EagerHAttentionQKV`)."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else float(scale)
+    width = kernel_head_dim(d)
+    if width != d:  # zero columns: the same scores; rotary turns the zero pairs by angle 0 (they stay zero)
+        pad = (0, width - d)
+        q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
+        return fused_h_attention(
+            q, k, v, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+            rotary_freqs=rotary_freqs,
+        )[..., :d]
     block_size = effective_block_size(q.shape[2], block_size, MIN_BLOCK)  # past N / 2: plain attention
     valid = None
     if key_padding_mask is not None:
@@ -487,7 +508,7 @@ def fused_h_attention(
         if valid.stride(-1) != 1:
             valid = valid.contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    rot = None if rotary_freqs is None else rotary_table(q.shape[2], rotary_freqs.to(q.device))
+    rot = None if rotary_freqs is None else rotary_table(q.shape[2], rotary_freqs.to(q.device), d // 2)
     tables = layout_tables(q.shape[2], block_size, q.device)
     if torch.compiler.is_compiling() or VIA_CUSTOM_OPS:
         return _hattn_fwd(q, k, v, valid, rot, tables, block_size, causal, scale)[0]

@@ -97,7 +97,7 @@ def resolve_impl(q: torch.Tensor, block_size: int, dropout_p: float, impl: str, 
     ):
         raise ValueError(
             "impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1), float16/bfloat16/float32, "
-            f"dim_head in {fused.SUPPORTED_HEAD_DIMS} (v's the same as q's), block_size in "
+            f"dim_head <= {fused.MAX_HEAD_DIM} (v's the same as q's), block_size in "
             f"[{fused.MIN_BLOCK}, {fused.MAX_BLOCK}] (or at least N / 2) and dropout_p=0; got {q.device.type} "
             f"{q.dtype}, dim_head={q.shape[-1]}, v dim_head={q.shape[-1] if v_dim is None else v_dim}, "
             f"block_size={block_size}, dropout_p={dropout_p}"
@@ -157,7 +157,7 @@ def h_attention(
             p * rotary_freqs[i], see `rotary.apply_rotary`). The Triton kernels do it on the fly,
             which saves the rotated copies and their backward.
         impl: "auto" (the fastest correct implementation for the inputs: the Triton kernels for
-            float16/bfloat16 CUDA tensors with head dim 16, 32, 64, 128 or 256, block size 16-512 and no dropout,
+            float16/bfloat16 CUDA tensors with head dim up to 256, block size 16-512 and no dropout,
             else the blocked PyTorch path), "triton" (the kernels; float32 runs through TF32),
             "blocked", or "reference" (the dense O(N^2) definition, for testing).
     """

@@ -77,6 +77,9 @@ SMALL_CASES = [
     (256, 64, True, "none", 16, torch.float32),
     # the widest head the kernels take (narrower tiles: WIDE_HEAD_TILES)
     (70, 16, True, "gaps", 256, torch.float32),
+    # head dims between the kernels' widths: zero-padded to the next (24 -> 32, 8 -> 16)
+    (70, 16, True, "gaps", 24, torch.float32),
+    (45, 16, False, "end", 8, torch.float32),
 ]
 
 
@@ -145,11 +148,12 @@ def force_tiles(monkeypatch, tiles):
 
 
 @pytest.mark.parametrize("n,causal,mask_kind", [(75, False, "gaps"), (130, True, "start")])
-def test_kernels_rotate_on_the_fly(n, causal, mask_kind):
+@pytest.mark.parametrize("d", [16, 20])  # 20: zero-padded to 32, the padded rotary pairs turned by angle 0
+def test_kernels_rotate_on_the_fly(n, causal, mask_kind, d):
     """rotary_freqs: the kernels rotate q and k while coarsening and turn dq, dk back; equal to the
     float64 blocked path on inputs rotated beforehand (forward and gradients)."""
     gen = torch.Generator().manual_seed(5)
-    b, h, d = 2, 2, 16
+    b, h = 2, 2
     q, k, v, g = (torch.randn(b, h, n, d, dtype=torch.float64, generator=gen) for _ in range(4))
     freqs = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
     mask = make_mask(mask_kind, b, n, gen).to(DEVICE)
@@ -448,6 +452,8 @@ GPU_CASES = [
     (4097, 128, False, "end", 256, torch.float16),
     (2048, 512, True, "none", 256, torch.bfloat16),
     (1500, 128, True, "start", 32, torch.bfloat16),
+    (2000, 128, True, "gaps", 96, torch.bfloat16),  # padded to 128
+    (1500, 64, False, "none", 80, torch.float16),
 ]
 
 
@@ -513,11 +519,13 @@ def test_kernels_take_blocks_16_to_512_and_their_head_sizes():
     q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
     assert fused.supports(q, 16) and fused.supports(q, 512)
     assert not fused.supports(q, 8) and not fused.supports(q, 1024)
-    assert not fused.supports(torch.empty(1, 1, 1, 48, dtype=torch.bfloat16), 128)
+    for d in (8, 48, 80, 96, 200):  # zero-padded to the next kernel width
+        assert fused.supports(torch.empty(1, 1, 1, d, dtype=torch.bfloat16), 128), d
     assert not fused.supports(q.float(), 128) and fused.supports(q.float(), 128, allow_float32=True)
     for d in (16, 32, 128, 256):
         assert fused.supports(torch.empty(1, 1, 1, d, dtype=torch.float16), 128), d
-    assert not fused.supports(torch.empty(1, 1, 1, 512, dtype=torch.float16), 128)
+    assert not fused.supports(torch.empty(1, 1, 1, 257, dtype=torch.float16), 128)
+    assert [fused.kernel_head_dim(d) for d in (1, 16, 17, 48, 80, 128, 129, 256)] == [16, 16, 32, 64, 128, 128, 256, 256]
 
 
 @pytest.mark.parametrize("tiles", [tk.FWD_TILES, tk.BWD_TILES], ids=["forward", "backward"])
