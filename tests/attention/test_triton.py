@@ -184,9 +184,22 @@ def test_rotary_tables_follow_the_frequencies_not_their_address():
         expected = h_attention(q, k, v, block_size=16, impl="blocked", rotary_freqs=freqs.double())
         assert rel_err(got, expected) <= TOL[torch.float32] * 3, d
     table = fused.rotary_table(n, memory[:8])
+    assert table.shape == (2, n, 8) and fused.rotary_table(n, memory[:8], 16)[:, :, 8:].tolist() == [
+        [[1.0] * 8] * n, [[0.0] * 8] * n]  # padded pairs: cos 1, sin 0
     fused.rotary_table(n, memory[:8])
     memory[:8] *= 2  # in place: a new version
     assert not torch.equal(fused.rotary_table(n, memory[:8]), table)
+
+
+def test_a_padded_head_dim_keeps_one_rotary_table(monkeypatch):
+    """A head dim the kernels zero-pad (20 -> 32) builds its rotary table once per frequency tensor, not
+    once per call."""
+    monkeypatch.setattr(fused, "ROTARY_TABLES", {})
+    freqs = 10000.0 ** (-torch.arange(0, 20, 2, dtype=torch.float32) / 20)
+    q = torch.randn(1, 1, 40, 20)
+    for _ in range(3):
+        h_attention(q.to(DEVICE), q.to(DEVICE), q.to(DEVICE), block_size=16, impl="triton", rotary_freqs=freqs.to(DEVICE))
+    assert len(fused.ROTARY_TABLES) == 1
 
 
 @pytest.mark.parametrize("causal", [False, True])
