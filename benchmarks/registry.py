@@ -20,7 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import child_env, import_package, read_metrics, run_config, run_logged, steady_throughput, sync, time_fn
+from common import (
+    child_env,
+    import_package,
+    peak_mib,
+    read_metrics,
+    reset_peak,
+    run_config,
+    run_logged,
+    steady_throughput,
+    sync,
+    time_fn,
+)
 
 
 @dataclass
@@ -203,10 +214,34 @@ def kernel_profile(step, fwd_only) -> dict:
 
     events, fwd_events = kernels(step), kernels(fwd_only)
     total = lambda mark: sum(e.device_time_total for e in events if mark(e.name)) / 1e3
+    per_kernel: dict = {}
+    for e in events:
+        per_kernel[e.name[:60]] = per_kernel.get(e.name[:60], 0.0) + e.device_time_total / 1e3
     return {"window_fwd_ms": total(lambda k: "window_fwd" in k), "window_bwd_ms": total(lambda k: "window_bwd" in k),
             "glue_ms": total(lambda k: "window" not in k), "busy_ms": total(lambda k: True),
             "launches_fwd": len(fwd_events), "launches_bwd": len(events) - len(fwd_events),
-            "kernels": sorted({e.name[:60] for e in events})}  # fmt: skip
+            "kernel_ms": sorted(([name, round(ms, 4)] for name, ms in per_kernel.items()), key=lambda kv: -kv[1])}  # fmt: skip
+
+
+# Peak memory bandwidth of the cards the studies ran on (vendor figures), for the glue's share of it
+CARD_BANDWIDTH = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12)]
+
+
+def card_bandwidth() -> float | None:
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((bw for card, bw in CARD_BANDWIDTH if card in name), None)
+
+
+def glue_bytes(b: int, h: int, hkv: int, n: int, d: int, elt: int = 2) -> int:
+    """Bytes the glue kernels move, as the kernels are built: coarsening reads q, k, v and writes every level of
+    them, level 0 included; folding reads dO and O and writes every level of dO; un-coarsening reads every
+    level's gradients and writes dq, dk, dv. Rows of counts, log-sum-exps and Delta (4 bytes each) left out."""
+    from h_transformer_1d.attention import level_lengths
+
+    mtot, heads = sum(level_lengths(n, BLOCK)), h + 2 * hkv
+    return elt * d * b * (heads * (n + mtot) + h * (2 * n + mtot) + heads * (mtot + n))
 
 
 def measure_kernels(case: dict, opts) -> dict:
@@ -229,8 +264,8 @@ def measure_kernels(case: dict, opts) -> dict:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         fn = lambda: sdpa(q, k, v, is_causal=causal, enable_gqa=hkv != h)
 
-    def step():
-        fn().backward(grad)
+    def step():  # autograd.grad: no .grad to accumulate, so every kernel of the step is the attention's
+        torch.autograd.grad(fn(), (q, k, v), grad)
 
     def fwd_only():
         with torch.no_grad():
@@ -245,7 +280,10 @@ def measure_kernels(case: dict, opts) -> dict:
         step()  # kernels queue asynchronously: this is the host's own time (a sync inside would show up)
         host.append((time.perf_counter() - t0) * 1e3)
     sync(dev)
-    row = {"ms": t["ms"], "fwd_ms": tf["ms"], "peak_mib": t["peak_mib"], "host_ms": statistics.median(host)}
+    base = reset_peak(dev)  # the steady state's peak: the first call's (time_fn) includes autotuning
+    step()
+    sync(dev)
+    row = {"ms": t["ms"], "fwd_ms": tf["ms"], "peak_mib": peak_mib(dev, base), "host_ms": statistics.median(host)}
     scores = b * h * (scores_computed(n, causal) if case["impl"] == "ours" else n * n // (2 if causal else 1))
     row["tflops"] = 14 * d * scores / (t["ms"] * 1e9)
     if dev == "cuda":
@@ -254,6 +292,10 @@ def measure_kernels(case: dict, opts) -> dict:
             row.update(prof)
             row["fwd_tflops"] = 4 * d * scores / (prof["window_fwd_ms"] * 1e9) if prof["window_fwd_ms"] else None
             row["bwd_tflops"] = 10 * d * scores / (prof["window_bwd_ms"] * 1e9) if prof["window_bwd_ms"] else None
+            row["glue_mb"] = glue_bytes(b, h, hkv, n, d) / 1e6
+            row["glue_gbps"] = row["glue_mb"] / prof["glue_ms"] if prof["glue_ms"] else None  # MB per ms = GB/s
+            bandwidth = card_bandwidth()
+            row["glue_pct_bw"] = 100 * row["glue_gbps"] * 1e9 / bandwidth if bandwidth and row["glue_gbps"] else None
         row["tile_choices"] = chosen_tiles() if case["impl"] == "ours" else None
     return row
 
@@ -832,7 +874,8 @@ STUDIES = {s.name: s for s in [
           values=[("ms", "fwd+bwd ms", ",.2f"), ("fwd_ms", "fwd ms", ",.2f"), ("peak_mib", "MiB", ",.0f"),
                   ("host_ms", "host ms", ",.2f"), ("tflops", "TFLOP/s", ",.1f"), ("vs_sdpa", "vs SDPA", ".2f"),
                   ("fwd_tflops", "window fwd TFLOP/s", ",.0f"), ("bwd_tflops", "window bwd TFLOP/s", ",.0f"),
-                  ("glue_ms", "glue ms", ",.2f"), ("launches_fwd", "launches fwd", ""),
+                  ("glue_ms", "glue ms", ",.2f"), ("glue_mb", "glue MB moved", ",.0f"), ("glue_gbps", "glue GB/s", ",.0f"),
+                  ("glue_pct_bw", "glue % of card bandwidth", ",.0f"), ("launches_fwd", "launches fwd", ""),
                   ("launches_bwd", "launches bwd", "")],
           headline=kernels_headline, finish=kernels_finish, plot=("shape", "vs_sdpa", [], "causal"),
           points=lambda rows: [r for r in rows if r.get("impl") == "ours"],
