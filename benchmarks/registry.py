@@ -323,6 +323,71 @@ def kernels_headline(rows) -> str:
     return "causal core fwd+bwd, ours: " + ("; ".join(parts) or "see the table")
 
 
+# ------------------------------------------------------------------------------------------- host overhead
+
+HOST_SHAPES = [(1024, 1), (2048, 8), (4096, 8)]  # (N, batch)
+
+
+def host_cases(opts):
+    shapes = [(256, 2)] if opts.quick else HOST_SHAPES
+    return [{"label": f"{impl} {n // 1024 if n >= 1024 else n}{'k' if n >= 1024 else ''} x{b} "
+                      f"{'causal' if causal else 'non-causal'}", "impl": impl, "shape": f"{n} x{b}", "n": n, "b": b,
+             "causal": causal} for n, b in shapes for causal in (False, True) for impl in ("ours", "SDPA")]  # fmt: skip
+
+
+def measure_host(case: dict, opts) -> dict:
+    """One attention layer with its projections (dim 512, 8 x 64, block 128; bf16 autocast on a GPU), eager
+    forward+backward: the wall time per step of steps issued back to back, the host's time to issue one step
+    (after a sync, so nothing waits for the GPU), and on a GPU the kernels' busy time of one step (profiler)
+    and wall / busy: 1 when the GPU never waits for the host."""
+    import torch
+
+    from h_transformer_1d import CausalHAttention1D, HAttention1D
+
+    dev, n, b, causal = opts.device, case["n"], case["b"], case["causal"]
+    torch.manual_seed(0)
+    layer = (CausalHAttention1D if causal else HAttention1D)(
+        DIM, heads=HEADS, dim_head=DIM_HEAD, block_size=BLOCK, attention="dense" if case["impl"] == "SDPA" else
+        "hierarchical").to(dev)  # fmt: skip
+    inp = torch.randn(b, n, DIM, device=dev, requires_grad=True)
+    grad = torch.randn(b, n, DIM, device=dev)
+
+    def step():
+        with torch.autocast(dev, torch.bfloat16, enabled=dev == "cuda"):
+            out = layer(inp)
+        torch.autograd.grad(out.float(), (inp, *layer.parameters()), grad)
+
+    reps = opts.reps or (3 if opts.quick else 50)
+    for _ in range(max(2, opts.warmup)):
+        step()
+    sync(dev)
+    host = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync(dev)
+    row = {"wall_ms": (time.perf_counter() - t0) * 1e3 / reps, "host_ms": statistics.median(host)}
+    if dev == "cuda":
+        row["busy_ms"] = kernel_profile(step, step)["busy_ms"]
+        row["wall_vs_busy"] = ratio(row["wall_ms"], row["busy_ms"])
+    return row
+
+
+def host_headline(rows) -> str:
+    r = pick(rows, impl="ours", n=4096, b=8, causal=True) or pick(rows, impl="ours", causal=True)
+    if not r.get("wall_ms"):
+        return "see the table"
+    busy = f", GPU busy {r['busy_ms']:.2f} ms (wall / busy {r['wall_vs_busy']:.2f})" if r.get("busy_ms") else ""
+    kind = "causal" if r["causal"] else "non-causal"
+    return f"ours, {r['shape']} {kind}: wall {r['wall_ms']:.2f} ms per step, host {r['host_ms']:.2f} ms{busy}"
+
+
 # ------------------------------------------------------------------------------- length ratios (pairs)
 
 PAIRS = [("ours", 4096, 4097, 1.2), ("ours", 8192, 32768, 4.5), ("SDPA", 4096, 4097, None)]
@@ -880,6 +945,14 @@ STUDIES = {s.name: s for s in [
           headline=kernels_headline, finish=kernels_finish, plot=("shape", "vs_sdpa", [], "causal"),
           points=lambda rows: [r for r in rows if r.get("impl") == "ours"],
           sdpa=lambda opts: (1, 8, 1024 if opts.quick else 16384, 64, True)),
+    Study("host", "host overhead of one attention layer with its projections (dim 512, 8 x 64, block 128), eager "
+          "forward+backward at training shapes: wall time per step issued back to back, the host's time to issue a "
+          "step, and on a GPU the kernels' busy time and wall / busy (1: the GPU never waits for the host)", "any",
+          host_cases, measure_host, series="impl", baselines=("ours", "SDPA"),
+          index=[("shape", "N x batch", ""), ("causal", "causal", "")],
+          values=[("wall_ms", "wall ms", ",.2f"), ("host_ms", "host ms", ",.2f"), ("busy_ms", "GPU busy ms", ",.2f"),
+                  ("wall_vs_busy", "wall / busy", ".2f")],
+          headline=host_headline, plot=("shape", "host_ms", [], "impl")),
     Study("length_ratios", "time(4097) / time(4096) and time(32768) / time(8192) of the attention core's "
           "forward+backward on the CPU (1, 8, N, 64, float32, block 128), both lengths alternating in one process",
           "cpu", length_ratio_cases, measure_length_ratio, baselines=("ours", "SDPA"),

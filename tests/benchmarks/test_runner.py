@@ -35,6 +35,7 @@ QUICK = {
     "attention_cpu": ["--no-legacy", "--cases", "layer"],
     "length_ratios": ["--reps", "2"],
     "kernels": ["--reps", "1"],
+    "host": [],
     "decode_cpu": ["--no-legacy"],
     "quality": [],
     "train_speed": ["--cases", "128"],
@@ -203,6 +204,18 @@ def test_kernels_quick(studies):
         assert r["ms"] > 0 and r["host_ms"] > 0 and r["peak_mib"] is not None, r["label"]
     mtot = sum(level_lengths(4096, registry.BLOCK))
     assert registry.glue_bytes(2, 8, 2, 4096, 64) == 2 * 64 * 2 * (12 * (4096 + mtot) + 8 * (2 * 4096 + mtot) + 12 * (mtot + 4096))
+
+
+def test_host_quick(studies):
+    """Both layers at every shape and causality, with the wall time of back-to-back steps and the host's time to
+    issue one (on the CPU the host does the work too, so the two are close); the GPU-only columns stay empty."""
+    report = load(studies, "host")
+    rows = report["rows"]
+    assert {(r["impl"], r["causal"]) for r in rows} == {(i, c) for i in ("ours", "SDPA") for c in (False, True)}
+    for r in rows:
+        assert r["wall_ms"] > 0 and r["host_ms"] > 0 and "busy_ms" not in r, r["label"]
+        assert 0.3 < r["host_ms"] / r["wall_ms"] < 3, r["label"]
+    assert report["headline"].startswith("ours, 256 x2 causal: wall ")
 
 
 def test_scaling_quick(studies):
