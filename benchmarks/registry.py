@@ -323,6 +323,112 @@ def kernels_headline(rows) -> str:
     return "causal core fwd+bwd, ours: " + ("; ".join(parts) or "see the table")
 
 
+# ------------------------------------------------------------------------------ kernel resources (compiled)
+
+
+def resource_cases(opts):
+    """Each window kernel at level 0 and on the coarse levels with each of its tiles, and the glue kernels, at
+    head dims 64 and 128, block 128, causal."""
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)  # before the kernels' module is imported: it decides what @jit makes
+    from h_transformer_1d.attention import triton_kernels as tk
+
+    window = [("window_fwd_kernel", tk.FWD_TILES), ("window_bwd_dq_kernel", tk.FWD_TILES),
+              ("window_bwd_dkdv_kernel", tk.BWD_TILES)]  # fmt: skip
+    cases = []
+    for d in [64] if opts.quick else [64, 128]:
+        for name, tiles in window:
+            for level0 in (True, False):
+                for tile in tiles[:1] if opts.quick else tiles:
+                    cases.append({"label": f"{name} {'level 0' if level0 else 'coarse'} d{d} {'x'.join(map(str, tile))}",
+                                  "kernel": name, "level0": level0, "d": d, "tile": list(tile)})  # fmt: skip
+        for name in ("coarsen_kernel", "fold_kernel", "uncoarsen_kernel"):
+            cases.append({"label": f"{name} d{d}", "kernel": name, "level0": None, "d": d, "tile": None})
+    return cases
+
+
+def _ptxas() -> str | None:
+    import shutil
+
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    found = [tools / name for name in ("ptxas-blackwell", "ptxas") if (tools / name).is_file()]
+    return str(found[0]) if found else shutil.which("ptxas")
+
+
+def measure_resources(case: dict, opts) -> dict:
+    """Compile one kernel for an H100 (sm_90a) without a GPU, then ask ptxas for its registers per thread and
+    spilled bytes, with the shared memory Triton asks for: spills and register counts near 255 are what a
+    kernel change must not add, and they show before any GPU run."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from h_transformer_1d.attention import triton_kernels as tk
+    from h_transformer_1d.attention.fused import _window
+
+    ptxas = _ptxas()
+    if ptxas is None:
+        return {"note": "skipped: no ptxas (Triton's bundled one or on PATH)"}
+    kernel = getattr(tk, case["kernel"])
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    d, warps, stages = case["d"], tk.GLUE_WARPS if hasattr(tk, "GLUE_WARPS") else 1, None
+    if case["tile"]:
+        bm, bn, warps, stages = case["tile"]
+        first, step, num_win = _window(case["level0"], True)
+        consts = {"NR": BLOCK, "D": d, "BLOCK_M": bm, "BLOCK_N": bn, "FIRST": first, "STEP": step, "NUM_WIN": num_win,
+                  "LEVEL0": case["level0"], "CAUSAL": True, "UNIFORM": False, "FINAL": case["level0"]}  # fmt: skip
+    elif case["kernel"] == "uncoarsen_kernel":
+        consts, warps = {"D": d, "BLOCK": tk.UNCOARSEN_BLOCK, "CAUSAL": True, "ROTARY": True}, tk.UNCOARSEN_WARPS
+    else:
+        lvl = tk.glue_levels(d) if hasattr(tk, "glue_levels") else tk.LV
+        consts = {"D": d, "LVL": lvl, "RAW": True, "HAS_MASK": True, "CAUSAL": True, "ROTARY": True}
+        if not hasattr(tk, "GLUE_WARPS"):
+            warps = tk.COARSEN_WARPS if case["kernel"] == "coarsen_kernel" else tk.FOLD_WARPS
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    # the kernels' parameters: lower case and these are integers, `scale` a float, the rest pointers
+    ints = {"H", "G", "MTOT", "M0", "N", "ROW0", "TOP", "N_IN", "IN_ROW0", "BASE"}
+    halves = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "XQ", "XK", "XV", "PQ", "PK", "PV", "PDO", "PDQ", "PDK", "PDV"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name == "scale":
+            signature[name] = "fp32"
+        elif name in ints or name.islower():
+            signature[name] = "i32"
+        elif name in halves:
+            signature[name] = "*bf16"
+        else:
+            signature[name] = {"VALID": "*i1", "LO": "*i32", "HI": "*i32", "START": "*i32", "LEN": "*i32",
+                               "PF": "*i32"}.get(name, "*fp32")  # fmt: skip
+    options = {"num_warps": warps, **({"num_stages": stages} if stages else {})}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", 90, 32), options=options)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(Path(tmp) / "kernel.o")],
+                                check=True, capture_output=True, text=True).stderr  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return {"warps": warps, "registers": int(registers.group(1)) if registers else None,
+            "spill_bytes": int(spills.group(1)) if spills else None,
+            "shared_kib": compiled.metadata.shared / 1024}  # fmt: skip
+
+
+def resources_headline(rows) -> str:
+    spilling = [r for r in rows if r.get("spill_bytes")]
+    return (f"{len(spilling)} of {len(rows)} compiled kernels and tiles spill registers"
+            + (f" (most: {max(spilling, key=lambda r: r['spill_bytes'])['label']}, "
+               f"{max(r['spill_bytes'] for r in spilling)} bytes)" if spilling else ""))
+
+
 # ------------------------------------------------------------------------------------------- host overhead
 
 HOST_SHAPES = [(1024, 1), (2048, 8), (4096, 8)]  # (N, batch)
@@ -945,6 +1051,14 @@ STUDIES = {s.name: s for s in [
           headline=kernels_headline, finish=kernels_finish, plot=("shape", "vs_sdpa", [], "causal"),
           points=lambda rows: [r for r in rows if r.get("impl") == "ours"],
           sdpa=lambda opts: (1, 8, 1024 if opts.quick else 16384, 64, True)),
+    Study("kernel_resources", "the Triton kernels compiled for an H100 (sm_90a) on any machine, no GPU needed: "
+          "registers per thread, spilled bytes and shared memory of each window kernel and tile (level 0 and coarse, "
+          "head dims 64 and 128, block 128, causal) and of the glue kernels", "cpu", resource_cases, measure_resources,
+          index=[("label", "kernel, level, head dim, tile", "")],
+          values=[("warps", "warps", ""), ("registers", "registers", ""), ("spill_bytes", "spilled bytes", ""),
+                  ("shared_kib", "shared KiB", ",.1f"), ("note", "note", "")],
+          headline=resources_headline, plot=("registers", "spill_bytes", ["d"], "kernel"),
+          points=lambda rows: [r for r in rows if r.get("registers") is not None]),
     Study("host", "host overhead of one attention layer with its projections (dim 512, 8 x 64, block 128), eager "
           "forward+backward at training shapes: wall time per step issued back to back, the host's time to issue a "
           "step, and on a GPU the kernels' busy time and wall / busy (1: the GPU never waits for the host)", "any",

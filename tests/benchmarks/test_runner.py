@@ -36,6 +36,7 @@ QUICK = {
     "length_ratios": ["--reps", "2"],
     "kernels": ["--reps", "1"],
     "host": [],
+    "kernel_resources": [],
     "decode_cpu": ["--no-legacy"],
     "quality": [],
     "train_speed": ["--cases", "128"],
@@ -216,6 +217,18 @@ def test_host_quick(studies):
         assert r["wall_ms"] > 0 and r["host_ms"] > 0 and "busy_ms" not in r, r["label"]
         assert 0.3 < r["host_ms"] / r["wall_ms"] < 3, r["label"]
     assert report["headline"].startswith("ours, 256 x2 causal: wall ")
+
+
+def test_kernel_resources_quick(studies):
+    """Every window kernel (level 0 and coarse, its first tile) and glue kernel compiles for sm_90a here, without a
+    GPU, and ptxas reports its registers (at most 255 per thread) and spilled bytes."""
+    rows = load(studies, "kernel_resources")["rows"]
+    assert {r["kernel"] for r in rows} == {"window_fwd_kernel", "window_bwd_dq_kernel", "window_bwd_dkdv_kernel",
+                                          "coarsen_kernel", "fold_kernel", "uncoarsen_kernel"}  # fmt: skip
+    for r in rows:
+        if "note" in r:  # no ptxas on this machine
+            continue
+        assert 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["shared_kib"] >= 0, r["label"]
 
 
 def test_scaling_quick(studies):
