@@ -384,7 +384,8 @@ def measure_resources(case: dict, opts) -> dict:
         consts = {"NR": BLOCK, "D": d, "BLOCK_M": bm, "BLOCK_N": bn, "FIRST": first, "STEP": step, "NUM_WIN": num_win,
                   "LEVEL0": case["level0"], "CAUSAL": True, "UNIFORM": False, "FINAL": case["level0"]}  # fmt: skip
     elif case["kernel"] == "uncoarsen_kernel":
-        consts, warps = {"D": d, "BLOCK": tk.UNCOARSEN_BLOCK, "CAUSAL": True, "ROTARY": True}, tk.UNCOARSEN_WARPS
+        rows, warps = tk.uncoarsen_config(d)
+        consts = {"D": d, "BLOCK": rows, "CAUSAL": True, "ROTARY": True}
     else:
         lvl = tk.glue_levels(d) if hasattr(tk, "glue_levels") else tk.LV
         consts = {"D": d, "LVL": lvl, "RAW": True, "HAS_MASK": True, "CAUSAL": True, "ROTARY": True}

@@ -318,11 +318,12 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
     if grads is None:
         grads = (_alloc_bnhd(b, heads, n, d, dev, pq.dtype) for heads in (h, hkv, hkv))
     dq, dk, dv = grads
-    tk.uncoarsen_kernel[(-(-n // tk.UNCOARSEN_BLOCK), b * h)](
+    rows, warps = tk.uncoarsen_config(d)
+    tk.uncoarsen_kernel[(-(-n // rows), b * h)](
         pdq, pdk, pdv, pc, pf, start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         h, h // hkv, mtot, n, layout.top, scale,
-        D=d, BLOCK=tk.UNCOARSEN_BLOCK, CAUSAL=causal, ROTARY=rot is not None, num_warps=tk.UNCOARSEN_WARPS,
+        D=d, BLOCK=rows, CAUSAL=causal, ROTARY=rot is not None, num_warps=warps,
     )
     return dq, dk, dv
 

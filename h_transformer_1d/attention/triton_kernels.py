@@ -35,8 +35,19 @@ import triton.language as tl
 # registers (with rotary q and k above all) and take several times longer than the extra launches cost.
 LV, FOLD_WARPS = 2, 1
 COARSEN_LV, COARSEN_WARPS = 2, 1
-# Rows per uncoarsen program, and its warps: the fastest of the settings tried.
-UNCOARSEN_BLOCK, UNCOARSEN_WARPS = 32, 2
+# Rows per uncoarsen program, and its warps: up to head dim 64, 32 rows over 2 warps, the fastest of the settings
+# tried (at head dim 64); wider heads take about UNCOARSEN_ELEMS elements over 4 warps (`uncoarsen_config`).
+UNCOARSEN_BLOCK, UNCOARSEN_WARPS, UNCOARSEN_ELEMS = 32, 2, 2048
+
+
+def uncoarsen_config(d: int) -> tuple[int, int]:
+    """(rows, warps) of an uncoarsen program at head dim d. Its three float32 gradient tiles must fit in
+    registers: compiled for sm_90a, 32 rows over 2 warps spill 11 KB per thread at head dim 128 and 18 KB at 256
+    (64 bytes at 64), while 2048 // d rows over 4 warps spill nothing at 128 and 256
+    (benchmarks/results/kernel_resources)."""
+    return (UNCOARSEN_BLOCK, UNCOARSEN_WARPS) if d <= 64 else (max(1, UNCOARSEN_ELEMS // d), 4)
+
+
 # Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # A kernel whose configs hold one of them takes only that one (the first config matching it, so a pair
 # that matches several configs tests one of them); the others keep their default.

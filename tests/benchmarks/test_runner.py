@@ -231,6 +231,22 @@ def test_kernel_resources_quick(studies):
         assert 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["shared_kib"] >= 0, r["label"]
 
 
+@pytest.mark.parametrize("d", [128, 256])
+def test_uncoarsen_keeps_its_tiles_in_registers(d):
+    """Compiled for sm_90a (no GPU needed), the uncoarsen kernel at the wide head dims spills nothing: its rows per
+    program shrink as the head dim grows (32 rows over 2 warps spilled 11 KB per thread at head dim 128)."""
+    if registry._ptxas() is None:
+        pytest.skip("no ptxas")
+    # a child interpreter: this one runs Triton's interpreter (conftest), which makes @jit kernels uncompilable
+    code = ("import json, registry; print(json.dumps(registry.measure_resources("
+            f"{{'kernel': 'uncoarsen_kernel', 'd': {d}, 'tile': None, 'level0': None}}, None)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(registry.__file__).parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
+
+
 def test_scaling_quick(studies):
     """K = 1, 2, then K = 1 again; efficiency against the better 1-process run."""
     rows = load(studies, "scaling")["rows"]
