@@ -370,27 +370,26 @@ def measure_resources(case: dict, opts) -> dict:
     from triton.compiler import ASTSource
 
     from h_transformer_1d.attention import triton_kernels as tk
-    from h_transformer_1d.attention.fused import _window
+    from h_transformer_1d.attention.fused import window_constants
 
     ptxas = _ptxas()
     if ptxas is None:
         return {"note": "skipped: no ptxas (Triton's bundled one or on PATH)"}
     kernel = getattr(tk, case["kernel"])
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    d, warps, stages = case["d"], tk.GLUE_WARPS if hasattr(tk, "GLUE_WARPS") else 1, None
+    d, stages = case["d"], None
     if case["tile"]:
         bm, bn, warps, stages = case["tile"]
-        first, step, num_win = _window(case["level0"], True)
+        first, step, num_win = window_constants(case["level0"], True)
         consts = {"NR": BLOCK, "D": d, "BLOCK_M": bm, "BLOCK_N": bn, "FIRST": first, "STEP": step, "NUM_WIN": num_win,
                   "LEVEL0": case["level0"], "CAUSAL": True, "UNIFORM": False, "FINAL": case["level0"]}  # fmt: skip
     elif case["kernel"] == "uncoarsen_kernel":
         rows, warps = tk.uncoarsen_config(d)
         consts = {"D": d, "BLOCK": rows, "CAUSAL": True, "ROTARY": True}
     else:
-        lvl = tk.glue_levels(d) if hasattr(tk, "glue_levels") else tk.LV
+        coarsen = case["kernel"] == "coarsen_kernel"
+        lvl, warps = (tk.COARSEN_LV, tk.COARSEN_WARPS) if coarsen else (tk.LV, tk.FOLD_WARPS)
         consts = {"D": d, "LVL": lvl, "RAW": True, "HAS_MASK": True, "CAUSAL": True, "ROTARY": True}
-        if not hasattr(tk, "GLUE_WARPS"):
-            warps = tk.COARSEN_WARPS if case["kernel"] == "coarsen_kernel" else tk.FOLD_WARPS
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     # the kernels' parameters: lower case and these are integers, `scale` a float, the rest pointers
     ints = {"H", "G", "MTOT", "M0", "N", "ROW0", "TOP", "N_IN", "IN_ROW0", "BASE"}

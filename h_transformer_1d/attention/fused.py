@@ -105,7 +105,7 @@ def _alloc_bnhd(b, h, n, d, device, dtype) -> torch.Tensor:
     return alloc(b, n, h, d, device=device, dtype=dtype).transpose(1, 2)
 
 
-def _window(level0: bool, causal: bool) -> tuple[int, int, int]:
+def window_constants(level0: bool, causal: bool) -> tuple[int, int, int]:
     """(FIRST, STEP, NUM_WIN): the key blocks c + FIRST + w * STEP of query block c, `window_offsets` as
     the kernels walk them (at level 0 they are contiguous and the kernels take the span directly)."""
     offsets = window_offsets(causal, 0 if level0 else 1)
@@ -259,13 +259,13 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
               layout.mtot, layout.m0, n)
     uniform = uniform_levels(n, nr, valid is not None)
     if mc:
-        first, step, num_win = _window(False, causal)
+        first, step, num_win = window_constants(False, causal)
         tk.launch(
             tk.window_fwd_kernel, lambda meta: (mc // meta["BLOCK_M"], b * h), *common, layout.m0, layout.top,
             NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=False, CAUSAL=causal, FINAL=False,
             UNIFORM=uniform,
         )
-    first, step, num_win = _window(True, causal)
+    first, step, num_win = window_constants(True, causal)
     tk.launch(
         tk.window_fwd_kernel, lambda meta: (layout.m0 // meta["BLOCK_M"], b * h), *common, 0, layout.top,
         NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=True, CAUSAL=causal, FINAL=True,
@@ -307,7 +307,7 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
     for level0, row0, rows in ((True, 0, layout.m0), (False, layout.m0, mtot - layout.m0)):
         if not rows:
             continue
-        first, step, num_win = _window(level0, causal)
+        first, step, num_win = window_constants(level0, causal)
         kw = {"NR": nr, "D": d, "FIRST": first, "STEP": step, "NUM_WIN": num_win, "LEVEL0": level0,
               "CAUSAL": causal, "UNIFORM": uniform}
         tk.launch(tk.window_bwd_dq_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_M"], b * h), *args, pdq, h,
