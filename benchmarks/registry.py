@@ -334,15 +334,17 @@ def resource_cases(opts):
     os.environ.pop("TRITON_INTERPRET", None)  # before the kernels' module is imported: it decides what @jit makes
     from h_transformer_1d.attention import triton_kernels as tk
 
-    window = [("window_fwd_kernel", tk.FWD_TILES), ("window_bwd_dq_kernel", tk.FWD_TILES),
+    window = [("window_fwd_kernel", tk.FWD_TILES), ("window_bwd_dq_kernel", tk.DQ_TILES),
               ("window_bwd_dkdv_kernel", tk.BWD_TILES)]  # fmt: skip
     cases = []
     for d in [64] if opts.quick else [64, 128]:
         for name, tiles in window:
             for level0 in (True, False):
                 for tile in tiles[:1] if opts.quick else tiles:
-                    cases.append({"label": f"{name} {'level 0' if level0 else 'coarse'} d{d} {'x'.join(map(str, tile))}",
-                                  "kernel": name, "level0": level0, "d": d, "tile": list(tile)})  # fmt: skip
+                    unused = f" (unused past d{tile[4]})" if len(tile) > 4 and d > tile[4] else ""
+                    cases.append({"label": f"{name} {'level 0' if level0 else 'coarse'} d{d} "
+                                           f"{'x'.join(map(str, tile[:4]))}{unused}",
+                                  "kernel": name, "level0": level0, "d": d, "tile": list(tile[:4])})  # fmt: skip
         for name in ("coarsen_kernel", "fold_kernel", "uncoarsen_kernel"):
             cases.append({"label": f"{name} d{d}", "kernel": name, "level0": None, "d": d, "tile": None})
     return cases

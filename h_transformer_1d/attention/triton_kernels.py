@@ -59,11 +59,16 @@ def autotune_enabled() -> bool:
 
 
 def tile_configs(shapes):
-    """Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages); one small one under the interpreter;
-    only the first (a good default) when H_TRANSFORMER_1D_AUTOTUNE=0 (no tuning delay)."""
+    """Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages[, widest head dim]); one small one under the
+    interpreter; only the first that fits (a good default) when H_TRANSFORMER_1D_AUTOTUNE=0 (no tuning delay)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         shapes = [(16, 16, 1, 1), (32, 32, 1, 1), (32, 16, 1, 1), (16, 32, 1, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    configs = []
+    for m, n, w, s, *widest in shapes:
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        config.widest_head = widest[0] if widest else None  # `fits_head`
+        configs.append(config)
+    return configs
 
 
 # Past head dim 128 the tuned tiles no longer fit: a (BLOCK_M, D) float32 accumulator over the warps'
@@ -73,7 +78,12 @@ WIDE_HEAD_TILES = (64 * 256, 32 * 256)
 
 
 def fits_head(config, d: int) -> bool:
+    """Whether a tile runs at head dim d: within its own widest head (a tile that spills registers past it,
+    compiled for sm_90a: benchmarks/results/kernel_resources) and, past 128, within WIDE_HEAD_TILES."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    widest = getattr(config, "widest_head", None)
+    if widest is not None and d > widest:
+        return False
     return d <= 128 or (block_m * d <= WIDE_HEAD_TILES[0] and block_n * d <= WIDE_HEAD_TILES[1])
 
 
@@ -130,13 +140,24 @@ def launch(kernel, grid, *args, **consts) -> None:
     kernel.fn.run(*args, grid=grid, warmup=False, **consts, **config.all_kwargs())
 
 
+# Tile lists, each (BLOCK_M, BLOCK_N, num_warps, num_stages[, widest head dim]): the first that fits is the
+# default; a widest head dim marks a tile that spills registers at wider heads (ptxas for sm_90a,
+# benchmarks/results/kernel_resources), where autotuning would only time it to discard it.
 FWD_TILES = [
-    (128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)
-]
+    (128, 64, 4, 3, 64), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2, 64), (64, 32, 4, 3), (32, 32, 4, 2),
+    (16, 16, 2, 2),
+]  # fmt: skip
 FWD_CONFIGS = tile_configs(FWD_TILES)
-# The key-side backward's first (default) tile is the fastest when each tile is forced in turn at the
-# training tool's shape (context 4,096, block 512; benchmarks/results/attention_gpu/).
-BWD_TILES = [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (16, 16, 2, 2)]
+# The query-side backward keeps the scores and dq accumulator of its rows: 128 rows take 8 warps (over 4
+# they spill at every head dim).
+DQ_TILES = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2),
+            (16, 16, 2, 2)]  # fmt: skip
+DQ_CONFIGS = tile_configs(DQ_TILES)
+# The key-side backward keeps dk and dv of its BLOCK_N keys: 64 keys fit head dims up to 64; wider heads
+# take 32. Its first (default) tile is the fastest when each tile is forced in turn at the training tool's
+# shape (context 4,096, block 512; benchmarks/results/attention_gpu/).
+BWD_TILES = [(32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (64, 128, 8, 2, 64), (128, 64, 8, 2, 64), (64, 32, 4, 3),
+             (32, 32, 4, 3), (16, 16, 2, 2)]  # fmt: skip
 BWD_CONFIGS = tile_configs(BWD_TILES)
 
 
@@ -646,7 +667,7 @@ def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
     return dq
 
 
-@_autotune(FWD_CONFIGS)
+@_autotune(DQ_CONFIGS)
 @triton.jit
 def window_bwd_dq_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,  # all packed: (B, H, MTOT[, D]), k, v (B, H / G, MTOT, D); counts

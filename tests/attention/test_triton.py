@@ -111,7 +111,7 @@ def test_unequal_tiles(monkeypatch, tiles, n, causal, mask_kind):
         assert {s[:2] for s in shape()} == {tiles}, kernel.fn.__name__
 
 
-GPU_TILES = sorted({tk.tile_shape(c) for c in tk.FWD_CONFIGS + tk.BWD_CONFIGS})
+GPU_TILES = sorted({tk.tile_shape(c) for c in tk.FWD_CONFIGS + tk.DQ_CONFIGS + tk.BWD_CONFIGS})
 
 
 @cuda
@@ -541,24 +541,27 @@ def test_kernels_take_blocks_16_to_512_and_their_head_sizes():
     assert [fused.kernel_head_dim(d) for d in (1, 16, 17, 48, 80, 128, 129, 256)] == [16, 16, 32, 64, 128, 128, 256, 256]
 
 
-@pytest.mark.parametrize("tiles", [tk.FWD_TILES, tk.BWD_TILES], ids=["forward", "backward"])
+@pytest.mark.parametrize("tiles", [tk.FWD_TILES, tk.DQ_TILES, tk.BWD_TILES], ids=["forward", "dq", "dkdv"])
 def test_wide_heads_take_narrower_tiles(monkeypatch, tiles):
     """Past head dim 128 only tiles within WIDE_HEAD_TILES remain (the others overflow registers or shared
-    memory on the GPU), and at least one does at every block size; up to 128 the head dim prunes nothing."""
+    memory on the GPU), and at least one does at every block size; up to 128 the head dim prunes only the
+    tiles marked with a narrower widest head."""
     monkeypatch.setenv("H_TRANSFORMER_1D_AUTOTUNE", "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's tile lists, not the interpreter's
     gpu_configs = tk.tile_configs(tiles)
     for nr in (16, 64, 512):
+        for d in (64, 128):
+            expected = [c for c, t in zip(gpu_configs, tiles) if t[0] <= nr and t[1] <= nr and (t[4:] or [d])[0] >= d]
+            assert tk.fit_block(gpu_configs, {}, NR=nr, D=d) == expected, (nr, d)
         narrow = tk.fit_block(gpu_configs, {}, NR=nr, D=128)
-        assert narrow == [c for c in gpu_configs if c.kwargs["BLOCK_M"] <= nr and c.kwargs["BLOCK_N"] <= nr]
         wide = tk.fit_block(gpu_configs, {}, NR=nr, D=256)
-        assert wide and set(wide) < set(narrow) or nr == 16
+        assert wide and set(wide) <= set(narrow) or nr == 16
         for c in wide:
             m, n = tk.tile_shape(c)[:2]
             assert m * 256 <= tk.WIDE_HEAD_TILES[0] and n * 256 <= tk.WIDE_HEAD_TILES[1]
 
 
-WIDE_TILES = sorted({tk.tile_shape(c) for c in tk.FWD_CONFIGS + tk.BWD_CONFIGS if tk.fits_head(c, 256)})
+WIDE_TILES = sorted({tk.tile_shape(c) for c in tk.FWD_CONFIGS + tk.DQ_CONFIGS + tk.BWD_CONFIGS if tk.fits_head(c, 256)})
 
 
 @cuda
