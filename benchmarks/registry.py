@@ -425,10 +425,12 @@ def measure_resources(case: dict, opts) -> dict:
 
 
 def resources_headline(rows) -> str:
-    spilling = [r for r in rows if r.get("spill_bytes")]
-    return (f"{len(spilling)} of {len(rows)} compiled kernels and tiles spill registers"
-            + (f" (most: {max(spilling, key=lambda r: r['spill_bytes'])['label']}, "
-               f"{max(r['spill_bytes'] for r in spilling)} bytes)" if spilling else ""))
+    used = [r for r in rows if "unused" not in r["label"]]
+    spilling = [r for r in used if r.get("spill_bytes")]
+    worst = max(spilling, key=lambda r: r["spill_bytes"]) if spilling else None
+    return (f"{len(spilling)} of {len(used)} kernels and tiles in use spill registers"
+            + (f" (most: {worst['label']}, {worst['spill_bytes']} bytes)" if worst else "")
+            + f"; {len(rows) - len(used)} more tiles are kept from the head dims where they spill")
 
 
 # ------------------------------------------------------------------------------------------- host overhead
