@@ -66,9 +66,14 @@ def tile_configs(shapes):
     configs = []
     for m, n, w, s, *widest in shapes:
         config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        config.widest_head = widest[0] if widest else None  # `fits_head`
+        if widest:
+            # kept beside the config, not on it: Triton's autotuning cache rebuilds configs from their attributes
+            WIDEST_HEAD[id(config)] = (config, widest[0])
         configs.append(config)
     return configs
+
+
+WIDEST_HEAD: dict = {}  # id(config) -> (config, the widest head dim it runs at); the config kept alive with its id
 
 
 # Past head dim 128 the tuned tiles no longer fit: a (BLOCK_M, D) float32 accumulator over the warps'
@@ -81,8 +86,8 @@ def fits_head(config, d: int) -> bool:
     """Whether a tile runs at head dim d: within its own widest head (a tile that spills registers past it,
     compiled for sm_90a: benchmarks/results/kernel_resources) and, past 128, within WIDE_HEAD_TILES."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    widest = getattr(config, "widest_head", None)
-    if widest is not None and d > widest:
+    widest = WIDEST_HEAD.get(id(config))
+    if widest is not None and d > widest[1]:
         return False
     return d <= 128 or (block_m * d <= WIDE_HEAD_TILES[0] and block_n * d <= WIDE_HEAD_TILES[1])
 

@@ -561,6 +561,19 @@ def test_wide_heads_take_narrower_tiles(monkeypatch, tiles):
             assert m * 256 <= tk.WIDE_HEAD_TILES[0] and n * 256 <= tk.WIDE_HEAD_TILES[1]
 
 
+def test_tile_configs_survive_the_autotuning_cache(monkeypatch):
+    """Triton's autotuner keeps its choices on disk as each config's attributes and rebuilds the configs with
+    `Config(**attributes)`: a config carrying anything else cannot be read back (every later process then fails
+    on its first launch)."""
+    import json
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for tiles in (tk.FWD_TILES, tk.DQ_TILES, tk.BWD_TILES):
+        for config in tk.tile_configs(tiles):
+            rebuilt = triton.Config(**json.loads(json.dumps(config.__dict__)))
+            assert tk.tile_shape(rebuilt) == tk.tile_shape(config)
+
+
 WIDE_TILES = sorted({tk.tile_shape(c) for c in tk.FWD_CONFIGS + tk.DQ_CONFIGS + tk.BWD_CONFIGS if tk.fits_head(c, 256)})
 
 
