@@ -334,17 +334,16 @@ def resource_cases(opts):
     os.environ.pop("TRITON_INTERPRET", None)  # before the kernels' module is imported: it decides what @jit makes
     from h_transformer_1d.attention import triton_kernels as tk
 
-    window = [("window_fwd_kernel", tk.FWD_TILES), ("window_bwd_dq_kernel", tk.DQ_TILES),
-              ("window_bwd_dkdv_kernel", tk.BWD_TILES)]  # fmt: skip
     cases = []
     for d in [64] if opts.quick else [64, 128]:
-        for name, tiles in window:
+        for name, tiles in tk.WINDOW_TILES.items():
             for level0 in (True, False):
                 for tile in tiles[:1] if opts.quick else tiles:
-                    unused = f" (unused past d{tile[4]})" if len(tile) > 4 and d > tile[4] else ""
+                    in_use = len(tile) < 5 or d <= tile[4]  # kept from wider heads (`fits_head`)
                     cases.append({"label": f"{name} {'level 0' if level0 else 'coarse'} d{d} "
-                                           f"{'x'.join(map(str, tile[:4]))}{unused}",
-                                  "kernel": name, "level0": level0, "d": d, "tile": list(tile[:4])})  # fmt: skip
+                                           f"{'x'.join(map(str, tile[:4]))}{'' if in_use else f' (unused past d{tile[4]})'}",
+                                  "kernel": name, "level0": level0, "d": d, "tile": list(tile[:4]),
+                                  "in_use": in_use})  # fmt: skip
         for name in ("coarsen_kernel", "fold_kernel", "uncoarsen_kernel"):
             cases.append({"label": f"{name} d{d}", "kernel": name, "level0": None, "d": d, "tile": None})
     return cases
@@ -425,7 +424,7 @@ def measure_resources(case: dict, opts) -> dict:
 
 
 def resources_headline(rows) -> str:
-    used = [r for r in rows if "unused" not in r["label"]]
+    used = [r for r in rows if r.get("in_use", True)]
     spilling = [r for r in used if r.get("spill_bytes")]
     worst = max(spilling, key=lambda r: r["spill_bytes"]) if spilling else None
     return (f"{len(spilling)} of {len(used)} kernels and tiles in use spill registers"

@@ -164,6 +164,8 @@ DQ_CONFIGS = tile_configs(DQ_TILES)
 BWD_TILES = [(32, 64, 4, 3, 64), (64, 64, 4, 2, 64), (64, 128, 8, 2, 64), (128, 64, 8, 2, 64), (64, 32, 4, 3),
              (32, 32, 4, 3), (16, 16, 2, 2)]  # fmt: skip
 BWD_CONFIGS = tile_configs(BWD_TILES)
+# each window kernel's tile list, by kernel name (studies and tests walk them)
+WINDOW_TILES = {"window_fwd_kernel": FWD_TILES, "window_bwd_dq_kernel": DQ_TILES, "window_bwd_dkdv_kernel": BWD_TILES}
 
 
 # --------------------------------------------------------------------------- pairwise reductions

@@ -231,28 +231,32 @@ def test_kernel_resources_quick(studies):
         assert 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["shared_kib"] >= 0, r["label"]
 
 
+def compiled_in_child(code: str):
+    """The JSON that `code` prints last, run in a child interpreter that compiles for sm_90a: this one runs
+    Triton's interpreter (conftest), which makes @jit kernels uncompilable. Skips without ptxas."""
+    if registry._ptxas() is None:
+        pytest.skip("no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(registry.__file__).parent), env.get("PYTHONPATH", "")])
+    env["H_TRANSFORMER_1D_AUTOTUNE"] = "0"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("d", [128, 256])
 def test_uncoarsen_keeps_its_tiles_in_registers(d):
     """Compiled for sm_90a (no GPU needed), the uncoarsen kernel at the wide head dims spills nothing: its rows per
     program shrink as the head dim grows (32 rows over 2 warps spilled 11 KB per thread at head dim 128)."""
-    if registry._ptxas() is None:
-        pytest.skip("no ptxas")
-    # a child interpreter: this one runs Triton's interpreter (conftest), which makes @jit kernels uncompilable
-    code = ("import json, registry; print(json.dumps(registry.measure_resources("
-            f"{{'kernel': 'uncoarsen_kernel', 'd': {d}, 'tile': None, 'level0': None}}, None)))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(registry.__file__).parent), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row = compiled_in_child("import json, registry; print(json.dumps(registry.measure_resources("
+                            f"{{'kernel': 'uncoarsen_kernel', 'd': {d}, 'tile': None, 'level0': None}}, None)))")
     assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
 
 
 DEFAULT_TILE_CHECK = """
-import json, os, registry
+import json, registry
 from h_transformer_1d.attention import triton_kernels as tk
 rows = []
-for name, tiles in (("window_fwd_kernel", tk.FWD_TILES), ("window_bwd_dq_kernel", tk.DQ_TILES),
-                    ("window_bwd_dkdv_kernel", tk.BWD_TILES)):
+for name, tiles in tk.WINDOW_TILES.items():
     for d in (64, 128):
         tile = tk.tile_shape(tk.fit_block(tk.tile_configs(tiles), {}, NR=128, D=d)[0])
         for level0 in ((True, False) if name == "window_fwd_kernel" else (True,)):
@@ -266,14 +270,7 @@ def test_default_tiles_keep_their_state_in_registers():
     """Compiled for sm_90a (no GPU needed), the tile each window kernel takes without autotuning, at head dims 64
     and 128 and block 128, spills at most the 36 bytes of the forward's measured-fastest level-0 tile at head dim
     64 (the dq tile of 128 rows over 4 warps spilled 108 bytes at 64, and dk/dv tiles of 64 keys up to 584 at 128)."""
-    if registry._ptxas() is None:
-        pytest.skip("no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(registry.__file__).parent), env.get("PYTHONPATH", "")])
-    env["H_TRANSFORMER_1D_AUTOTUNE"] = "0"
-    done = subprocess.run([sys.executable, "-c", DEFAULT_TILE_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600, check=True)  # fmt: skip
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = compiled_in_child(DEFAULT_TILE_CHECK)
     assert len(rows) == 8
     for row in rows:
         assert row["spill_bytes"] <= 36 and row["registers"] <= 255, row
