@@ -412,23 +412,43 @@ def measure_resources(case: dict, opts) -> dict:
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
                               target=GPUTarget("cuda", 90, 32), options=options)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "kernel.ptx"
+        ptx, cubin = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.o"
         ptx.write_text(compiled.asm["ptx"])
-        report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(Path(tmp) / "kernel.o")],
+        report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(cubin)],
                                 check=True, capture_output=True, text=True).stderr  # fmt: skip
+        cuobjdump = Path(ptxas).with_name("cuobjdump")
+        sass = (subprocess.run([str(cuobjdump), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+                if cuobjdump.is_file() else None)  # fmt: skip
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     return {"warps": warps, "registers": int(registers.group(1)) if registers else None,
             "spill_bytes": int(spills.group(1)) if spills else None,
+            "loop_spills": None if sass is None else spills_in_loops(sass),
             "shared_kib": compiled.metadata.shared / 1024}  # fmt: skip
+
+
+def spills_in_loops(sass: str) -> int:
+    """Local-memory loads and stores (STL, LDL: spilled registers) inside the loops of a kernel's SASS (as
+    `cuobjdump -sass` prints it), a loop being the instructions from a backward branch's target to the branch.
+    A spill in a prologue or epilogue runs once per program; one in the loops over key or query tiles runs at
+    every step."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    inside = set()
+    for addr, text in code:
+        target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            inside.update(a for a, _ in code if int(target.group(1), 16) <= a <= addr)
+    return sum(1 for addr, text in code if addr in inside and re.search(r"\b(STL|LDL)\b", text))
 
 
 def resources_headline(rows) -> str:
     used = [r for r in rows if r.get("in_use", True)]
     spilling = [r for r in used if r.get("spill_bytes")]
     worst = max(spilling, key=lambda r: r["spill_bytes"]) if spilling else None
+    in_loops = [r for r in used if r.get("loop_spills")]
     return (f"{len(spilling)} of {len(used)} kernels and tiles in use spill registers"
             + (f" (most: {worst['label']}, {worst['spill_bytes']} bytes)" if worst else "")
+            + f", {len(in_loops)} of them inside their loops"
             + f"; {len(rows) - len(used)} more tiles are kept from the head dims where they spill")
 
 
@@ -1059,7 +1079,8 @@ STUDIES = {s.name: s for s in [
           "head dims 64 and 128, block 128, causal) and of the glue kernels", "cpu", resource_cases, measure_resources,
           index=[("label", "kernel, level, head dim, tile", "")],
           values=[("warps", "warps", ""), ("registers", "registers", ""), ("spill_bytes", "spilled bytes", ""),
-                  ("shared_kib", "shared KiB", ",.1f"), ("note", "note", "")],
+                  ("loop_spills", "spill instructions in loops", ""), ("shared_kib", "shared KiB", ",.1f"),
+                  ("note", "note", "")],
           headline=resources_headline, plot=("registers", "spill_bytes", ["d"], "kernel"),
           points=lambda rows: [r for r in rows if r.get("registers") is not None]),
     Study("host", "host overhead of one attention layer with its projections (dim 512, 8 x 64, block 128), eager "

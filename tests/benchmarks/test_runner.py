@@ -229,6 +229,7 @@ def test_kernel_resources_quick(studies):
         if "note" in r:  # no ptxas on this machine
             continue
         assert 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 and r["shared_kib"] >= 0, r["label"]
+        assert r["loop_spills"] is None or r["loop_spills"] >= 0, r["label"]
 
 
 def compiled_in_child(code: str):
@@ -274,6 +275,27 @@ def test_default_tiles_keep_their_state_in_registers():
     assert len(rows) == 8
     for row in rows:
         assert row["spill_bytes"] <= 36 and row["registers"] <= 255, row
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                                  /* 0x00000a0000017a02 */
+        /*0010*/                   STL [R1], R2 ;                                           /* 0x0000000201007387 */
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;           /* 0x0000000000187387 */
+        /*0030*/                   LDL R3, [R1+0x4] ;                                       /* 0x0000040001037983 */
+        /*0040*/              @!P0 BRA 0x20 ;                                               /* 0xfffffffc00008947 */
+        /*0050*/                   STL [R1+0x8], R4 ;                                       /* 0x0000080401007387 */
+        /*0060*/               @P1 BRA 0x80 ;                                               /* 0x0000000000041947 */
+        /*0070*/                   LDL R5, [R1+0x8] ;                                       /* 0x0000080001057983 */
+        /*0080*/                   EXIT ;                                                   /* 0x000000000000794d */
+"""
+
+
+def test_spills_in_loops_counts_only_loop_bodies():
+    """One backward branch (0x40 -> 0x20) makes a loop holding one LDL; the STL before it, the STL and LDL after it
+    (a forward branch is no loop) are outside."""
+    assert registry.spills_in_loops(SASS) == 1
+    assert registry.spills_in_loops(SASS.replace("BRA 0x20", "BRA 0x10")) == 2
+    assert registry.spills_in_loops(SASS.replace("BRA 0x20", "BRA 0x50")) == 0
 
 
 def test_scaling_quick(studies):
