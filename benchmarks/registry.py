@@ -344,7 +344,7 @@ def resource_cases(opts):
                                            f"{'x'.join(map(str, tile[:4]))}{'' if in_use else f' (unused past d{tile[4]})'}",
                                   "kernel": name, "level0": level0, "d": d, "tile": list(tile[:4]),
                                   "in_use": in_use})  # fmt: skip
-        for name in ("coarsen_kernel", "fold_kernel", "uncoarsen_kernel"):
+        for name in ("coarsen_kernel", "fold_kernel"):
             cases.append({"label": f"{name} d{d}", "kernel": name, "level0": None, "d": d, "tile": None})
     return cases
 
@@ -383,10 +383,8 @@ def measure_resources(case: dict, opts) -> dict:
         bm, bn, warps, stages = case["tile"]
         first, step, num_win = window_constants(case["level0"], True)
         consts = {"NR": BLOCK, "D": d, "BLOCK_M": bm, "BLOCK_N": bn, "FIRST": first, "STEP": step, "NUM_WIN": num_win,
-                  "LEVEL0": case["level0"], "CAUSAL": True, "UNIFORM": False, "FINAL": case["level0"]}  # fmt: skip
-    elif case["kernel"] == "uncoarsen_kernel":
-        rows, warps = tk.uncoarsen_config(d)
-        consts = {"D": d, "BLOCK": rows, "CAUSAL": True, "ROTARY": True}
+                  "LEVEL0": case["level0"], "CAUSAL": True, "UNIFORM": False, "FINAL": case["level0"],
+                  "ROTARY": case["level0"]}  # fmt: skip
     else:
         coarsen = case["kernel"] == "coarsen_kernel"
         lvl, warps = (tk.COARSEN_LV, tk.COARSEN_WARPS) if coarsen else (tk.LV, tk.FOLD_WARPS)

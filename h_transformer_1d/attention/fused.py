@@ -6,12 +6,13 @@ Forward (3 launches for 2 * block_size < N <= 8 * block_size, 2 below, one more 
   2. one windowed launch over all coarse levels gives an unnormalised softmax state per coarse query;
   3. the level-0 launch starts each query's online softmax from its ancestors' coarse states, so
      every query ends with one softmax over all levels, and stores one log-sum-exp.
-Backward (6 launches for 2 * block_size < N <= 128 * block_size, 4 below, one more per further 6
+Backward (5 launches for 2 * block_size < N <= 8 * block_size, 3 below, one more per further 2
 levels): ``fold_kernel`` folds each coarse group's
 rows (``dObar = sum_i 2^(ref - lse_i) dO_i``, ``Dbar`` likewise, ``ref = min_i lse_i``: every coarse
-weight of the group is <= 2^-ref, so nothing overflows); the windowed backward kernels run on level 0
-and on the packed coarse levels; ``uncoarsen_kernel`` spreads coarse gradients back to the tokens
-(means: divided by the count; causal queries: to the sampled first token) and writes dq, dk, dv.
+weight of the group is <= 2^-ref, so nothing overflows); the windowed backward kernels run on the
+packed coarse levels, then on level 0, where each token adds its share of its ancestors' gradients
+(means: divided by the count; causal queries: to the sampled first token) before dq, dk and dv are
+written.
 """
 
 import contextlib
@@ -299,32 +300,30 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
             h, mtot, n_in, row0, base, layout.top,
             D=d, LVL=lvl, RAW=raw, num_warps=tk.FOLD_WARPS,
         )
-    # gradients of every packed row, in the input precision for half inputs (summed in float32 later)
+    if grads is None:
+        grads = (_alloc_bnhd(b, heads, n, d, dev, pq.dtype) for heads in (h, hkv, hkv))
+    dq, dk, dv = grads
+    # the coarse rows' gradients, in the input precision for half inputs (summed in float32 at level 0)
     gdtype = torch.float32 if pq.dtype == torch.float32 else pq.dtype
-    pdq, pdk, pdv = _carve(alloc((h + 2 * hkv) * b * mtot * d, device=dev, dtype=gdtype),
-                           (b, h, mtot, d), (b, hkv, mtot, d), (b, hkv, mtot, d))
-    args = (pq, pk, pv, pc, lo, hi, pdo, plse, pdel)
-    for level0, row0, rows in ((True, 0, layout.m0), (False, layout.m0, mtot - layout.m0)):
+    mc = mtot - layout.m0
+    crows = max(mc, 1)  # never read without coarse levels, but kernels want a real pointer
+    cdq, cdk, cdv = _carve(alloc((h + 2 * hkv) * b * crows * d, device=dev, dtype=gdtype),
+                           (b, h, crows, d), (b, hkv, crows, d), (b, hkv, crows, d))
+    args = (pq, pk, pv, pc, lo, hi, pdo, plse, pdel, pf, start_t, *(rot if rot is not None else (pc, pc)))
+    sizes = (h, h // hkv, mtot, layout.m0, n)
+    # coarse levels first: level 0 reads their gradients
+    for level0, row0, rows in ((False, layout.m0, mc), (True, 0, layout.m0)):
         if not rows:
             continue
         first, step, num_win = window_constants(level0, causal)
         kw = {"NR": nr, "D": d, "FIRST": first, "STEP": step, "NUM_WIN": num_win, "LEVEL0": level0,
-              "CAUSAL": causal, "UNIFORM": uniform}
-        tk.launch(tk.window_bwd_dq_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_M"], b * h), *args, pdq, h,
-                  h // hkv, mtot, row0, **kw)
+              "CAUSAL": causal, "UNIFORM": uniform, "ROTARY": level0 and rot is not None}
+        gq, gk, gv = (dq, dk, dv) if level0 else (cdq, cdk, cdv)
+        tk.launch(tk.window_bwd_dq_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_M"], b * h), *args, gq, cdq,
+                  *gq.stride()[:3], *sizes, row0, layout.top, scale, **kw)
         # one program per key tile of a kv head: it sums dk, dv over the query heads of its group
-        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_N"], b * hkv), *args, pdk,
-                  pdv, h, h // hkv, mtot, row0, **kw)
-    if grads is None:
-        grads = (_alloc_bnhd(b, heads, n, d, dev, pq.dtype) for heads in (h, hkv, hkv))
-    dq, dk, dv = grads
-    rows, warps = tk.uncoarsen_config(d)
-    tk.uncoarsen_kernel[(-(-n // rows), b * h)](
-        pdq, pdk, pdv, pc, pf, start_t, *(rot if rot is not None else (pc, pc)), dq, dk, dv,
-        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        h, h // hkv, mtot, n, layout.top, scale,
-        D=d, BLOCK=rows, CAUSAL=causal, ROTARY=rot is not None, num_warps=warps,
-    )
+        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_N"], b * hkv), *args, gk,
+                  gv, cdk, cdv, *gk.stride()[:3], *gv.stride()[:3], *sizes, row0, layout.top, **kw)
     return dq, dk, dv
 
 

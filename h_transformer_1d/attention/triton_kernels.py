@@ -18,10 +18,13 @@ padded to whole blocks) first, then levels 1, 2, ... each padded to whole blocks
 - ``fold_kernel``: for the backward, folds each coarse group's rows: ``ref = min lse``,
   ``dObar = sum 2^(ref - lse_i) dO_i``, ``Dbar = sum 2^(ref - lse_i) Delta_i``, so the same
   backward kernels compute coarse gradients.
-- ``uncoarsen_kernel``: spreads coarse gradients back to the tokens and writes dq, dk, dv.
+- The backward kernels run on the coarse levels first, then on level 0, whose epilogue adds each
+  token's share of its ancestors' gradients (means: divided by the count; causal queries: to the
+  sampled first token), turns dq and dk back through the rotary embedding and writes dq, dk, dv: no
+  pass over the tokens of its own, and no level-0 gradient copy.
 
 Scores are kept in base 2: level 0 holds q scaled by ``scale * log2(e)`` (so q.k is the base-2 score),
-and ``uncoarsen_kernel`` takes the log2(e) off dk again.
+and the level-0 backward takes the log2(e) off dk again.
 """
 
 import inspect
@@ -35,19 +38,6 @@ import triton.language as tl
 # registers (with rotary q and k above all) and take several times longer than the extra launches cost.
 LV, FOLD_WARPS = 2, 1
 COARSEN_LV, COARSEN_WARPS = 2, 1
-# Rows per uncoarsen program, and its warps: up to head dim 64, 32 rows over 2 warps, the fastest of the settings
-# tried (at head dim 64); wider heads take about UNCOARSEN_ELEMS elements over 4 warps (`uncoarsen_config`).
-UNCOARSEN_BLOCK, UNCOARSEN_WARPS, UNCOARSEN_ELEMS = 32, 2, 2048
-
-
-def uncoarsen_config(d: int) -> tuple[int, int]:
-    """(rows, warps) of an uncoarsen program at head dim d. Its three float32 gradient tiles must fit in
-    registers: compiled for sm_90a, 32 rows over 2 warps spill 11 KB per thread at head dim 128 and 18 KB at 256
-    (64 bytes at 64), while 2048 // d rows over 4 warps spill nothing at 128 and 256
-    (benchmarks/results/kernel_resources)."""
-    return (UNCOARSEN_BLOCK, UNCOARSEN_WARPS) if d <= 64 else (max(1, UNCOARSEN_ELEMS // d), 4)
-
-
 # Tests: the tile shapes to force, each (BLOCK_M, BLOCK_N) or (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # A kernel whose configs hold one of them takes only that one (the first config matching it, so a pair
 # that matches several configs tests one of them); the others keep their default.
@@ -372,61 +362,31 @@ def fold_kernel(
 
 
 @triton.jit
-def uncoarsen_kernel(
-    PDQ, PDK, PDV, PC, PF, START, COS, SIN,  # packed gradients (B, H|HKV, MTOT, D), counts, first tokens, rotary
-    DQ, DK, DV,  # outputs (B, H|HKV, N, D), any strides
-    sqb, sqh, sqm, skb, skh, skm, svb, svh, svm,
-    H, G, MTOT, N, TOP, scale,
-    D: tl.constexpr, BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ROTARY: tl.constexpr,
-):
-    """dq, dk, dv of token i: its level-0 gradient plus, per level, its group's coarse gradient
-    (divided by the group's count for means; causal queries: only the group's first token);
-    ROTARY turns dq and dk back to the unrotated inputs. One program per query head; the first of each
-    group of G (grouped-query attention) also does dk and dv of its kv head (masked off in the others)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
+def _add_ancestors(g, P, p_off, CNT, PF, START, rows, ok, cbase, M0, TOP, TAKE_FIRST: tl.constexpr, D: tl.constexpr):
+    """The level-0 gradient tile g (R, D) of packed rows `rows` plus, per coarse level, the gradient of
+    each row's ancestor (P: the coarse rows, packed row M0 first, from p_off) divided by the ancestor's
+    count (a mean's gradient spreads evenly); TAKE_FIRST (causal queries, which sample their group's
+    first token): all of it where the row is that token, nothing elsewhere."""
     offs_d = tl.arange(0, D)
-    ok = rows < N
-    kv_ok = tl.where(h % G == 0, ok, False)  # (tl.where: `&` with a scalar gives int32 in the interpreter)
-    p_off = (b * H + h) * MTOT * D
-    kv_off = (b * (H // G) + hk) * MTOT * D
-    ptr = p_off + rows[:, None] * D + offs_d[None, :]
-    kv_ptr = kv_off + rows[:, None] * D + offs_d[None, :]
-    dq = tl.load(PDQ + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    dk = tl.load(PDK + kv_ptr, mask=kv_ok[:, None], other=0.0).to(tl.float32)
-    dv = tl.load(PDV + kv_ptr, mask=kv_ok[:, None], other=0.0).to(tl.float32)
-    valid = tl.load(PC + b * MTOT + rows, mask=ok, other=0.0) > 0
     for level in range(1, TOP + 1):
         anc = tl.load(START + level) + (rows >> level)
-        inv = 1.0 / tl.maximum(tl.load(PC + b * MTOT + anc, mask=ok, other=1.0), 1.0)
-        aptr = p_off + anc[:, None] * D + offs_d[None, :]
-        kv_aptr = kv_off + anc[:, None] * D + offs_d[None, :]
-        dk += tl.load(PDK + kv_aptr, mask=kv_ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
-        dv += tl.load(PDV + kv_aptr, mask=kv_ok[:, None], other=0.0).to(tl.float32) * inv[:, None]
-        gq = tl.load(PDQ + aptr, mask=ok[:, None], other=0.0).to(tl.float32)
-        if CAUSAL:
-            first = tl.load(PF + b * MTOT + anc, mask=ok, other=-1)
-            dq += tl.where((first == rows)[:, None], gq, 0.0)
+        ga = tl.load(P + p_off + (anc - M0)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if TAKE_FIRST:
+            first = tl.load(PF + cbase + anc, mask=ok, other=-1)
+            g += tl.where((first == rows)[:, None], ga.to(tl.float32), 0.0)
         else:
-            dq += gq * inv[:, None]
-    if ROTARY:  # the gradient turns back: (g1, g2) -> (g1 cos + g2 sin, -g1 sin + g2 cos)
-        cos, sin = _rotary_tables(COS, SIN, rows, ok, BLOCK, D)
-        g1, g2 = tl.split(tl.reshape(dq, [BLOCK, D // 2, 2]))
-        dq = tl.reshape(tl.join(g1 * cos + g2 * sin, g2 * cos - g1 * sin), [BLOCK, D])
-        g1, g2 = tl.split(tl.reshape(dk, [BLOCK, D // 2, 2]))
-        dk = tl.reshape(tl.join(g1 * cos + g2 * sin, g2 * cos - g1 * sin), [BLOCK, D])
-    dq = tl.where(valid[:, None], dq * scale, 0.0)
-    dk = tl.where(valid[:, None], dk * 0.6931471805599453, 0.0)  # packed q carries log2(e): d/dk of q.k / log2(e)
-    dv = tl.where(valid[:, None], dv, 0.0)
-    tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ok[:, None])
-    tl.store(DK + b * skb + hk * skh + rows[:, None] * skm + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_ok[:, None])
-    tl.store(DV + b * svb + hk * svh + rows[:, None] * svm + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok[:, None])
+            inv = 1.0 / tl.maximum(tl.load(CNT + cbase + anc, mask=ok, other=1.0), 1.0)
+            g += ga.to(tl.float32) * inv[:, None]
+    return g
+
+
+@triton.jit
+def _unrotate(g, COS, SIN, rows, ok, R: tl.constexpr, D: tl.constexpr):
+    """The gradient (R, D) of rotated rows turned back to the unrotated inputs: each feature pair
+    (g1, g2) -> (g1 cos + g2 sin, g2 cos - g1 sin)."""
+    cos, sin = _rotary_tables(COS, SIN, rows, ok, R, D)
+    g1, g2 = tl.split(tl.reshape(g, [R, D // 2, 2]))
+    return tl.reshape(tl.join(g1 * cos + g2 * sin, g2 * cos - g1 * sin), [R, D])
 
 
 # --------------------------------------------------------------------------- windowed attention
@@ -677,12 +637,18 @@ def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
 @_autotune(DQ_CONFIGS)
 @triton.jit
 def window_bwd_dq_kernel(
-    Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DQ,  # all packed: (B, H, MTOT[, D]), k, v (B, H / G, MTOT, D); counts
-    H, G, MTOT, ROW0,
+    Q, K, V, CNT, LO, HI, DO, LSE, DELTA,  # all packed: (B, H, MTOT[, D]), k, v (B, H / G, MTOT, D); counts
+    PF, START, COS, SIN,  # first tokens (B, MTOT), level starts, rotary tables: the level-0 epilogue's
+    DQ, PDQ,  # the output (see below); the coarse rows' gradients (B, H, MTOT - M0, D), read at level 0
+    sdb, sdh, sdm,  # DQ's strides
+    H, G, MTOT, M0, N, ROW0, TOP, scale,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
-    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr,
+    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr, ROTARY: tl.constexpr,
 ):
+    """Coarse levels: the gradients of the coarse query rows, into DQ = the coarse rows' buffer. Level 0
+    (launched after them): each query's whole gradient, its ancestors' shares added (`_add_ancestors`),
+    turned back through the rotary embedding, scaled, into DQ = dq (B, H, N, D)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -716,7 +682,18 @@ def window_bwd_dq_kernel(
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
             dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, kv_base, cbase, offs_m, n_lo, n_hi,
                           FIRST + w * STEP, False, False, NR, D, BLOCK_N, UNIFORM)
-    tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+    optr = DQ + b * sdb + h * sdh + (offs_m - ROW0)[:, None] * sdm + offs_d[None, :]
+    if LEVEL0:
+        ok = offs_m < N
+        dq = _add_ancestors(dq, PDQ, (b * H + h) * (MTOT - M0) * D, CNT, PF, START, offs_m, ok, cbase, M0, TOP,
+                            CAUSAL, D)
+        if ROTARY:
+            dq = _unrotate(dq, COS, SIN, offs_m, ok, BLOCK_M, D)
+        valid = tl.load(CNT + cbase + offs_m) > 0
+        dq = tl.where(valid[:, None], dq * scale, 0.0)  # packed q carries the scale: so does its gradient
+        tl.store(optr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+    else:
+        tl.store(optr, dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -743,15 +720,18 @@ def _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, cols, m
 @_autotune(BWD_CONFIGS)
 @triton.jit
 def window_bwd_dkdv_kernel(
-    Q, K, V, CNT, LO, HI, DO, LSE, DELTA, DK, DV,
-    H, G, MTOT, ROW0,
+    Q, K, V, CNT, LO, HI, DO, LSE, DELTA, PF, START, COS, SIN,  # as the dq kernel's
+    DK, DV, PDK, PDV,  # outputs, and the coarse rows' gradients (B, H / G, MTOT - M0, D), as DQ and PDQ there
+    skb, skh, skm, svb, svh, svm,  # DK's and DV's strides
+    H, G, MTOT, M0, N, ROW0, TOP,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
-    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr,
+    LEVEL0: tl.constexpr, CAUSAL: tl.constexpr, UNIFORM: tl.constexpr, ROTARY: tl.constexpr,
 ):
     """One program per key tile of a kv head. With grouped-query attention (k, v with H / G heads) it
     walks the queries of the G query heads that share the kv head in turn, so dk and dv come out summed
-    over the group in registers: no per-query-head copy of them, no atomics."""
+    over the group in registers: no per-query-head copy of them, no atomics. Coarse levels write the
+    coarse rows' gradients; level 0 (after them) each token's whole dk and dv, as the dq kernel does."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)  # (batch row, kv head)
     start = ROW0 + pid_n * BLOCK_N
@@ -789,5 +769,23 @@ def window_bwd_dkdv_kernel(
                 m_lo, m_hi = _query_span(start, kblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
                 dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, m_lo, m_hi,
                                     FIRST + w * STEP, False, False, NR, D, BLOCK_M, UNIFORM)
-    tl.store(DK + kv_base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty))
-    tl.store(DV + kv_base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty))
+    hk = bh % (H // G)
+    out_rows = (offs_n - ROW0)[:, None]
+    kptr = DK + b * skb + hk * skh + out_rows * skm + offs_d[None, :]
+    vptr = DV + b * svb + hk * svh + out_rows * svm + offs_d[None, :]
+    if LEVEL0:
+        ok = offs_n < N
+        c_off = bh * (MTOT - M0) * D
+        cbase = b * MTOT
+        dk = _add_ancestors(dk, PDK, c_off, CNT, PF, START, offs_n, ok, cbase, M0, TOP, False, D)
+        dv = _add_ancestors(dv, PDV, c_off, CNT, PF, START, offs_n, ok, cbase, M0, TOP, False, D)
+        if ROTARY:
+            dk = _unrotate(dk, COS, SIN, offs_n, ok, BLOCK_N, D)
+        valid = (tl.load(CNT + cbase + offs_n) > 0)[:, None]
+        dk = tl.where(valid, dk * 0.6931471805599453, 0.0)  # packed q carries log2(e): d/dk of q.k / log2(e)
+        dv = tl.where(valid, dv, 0.0)
+        tl.store(kptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+        tl.store(vptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
+    else:
+        tl.store(kptr, dk.to(DK.dtype.element_ty))
+        tl.store(vptr, dv.to(DV.dtype.element_ty))

@@ -4,6 +4,8 @@ Without a GPU they run through Triton's interpreter (TRITON_INTERPRET=1, set in 
 sizes; with one, the realistic sizes below run too.
 """
 
+import math
+
 import pytest
 import torch
 from helpers import make_mask, rel_err
@@ -96,6 +98,43 @@ def test_chained_coarsening_launches(monkeypatch, n, causal, mask_kind):
     monkeypatch.setattr(tk, "COARSEN_LV", 1)
     monkeypatch.setattr(fused, "LAYOUT_TABLES", {})
     check_against_reference(n, 16, causal, mask_kind, 16, torch.float32)
+
+
+@pytest.mark.parametrize("n,hkv", [(100, 2), (40, 1), (16, 2)])  # 2 coarse levels; 1; none (one block)
+def test_backward_launches_and_buffers(monkeypatch, n, hkv):
+    """The backward is one fold launch, then dq and dk/dv on the coarse levels, then on level 0, which
+    writes dq, dk, dv itself: no other launch, and the gradient buffers it allocates besides dq, dk, dv
+    hold the coarse rows only (the packed level 0 never gets a gradient copy)."""
+    b, h, d, nr = 2, 2, 16, 16
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(b, h, n, d, generator=gen).requires_grad_()
+    k, v = (torch.randn(b, hkv, n, d, generator=gen).requires_grad_() for _ in range(2))
+    out = h_attention(q, k, v, block_size=nr, causal=True, impl="triton")
+    lengths = level_lengths(n, nr)
+    mc = sum(lengths[1:])
+    launches, allocated = [], []
+    real_launch, real_alloc, real_fold = tk.launch, fused.alloc, tk.fold_kernel
+
+    class Fold:  # fold_kernel[grid](...) launches without tk.launch
+        def __getitem__(self, grid):
+            launches.append("fold_kernel")
+            return real_fold[grid]
+
+    monkeypatch.setattr(tk, "launch", lambda kernel, *a, **kw: launches.append(
+        (kernel.fn.__name__, kw["LEVEL0"])) or real_launch(kernel, *a, **kw))
+    monkeypatch.setattr(tk, "fold_kernel", Fold())
+    monkeypatch.setattr(fused, "alloc", lambda *shape, **kw: allocated.append(shape) or real_alloc(*shape, **kw))
+    out.backward(torch.randn_like(out))
+    window = [("window_bwd_dq_kernel", False), ("window_bwd_dkdv_kernel", False)] if mc else []
+    window += [("window_bwd_dq_kernel", True), ("window_bwd_dkdv_kernel", True)]
+    assert launches == ["fold_kernel", *window]
+    mtot = sum(lengths)
+    folded = b * h * mtot * d + 2 * b * h * mtot  # dO rows, ref and Delta of every packed row
+    coarse_grads = (h + 2 * hkv) * b * max(mc, 1) * d
+    outputs = (h + 2 * hkv) * b * n * d
+    assert sum(math.prod(s) for s in allocated) == folded + coarse_grads + outputs
+    for t, e in ((q, (b, h, n, d)), (k, (b, hkv, n, d)), (v, (b, hkv, n, d))):
+        assert t.grad.shape == e and not t.grad.isnan().any()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile shapes")

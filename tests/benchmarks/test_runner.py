@@ -224,7 +224,7 @@ def test_kernel_resources_quick(studies):
     GPU, and ptxas reports its registers (at most 255 per thread) and spilled bytes."""
     rows = load(studies, "kernel_resources")["rows"]
     assert {r["kernel"] for r in rows} == {"window_fwd_kernel", "window_bwd_dq_kernel", "window_bwd_dkdv_kernel",
-                                          "coarsen_kernel", "fold_kernel", "uncoarsen_kernel"}  # fmt: skip
+                                          "coarsen_kernel", "fold_kernel"}  # fmt: skip
     for r in rows:
         if "note" in r:  # no ptxas on this machine
             continue
@@ -244,15 +244,6 @@ def compiled_in_child(code: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("d", [128, 256])
-def test_uncoarsen_keeps_its_tiles_in_registers(d):
-    """Compiled for sm_90a (no GPU needed), the uncoarsen kernel at the wide head dims spills nothing: its rows per
-    program shrink as the head dim grows (32 rows over 2 warps spilled 11 KB per thread at head dim 128)."""
-    row = compiled_in_child("import json, registry; print(json.dumps(registry.measure_resources("
-                            f"{{'kernel': 'uncoarsen_kernel', 'd': {d}, 'tile': None, 'level0': None}}, None)))")
-    assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
-
-
 DEFAULT_TILE_CHECK = """
 import json, registry
 from h_transformer_1d.attention import triton_kernels as tk
@@ -269,12 +260,16 @@ print(json.dumps(rows))
 
 def test_default_tiles_keep_their_state_in_registers():
     """Compiled for sm_90a (no GPU needed), the tile each window kernel takes without autotuning, at head dims 64
-    and 128 and block 128, spills at most the 36 bytes of the forward's measured-fastest level-0 tile at head dim
-    64 (the dq tile of 128 rows over 4 warps spilled 108 bytes at 64, and dk/dv tiles of 64 keys up to 584 at 128)."""
+    and 128 and block 128, spills nothing inside its loops over key or query tiles (the dq tile of 128 rows over 4
+    warps spilled 108 bytes at 64, and dk/dv tiles of 64 keys up to 584 at 128). Outside them, where the level-0
+    backward adds the coarse levels' gradients and undoes the rotary embedding once per program, a few spilled
+    registers are tolerated."""
     rows = compiled_in_child(DEFAULT_TILE_CHECK)
     assert len(rows) == 8
     for row in rows:
-        assert row["spill_bytes"] <= 36 and row["registers"] <= 255, row
+        assert row["registers"] <= 255 and row["spill_bytes"] <= 256, row
+        if row["loop_spills"] is not None:  # None: no cuobjdump beside ptxas
+            assert row["loop_spills"] == 0, row
 
 
 SASS = """
