@@ -236,12 +236,13 @@ def card_bandwidth() -> float | None:
 
 def glue_bytes(b: int, h: int, hkv: int, n: int, d: int, elt: int = 2) -> int:
     """Bytes the glue kernels move, as the kernels are built: coarsening reads q, k, v and writes every level of
-    them, level 0 included; folding reads dO and O and writes every level of dO; un-coarsening reads every
-    level's gradients and writes dq, dk, dv. Rows of counts, log-sum-exps and Delta (4 bytes each) left out."""
+    them, level 0 included; folding reads dO and O and writes every level of dO. (The tokens' gradients are
+    written by the level-0 backward window kernels, counted with them.) Rows of counts, log-sum-exps and Delta
+    (4 bytes each) left out."""
     from h_transformer_1d.attention import level_lengths
 
     mtot, heads = sum(level_lengths(n, BLOCK)), h + 2 * hkv
-    return elt * d * b * (heads * (n + mtot) + h * (2 * n + mtot) + heads * (mtot + n))
+    return elt * d * b * (heads * (n + mtot) + h * (2 * n + mtot))
 
 
 def measure_kernels(case: dict, opts) -> dict:
