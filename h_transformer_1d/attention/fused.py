@@ -216,7 +216,9 @@ def _coarsen(q, k, v, valid, rot, scale, nr, causal, layout, start_t, len_t):
     dev = q.device
     # three allocations: the custom op returns these, and its outputs may not alias one another; k and v
     # keep their own (kv) heads
-    pq, pk, pv = (alloc(b, t.shape[1], layout.mtot, d, device=dev, dtype=q.dtype) for t in (q, k, v))
+    # level 0 of v is v itself (the window kernels read it in place): pv holds the coarse levels only
+    pq, pk, pv = (alloc(b, t.shape[1], rows, d, device=dev, dtype=q.dtype)
+                  for t, rows in ((q, layout.mtot), (k, layout.mtot), (v, max(layout.mtot - layout.m0, 1))))
     pc = alloc(b, layout.mtot, device=dev, dtype=torch.float32)
     pf = alloc(b, layout.mtot, device=dev, dtype=torch.int32)
     has_mask = valid is not None
@@ -256,19 +258,20 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
                         (b, h, rows, d), (b, h, rows), (b, h, rows))  # one allocation for three
     out = _alloc_bnhd(b, h, n, d, q.device, q.dtype)
     lse = alloc(b, h, layout.m0, device=q.device, dtype=torch.float32)
-    common = (pq, pk, pv, pc, lo, hi, start_t, sm, sl, sa, out, lse, *out.stride()[:3], h, h // k.shape[1],
-              layout.mtot, layout.m0, n)
+    # the values: the coarse levels' (pv) above level 0, v itself at level 0 (the strides are v's)
+    common = lambda values: (pq, pk, values, pc, lo, hi, start_t, sm, sl, sa, out, lse, *out.stride()[:3],
+                             *v.stride()[:3], h, h // k.shape[1], layout.mtot, layout.m0, n)
     uniform = uniform_levels(n, nr, valid is not None)
     if mc:
         first, step, num_win = window_constants(False, causal)
         tk.launch(
-            tk.window_fwd_kernel, lambda meta: (mc // meta["BLOCK_M"], b * h), *common, layout.m0, layout.top,
+            tk.window_fwd_kernel, lambda meta: (mc // meta["BLOCK_M"], b * h), *common(pv), layout.m0, layout.top,
             NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=False, CAUSAL=causal, FINAL=False,
             UNIFORM=uniform,
         )
     first, step, num_win = window_constants(True, causal)
     tk.launch(
-        tk.window_fwd_kernel, lambda meta: (layout.m0 // meta["BLOCK_M"], b * h), *common, 0, layout.top,
+        tk.window_fwd_kernel, lambda meta: (layout.m0 // meta["BLOCK_M"], b * h), *common(v), 0, layout.top,
         NR=nr, D=d, FIRST=first, STEP=step, NUM_WIN=num_win, LEVEL0=True, CAUSAL=causal, FINAL=True,
         UNIFORM=uniform,
     )
@@ -276,8 +279,9 @@ def _forward(q, k, v, valid, rot, tables, nr, causal, scale):
 
 
 @_on_device_of_first_argument
-def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform, grads=None):
-    """grads: (dq, dk, dv) to write into, any strides (the packed path: views of one (B, N, 3, H, D)
+def _backward(dout, out, lse, pq, pk, pv, pc, pf, v, rot, tables, nr, causal, scale, uniform, grads=None):
+    """pq ... pf: the forward's packed levels (pv: the coarse ones), v: the input values (level 0);
+    grads: (dq, dk, dv) to write into, any strides (the packed path: views of one (B, N, 3, H, D)
     tensor); new ones when None."""
     from . import triton_kernels as tk
 
@@ -309,7 +313,8 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
     crows = max(mc, 1)  # never read without coarse levels, but kernels want a real pointer
     cdq, cdk, cdv = _carve(alloc((h + 2 * hkv) * b * crows * d, device=dev, dtype=gdtype),
                            (b, h, crows, d), (b, hkv, crows, d), (b, hkv, crows, d))
-    args = (pq, pk, pv, pc, lo, hi, pdo, plse, pdel, pf, start_t, *(rot if rot is not None else (pc, pc)))
+    args = lambda values: (pq, pk, values, pc, lo, hi, pdo, plse, pdel, pf, start_t,
+                           *(rot if rot is not None else (pc, pc)))
     sizes = (h, h // hkv, mtot, layout.m0, n)
     # coarse levels first: level 0 reads their gradients
     for level0, row0, rows in ((False, layout.m0, mc), (True, 0, layout.m0)):
@@ -319,11 +324,13 @@ def _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale
         kw = {"NR": nr, "D": d, "FIRST": first, "STEP": step, "NUM_WIN": num_win, "LEVEL0": level0,
               "CAUSAL": causal, "UNIFORM": uniform, "ROTARY": level0 and rot is not None}
         gq, gk, gv = (dq, dk, dv) if level0 else (cdq, cdk, cdv)
-        tk.launch(tk.window_bwd_dq_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_M"], b * h), *args, gq, cdq,
-                  *gq.stride()[:3], *sizes, row0, layout.top, scale, **kw)
+        values = v if level0 else pv
+        tk.launch(tk.window_bwd_dq_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_M"], b * h), *args(values), gq,
+                  cdq, *gq.stride()[:3], *v.stride()[:3], *sizes, row0, layout.top, scale, **kw)
         # one program per key tile of a kv head: it sums dk, dv over the query heads of its group
-        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_N"], b * hkv), *args, gk,
-                  gv, cdk, cdv, *gk.stride()[:3], *gv.stride()[:3], *sizes, row0, layout.top, **kw)
+        tk.launch(tk.window_bwd_dkdv_kernel, lambda meta, rows=rows: (rows // meta["BLOCK_N"], b * hkv),
+                  *args(values), gk, gv, cdk, cdv, *gk.stride()[:3], *gv.stride()[:3], *v.stride()[:3], *sizes, row0,
+                  layout.top, **kw)
     return dq, dk, dv
 
 
@@ -342,7 +349,7 @@ def _hattn_fwd(
     float32 cos and sin of the rotary angles (or None: no rotary), tables: `layout_tables(N, nr)` (int32
     on q's device).
     Returns the output (B,H,N,D), the base-2 lse per level-0 row (B,H,M0) and the packed levels
-    (q, k, v, counts, first tokens) kept for backward."""
+    (q, k, v's coarse levels, counts, first tokens) kept for backward."""
     return _forward(q, k, v, valid, rot, tables, nr, causal, scale)
 
 
@@ -352,7 +359,7 @@ def _(q, k, v, valid, rot, tables, nr, causal, scale):
     return (
         q.new_empty(b, n, h, d).transpose(1, 2),
         q.new_empty(b, h, m0, dtype=torch.float32),
-        *(q.new_empty(b, t.shape[1], mtot, d) for t in (q, k, v)),
+        *(q.new_empty(b, t.shape[1], rows, d) for t, rows in ((q, mtot), (k, mtot), (v, max(mtot - m0, 1)))),
         q.new_empty(b, mtot, dtype=torch.float32),
         q.new_empty(b, mtot, dtype=torch.int32),
     )
@@ -361,29 +368,29 @@ def _(q, k, v, valid, rot, tables, nr, causal, scale):
 @torch.library.custom_op("h_transformer_1d::hattn_bwd", mutates_args=())
 def _hattn_bwd(
     dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
-    pv: torch.Tensor, pc: torch.Tensor, pf: torch.Tensor, rot: torch.Tensor | None, tables: torch.Tensor,
-    nr: int, causal: bool, scale: float, uniform: bool,
+    pv: torch.Tensor, pc: torch.Tensor, pf: torch.Tensor, v: torch.Tensor, rot: torch.Tensor | None,
+    tables: torch.Tensor, nr: int, causal: bool, scale: float, uniform: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform)
+    return _backward(dout, out, lse, pq, pk, pv, pc, pf, v, rot, tables, nr, causal, scale, uniform)
 
 
 @_hattn_bwd.register_fake
-def _(dout, out, lse, pq, pk, pv, pc, pf, rot, tables, nr, causal, scale, uniform):
+def _(dout, out, lse, pq, pk, pv, pc, pf, v, rot, tables, nr, causal, scale, uniform):
     b, h, n, d = out.shape
     return tuple(out.new_empty(b, n, heads, d).transpose(1, 2) for heads in (h, pk.shape[1], pk.shape[1]))
 
 
-def _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scale):
-    """What both autograd paths keep: the forward's outputs, the rotary and layout tables and the
-    launch settings."""
-    ctx.save_for_backward(*forward_out, rot, tables)
+def _keep_for_backward(ctx, forward_out, q, v, valid, rot, tables, nr, causal, scale):
+    """What both autograd paths keep: the forward's outputs, the input values (level 0 of the packed
+    values, which the kernels read in place), the rotary and layout tables and the launch settings."""
+    ctx.save_for_backward(*forward_out, v, rot, tables)
     ctx.nr, ctx.causal, ctx.scale = nr, causal, scale
     ctx.uniform = uniform_levels(q.shape[2], nr, valid is not None)
 
 
 def _setup_context(ctx, inputs, output):
-    q, _, _, valid, rot, tables, nr, causal, scale = inputs
-    _keep_for_backward(ctx, output, q, valid, rot, tables, nr, causal, scale)
+    q, _, v, valid, rot, tables, nr, causal, scale = inputs
+    _keep_for_backward(ctx, output, q, v, valid, rot, tables, nr, causal, scale)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept only for backward
 
@@ -400,7 +407,7 @@ _hattn_fwd.register_autograd(_grad, setup_context=_setup_context)
 
 def _eager_forward(ctx, q, k, v, valid, rot, tables, nr, causal, scale) -> torch.Tensor:
     forward_out = _forward(q, k, v, valid, rot, tables, nr, causal, scale)
-    _keep_for_backward(ctx, forward_out, q, valid, rot, tables, nr, causal, scale)
+    _keep_for_backward(ctx, forward_out, q, v, valid, rot, tables, nr, causal, scale)
     return forward_out[0]
 
 

@@ -2,10 +2,12 @@
 
 Every level lives in one packed buffer per tensor, shape (B, H, MTOT, D): level 0 (the fine tokens,
 padded to whole blocks) first, then levels 1, 2, ... each padded to whole blocks; ``START[l]`` and
-``LEN[l]`` give a level's rows. Counts (B, MTOT) say how many real tokens a row stands for.
+``LEN[l]`` give a level's rows. Counts (B, MTOT) say how many real tokens a row stands for. The values
+are the exception: their level 0 is the input v itself, read in place (no rotation or scale to apply),
+and their packed buffer holds the coarse levels only (``_values``).
 
 - ``coarsen_kernel`` fills the packed buffers from the raw q, k, v in one pass over the input:
-  scaled and masked level 0, then up to COARSEN_LV coarse levels by pairwise sums in registers (coarse
+  scaled, rotated and masked level 0 of q and k, then up to COARSEN_LV coarse levels by pairwise sums in registers (coarse
   queries and keys are means over real tokens, values means entering with weight ``count``;
   causal coarse queries are the group's first real query). Deeper hierarchies chain launches.
 - ``window_fwd_kernel`` / ``window_bwd_dq_kernel`` / ``window_bwd_dkdv_kernel``: windowed block
@@ -186,13 +188,13 @@ def _rotary_tables(COS, SIN, pos, ok, R: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _coarsen_tensor(
     x, cols, P, p_off, cnt, pid, START, LEN, BASE, TOP,
-    RAW: tl.constexpr, TAKE_FIRST: tl.constexpr, CH: tl.constexpr, LVL: tl.constexpr, D: tl.constexpr,
+    STORE0: tl.constexpr, TAKE_FIRST: tl.constexpr, CH: tl.constexpr, LVL: tl.constexpr, D: tl.constexpr,
     DW: tl.constexpr,
 ):
-    """One tensor's chunk x (CH input rows x DW columns `cols`, fp32) -> its level-0 copy (RAW) and
+    """One tensor's chunk x (CH input rows x DW columns `cols`, fp32) -> its level-0 copy (STORE0) and
     coarse levels BASE+1 .. BASE+LVL of the packed buffer P (rows of D)."""
     rows = pid * CH + tl.arange(0, CH)
-    if RAW:
+    if STORE0:
         m0 = tl.load(LEN)
         tl.store(P + p_off + rows[:, None] * D + cols[None, :], x.to(P.dtype.element_ty), mask=(rows < m0)[:, None])
     acc = x if TAKE_FIRST else x * cnt[:, None]
@@ -217,7 +219,7 @@ def _coarsen_tensor(
 @triton.jit
 def _coarsen_input(
     X, x_off, sxm, rows, ok, cnt, mult, COS, SIN, P, p_off, pid, START, LEN, BASE, TOP,
-    RAW: tl.constexpr, TAKE_FIRST: tl.constexpr, ROTARY: tl.constexpr, CH: tl.constexpr, LVL: tl.constexpr,
+    STORE0: tl.constexpr, TAKE_FIRST: tl.constexpr, ROTARY: tl.constexpr, CH: tl.constexpr, LVL: tl.constexpr,
     D: tl.constexpr,
 ):
     """Load CH input rows (zeros outside the input or without tokens), scale by `mult`, rotate the
@@ -231,20 +233,21 @@ def _coarsen_input(
         cos, sin = _rotary_tables(COS, SIN, rows, ok, CH, D)
         r1 = tl.where(keep, (x1 * cos - x2 * sin) * mult, 0.0)
         r2 = tl.where(keep, (x1 * sin + x2 * cos) * mult, 0.0)
-        _coarsen_tensor(r1, 2 * half, P, p_off, cnt, pid, START, LEN, BASE, TOP, RAW, TAKE_FIRST, CH, LVL, D, D // 2)
-        _coarsen_tensor(r2, 2 * half + 1, P, p_off, cnt, pid, START, LEN, BASE, TOP, RAW, TAKE_FIRST, CH, LVL, D,
+        _coarsen_tensor(r1, 2 * half, P, p_off, cnt, pid, START, LEN, BASE, TOP, STORE0, TAKE_FIRST, CH, LVL, D, D // 2)
+        _coarsen_tensor(r2, 2 * half + 1, P, p_off, cnt, pid, START, LEN, BASE, TOP, STORE0, TAKE_FIRST, CH, LVL, D,
                         D // 2)
     else:
         offs_d = tl.arange(0, D)
         x = tl.load(X + x_off + rows[:, None] * sxm + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         x = tl.where(keep, x * mult, 0.0)
-        _coarsen_tensor(x, offs_d, P, p_off, cnt, pid, START, LEN, BASE, TOP, RAW, TAKE_FIRST, CH, LVL, D, D)
+        _coarsen_tensor(x, offs_d, P, p_off, cnt, pid, START, LEN, BASE, TOP, STORE0, TAKE_FIRST, CH, LVL, D, D)
 
 
 @triton.jit
 def coarsen_kernel(
     XQ, XK, XV, VALID, COS, SIN,  # raw (B, H|HKV, N, D) inputs of any strides (RAW) or the packed buffers; rotary
-    PQ, PK, PV, PC, PF,  # packed outputs (B, H|HKV, MTOT, D); counts (B, MTOT) f32; first token (B, MTOT) i32
+    PQ, PK, PV, PC, PF,  # packed outputs (B, H|HKV, MTOT, D), PV without level 0 (B, HKV, MTOT - M0, D); counts
+    # (B, MTOT) f32; first token (B, MTOT) i32
     START, LEN,  # int32 per level (padded past the top with zeros)
     sqb, sqh, sqm, skb, skh, skm, svb, svh, svm,  # input strides (D contiguous)
     stride_valid,
@@ -252,8 +255,9 @@ def coarsen_kernel(
     D: tl.constexpr, LVL: tl.constexpr, RAW: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     ROTARY: tl.constexpr,
 ):
-    """RAW: q (scaled, rotated when ROTARY), k (rotated), v and the counts into level 0 and levels
-    1..LVL; otherwise levels BASE+1 .. BASE+LVL from the packed level BASE (ROTARY only with RAW).
+    """RAW: q (scaled, rotated when ROTARY), k (rotated) and the counts into level 0, and q, k, v into
+    levels 1..LVL; otherwise levels BASE+1 .. BASE+LVL from the packed level BASE (ROTARY only with RAW).
+    Level 0 of v is the input itself, which the window kernels read in place: PV starts at level 1.
     One program per query head; k and v have H / G heads (grouped-query attention): the first query
     head of each group of G coarsens its kv head, once."""
     pid = tl.program_id(0)
@@ -281,8 +285,13 @@ def coarsen_kernel(
         kv_off = (b * (H // G) + hk) * MTOT * D
         _coarsen_input(XK, b * skb + hk * skh, skm, in_rows, ok, cnt, 1.0, COS, SIN, PK, kv_off, pid, START, LEN,
                        BASE, TOP, RAW, False, ROTARY, CH, LVL, D)
-        _coarsen_input(XV, b * svb + hk * svh, svm, in_rows, ok, cnt, 1.0, COS, SIN, PV, kv_off, pid, START, LEN,
-                       BASE, TOP, RAW, False, False, CH, LVL, D)
+        m0 = tl.load(LEN)
+        v_off = b * svb + hk * svh
+        if not RAW:  # PV's rows are the packed rows less M0
+            v_off -= m0 * svm
+        pv_off = (b * (H // G) + hk) * (MTOT - m0) * D - m0 * D
+        _coarsen_input(XV, v_off, svm, in_rows, ok, cnt, 1.0, COS, SIN, PV, pv_off, pid, START, LEN, BASE, TOP,
+                       False, False, False, CH, LVL, D)
     if h == 0:  # counts and sampled positions are per batch row
         if RAW:
             m0 = tl.load(LEN)
@@ -467,16 +476,47 @@ def _level0_keys(start, qblock, lo, hi, CAUSAL: tl.constexpr, NR: tl.constexpr, 
 
 
 @triton.jit
-def _load_scores(q, K, V, CNT, base, cbase, rows, n0, off: tl.constexpr, LEVEL0: tl.constexpr,
+def _load_scores(q, K, VP, svm, N, CNT, base, cbase, rows, n0, off: tl.constexpr, LEVEL0: tl.constexpr,
                  DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                  UNIFORM: tl.constexpr):
     """The key tile at packed row n0: k, v and the masked base-2 scores of the query tile against it."""
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
-    v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
     cnt = 1.0 if UNIFORM else tl.load(CNT + cbase + cols)
+    v = _load_values(VP, svm, N, cols, cnt, LEVEL0, UNIFORM, D)
     return k, v, _scores(q, k, cnt, rows, cols, off, LEVEL0, DIAG, NR, UNIFORM)
+
+
+@triton.jit
+def _load_values(VP, svm, N, cols, cnt, LEVEL0: tl.constexpr, UNIFORM: tl.constexpr, D: tl.constexpr):
+    """Value rows `cols` (packed row numbers) through VP (`_values`): at level 0 the input itself, whose
+    rows stop at N, and read as zeros where the key is padding (count 0): a padded position's weight is
+    0, and its value may be anything, NaN included."""
+    offs_d = tl.arange(0, D)
+    ptr = VP + cols[:, None] * svm + offs_d[None, :]
+    if LEVEL0:
+        ok = cols < N
+        if not UNIFORM:
+            ok = ok & (cnt > 0)
+        v = tl.load(ptr, mask=ok[:, None], other=0.0)
+    else:
+        v = tl.load(ptr)
+    return v
+
+
+@triton.jit
+def _values(V, vsb, vsh, vsm, b, hk, HKV, MTOT, M0, LEVEL0: tl.constexpr, D: tl.constexpr):
+    """(pointer, row stride) through which packed row r of kv head hk's values is VP + r * stride: at
+    level 0 the input v (B, HKV, N, D) of any strides, read in place; above it the coarse values
+    (B, HKV, MTOT - M0, D), whose first row is packed row M0."""
+    if LEVEL0:
+        vp = V + b * vsb + hk * vsh
+        stride = vsm
+    else:
+        vp = V + (b * HKV + hk) * (MTOT - M0) * D - M0 * D
+        stride = D
+    return vp, stride
 
 
 @triton.jit
@@ -530,12 +570,13 @@ def _query_span(start, kblock, lo, hi, off: tl.constexpr, NR: tl.constexpr, BLOC
 
 
 @triton.jit
-def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
+def _fwd_span(acc, l_i, m_i, q, K, VP, svm, N, CNT, base, cbase, rows, n_lo, n_hi,
               off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
     """Online softmax of the query tile over the key rows [n_lo, n_hi)."""
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        _k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N, UNIFORM)
+        _k, v, s = _load_scores(q, K, VP, svm, N, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N,
+                                UNIFORM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -549,11 +590,11 @@ def _fwd_span(acc, l_i, m_i, q, K, V, CNT, base, cbase, rows, n_lo, n_hi,
 @_autotune(FWD_CONFIGS)
 @triton.jit
 def window_fwd_kernel(
-    Q, K, V, CNT, LO, HI, START,  # packed q (B, H, MTOT, D), k, v (B, H / G, MTOT, D); counts (B, MTOT); per-block
-    # ranges; level starts
+    Q, K, V, CNT, LO, HI, START,  # packed q (B, H, MTOT, D), k (B, H / G, MTOT, D); v: `_values`; counts
+    # (B, MTOT); per-block ranges; level starts
     SM, SL, SA,  # coarse softmax states (B, H, MTOT - M0[, D]): written (not FINAL) or read (FINAL)
     O, LSE,  # FINAL: output (B, H, N, D) any strides, base-2 log-sum-exp (B, H, M0)
-    sob, soh, som,
+    sob, soh, som, vsb, vsh, vsm,  # O's strides; the input v's (level 0)
     H, G, MTOT, M0, N, ROW0, TOP,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
@@ -572,6 +613,7 @@ def window_fwd_kernel(
 
     base = (b * H + h) * MTOT * D
     kv_base = (b * (H // G) + h // G) * MTOT * D  # grouped-query attention: the kv head of query head h
+    VP, svm = _values(V, vsb, vsh, vsm, b, h // G, H // G, MTOT, M0, LEVEL0, D)
     cbase = b * MTOT
     sbase = (b * H + h) * (MTOT - M0)
     q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
@@ -595,15 +637,15 @@ def window_fwd_kernel(
 
     if LEVEL0:
         n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, kv_base, cbase, offs_m, n_lo, diag,
+        acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, VP, svm, N, CNT, kv_base, cbase, offs_m, n_lo, diag,
                                   0, True, False, NR, D, BLOCK_N, UNIFORM)
         if CAUSAL:
-            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, kv_base, cbase, offs_m, diag, n_hi,
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, VP, svm, N, CNT, kv_base, cbase, offs_m, diag, n_hi,
                                       0, True, True, NR, D, BLOCK_N, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
-            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, V, CNT, kv_base, cbase, offs_m, n_lo, n_hi,
+            acc, l_i, m_i = _fwd_span(acc, l_i, m_i, q, K, VP, svm, N, CNT, kv_base, cbase, offs_m, n_lo, n_hi,
                                       FIRST + w * STEP, False, False, NR, D, BLOCK_N, UNIFORM)
 
     if FINAL:
@@ -622,11 +664,12 @@ def window_fwd_kernel(
 
 
 @triton.jit
-def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
+def _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, base, cbase, rows, n_lo, n_hi,
              off: tl.constexpr, LEVEL0: tl.constexpr, DIAG: tl.constexpr, NR: tl.constexpr, D: tl.constexpr,
              BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        k, v, s = _load_scores(q, K, V, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N, UNIFORM)
+        k, v, s = _load_scores(q, K, VP, svm, N, CNT, base, cbase, rows, n0, off, LEVEL0, DIAG, NR, D, BLOCK_N,
+                               UNIFORM)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -637,10 +680,10 @@ def _dq_span(dq, q, do, lse, delta, K, V, CNT, base, cbase, rows, n_lo, n_hi,
 @_autotune(DQ_CONFIGS)
 @triton.jit
 def window_bwd_dq_kernel(
-    Q, K, V, CNT, LO, HI, DO, LSE, DELTA,  # all packed: (B, H, MTOT[, D]), k, v (B, H / G, MTOT, D); counts
+    Q, K, V, CNT, LO, HI, DO, LSE, DELTA,  # all packed: (B, H, MTOT[, D]), k (B, H / G, MTOT, D); v: `_values`
     PF, START, COS, SIN,  # first tokens (B, MTOT), level starts, rotary tables: the level-0 epilogue's
     DQ, PDQ,  # the output (see below); the coarse rows' gradients (B, H, MTOT - M0, D), read at level 0
-    sdb, sdh, sdm,  # DQ's strides
+    sdb, sdh, sdm, vsb, vsh, vsm,  # DQ's strides; the input v's
     H, G, MTOT, M0, N, ROW0, TOP, scale,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
@@ -661,6 +704,7 @@ def window_bwd_dq_kernel(
     hi = tl.load(HI + qblock)
     base = (b * H + h) * MTOT * D
     kv_base = (b * (H // G) + h // G) * MTOT * D
+    VP, svm = _values(V, vsb, vsh, vsm, b, h // G, H // G, MTOT, M0, LEVEL0, D)
     cbase = b * MTOT
     sbase = (b * H + h) * MTOT
     q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
@@ -672,15 +716,15 @@ def window_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if LEVEL0:
         n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
-        dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, kv_base, cbase, offs_m, n_lo, diag, 0, True, False, NR, D,
+        dq = _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, kv_base, cbase, offs_m, n_lo, diag, 0, True, False, NR, D,
                       BLOCK_N, UNIFORM)
         if CAUSAL:
-            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, kv_base, cbase, offs_m, diag, n_hi, 0, True, True, NR,
+            dq = _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, kv_base, cbase, offs_m, diag, n_hi, 0, True, True, NR,
                           D, BLOCK_N, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
-            dq = _dq_span(dq, q, do, lse, delta, K, V, CNT, kv_base, cbase, offs_m, n_lo, n_hi,
+            dq = _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, kv_base, cbase, offs_m, n_lo, n_hi,
                           FIRST + w * STEP, False, False, NR, D, BLOCK_N, UNIFORM)
     optr = DQ + b * sdb + h * sdh + (offs_m - ROW0)[:, None] * sdm + offs_d[None, :]
     if LEVEL0:
@@ -722,7 +766,7 @@ def _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, cols, m
 def window_bwd_dkdv_kernel(
     Q, K, V, CNT, LO, HI, DO, LSE, DELTA, PF, START, COS, SIN,  # as the dq kernel's
     DK, DV, PDK, PDV,  # outputs, and the coarse rows' gradients (B, H / G, MTOT - M0, D), as DQ and PDQ there
-    skb, skh, skm, svb, svh, svm,  # DK's and DV's strides
+    skb, skh, skm, svb, svh, svm, vsb, vsh, vsm,  # DK's and DV's strides; the input v's
     H, G, MTOT, M0, N, ROW0, TOP,
     NR: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FIRST: tl.constexpr, STEP: tl.constexpr, NUM_WIN: tl.constexpr,
@@ -743,8 +787,9 @@ def window_bwd_dkdv_kernel(
     b = bh // (H // G)
     kv_base = bh * MTOT * D
     k = tl.load(K + kv_base + offs_n[:, None] * D + offs_d[None, :])
-    v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :])
     cnt = 1.0 if UNIFORM else tl.load(CNT + b * MTOT + offs_n)
+    VP, v_stride = _values(V, vsb, vsh, vsm, b, bh % (H // G), H // G, MTOT, M0, LEVEL0, D)
+    v = _load_values(VP, v_stride, N, offs_n, cnt, LEVEL0, UNIFORM, D)
     shift = _level_shift(CNT, b * MTOT + start, LEVEL0, UNIFORM)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)

@@ -100,6 +100,25 @@ def test_chained_coarsening_launches(monkeypatch, n, causal, mask_kind):
     check_against_reference(n, 16, causal, mask_kind, 16, torch.float32)
 
 
+@pytest.mark.parametrize("n,hkv", [(100, 2), (40, 1)])
+def test_forward_keeps_the_values_in_place(n, hkv):
+    """For the backward the forward keeps v itself, not a copy: the packed values hold the coarse levels
+    only, and every other saved tensor is the output, the log-sum-exps, packed q and k, the counts, the
+    first tokens and the layout tables."""
+    b, h, d, nr = 2, 2, 16, 16
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(b, h, n, d, generator=gen).requires_grad_()
+    k, v = (torch.randn(b, hkv, n, d, generator=gen).requires_grad_() for _ in range(2))
+    out = h_attention(q, k, v, block_size=nr, causal=False, impl="triton")
+    saved = out.grad_fn.saved_tensors
+    lengths = level_lengths(n, nr)
+    mtot, m0 = sum(lengths), lengths[0]
+    assert any(t.data_ptr() == v.data_ptr() and t.shape == v.shape for t in saved)
+    shapes = sorted(tuple(t.shape) for t in saved if t is not None and t.data_ptr() != v.data_ptr())
+    assert shapes == sorted([(b, h, n, d), (b, h, m0), (b, h, mtot, d), (b, hkv, mtot, d), (b, hkv, mtot - m0, d),
+                             (b, mtot), (b, mtot), tuple(fused.layout_tables(n, nr, "cpu").shape)])
+
+
 @pytest.mark.parametrize("n,hkv", [(100, 2), (40, 1), (16, 2)])  # 2 coarse levels; 1; none (one block)
 def test_backward_launches_and_buffers(monkeypatch, n, hkv):
     """The backward is one fold launch, then dq and dk/dv on the coarse levels, then on level 0, which
