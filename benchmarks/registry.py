@@ -236,13 +236,15 @@ def card_bandwidth() -> float | None:
 
 def glue_bytes(b: int, h: int, hkv: int, n: int, d: int, elt: int = 2) -> int:
     """Bytes the glue kernels move, as the kernels are built: coarsening reads q, k, v and writes every level of
-    them, level 0 included; folding reads dO and O and writes every level of dO. (The tokens' gradients are
-    written by the level-0 backward window kernels, counted with them.) Rows of counts, log-sum-exps and Delta
-    (4 bytes each) left out."""
+    q and k, level 0 included, and the coarse levels of v (the window kernels read v itself at level 0); folding
+    reads dO and O and writes every level of dO. (The tokens' gradients are written by the level-0 backward
+    window kernels, counted with them.) Rows of counts, log-sum-exps and Delta (4 bytes each) left out."""
     from h_transformer_1d.attention import level_lengths
 
-    mtot, heads = sum(level_lengths(n, BLOCK)), h + 2 * hkv
-    return elt * d * b * (heads * (n + mtot) + h * (2 * n + mtot))
+    lengths = level_lengths(n, BLOCK)
+    mtot, m0 = sum(lengths), lengths[0]
+    coarsen = (h + 2 * hkv) * n + (h + hkv) * mtot + hkv * (mtot - m0)
+    return elt * d * b * (coarsen + h * (2 * n + mtot))
 
 
 def measure_kernels(case: dict, opts) -> dict:
