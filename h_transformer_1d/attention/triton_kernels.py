@@ -285,12 +285,12 @@ def coarsen_kernel(
         kv_off = (b * (H // G) + hk) * MTOT * D
         _coarsen_input(XK, b * skb + hk * skh, skm, in_rows, ok, cnt, 1.0, COS, SIN, PK, kv_off, pid, START, LEN,
                        BASE, TOP, RAW, False, ROTARY, CH, LVL, D)
-        m0 = tl.load(LEN)
-        v_off = b * svb + hk * svh
-        if not RAW:  # PV's rows are the packed rows less M0
-            v_off -= m0 * svm
-        pv_off = (b * (H // G) + hk) * (MTOT - m0) * D - m0 * D
-        _coarsen_input(XV, v_off, svm, in_rows, ok, cnt, 1.0, COS, SIN, PV, pv_off, pid, START, LEN, BASE, TOP,
+        pv, _ = _values(PV, 0, 0, 0, b, hk, H // G, MTOT, tl.load(LEN), False, D)  # its coarse levels
+        if RAW:
+            xv, xv_off, xv_m = XV, b * svb + hk * svh, svm
+        else:
+            xv, xv_off, xv_m = pv, 0, D
+        _coarsen_input(xv, xv_off, xv_m, in_rows, ok, cnt, 1.0, COS, SIN, pv, 0, pid, START, LEN, BASE, TOP,
                        False, False, False, CH, LVL, D)
     if h == 0:  # counts and sampled positions are per batch row
         if RAW:
@@ -716,11 +716,11 @@ def window_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if LEVEL0:
         n_lo, diag, n_hi = _level0_keys(start, qblock, lo, hi, CAUSAL, NR, BLOCK_M, BLOCK_N)
-        dq = _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, kv_base, cbase, offs_m, n_lo, diag, 0, True, False, NR, D,
-                      BLOCK_N, UNIFORM)
+        dq = _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, kv_base, cbase, offs_m, n_lo, diag, 0, True, False,
+                      NR, D, BLOCK_N, UNIFORM)
         if CAUSAL:
-            dq = _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, kv_base, cbase, offs_m, diag, n_hi, 0, True, True, NR,
-                          D, BLOCK_N, UNIFORM)
+            dq = _dq_span(dq, q, do, lse, delta, K, VP, svm, N, CNT, kv_base, cbase, offs_m, diag, n_hi, 0, True,
+                          True, NR, D, BLOCK_N, UNIFORM)
     else:
         for w in tl.static_range(NUM_WIN):
             n_lo, n_hi = _key_span(start, qblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
@@ -785,10 +785,11 @@ def window_bwd_dkdv_kernel(
     lo = tl.load(LO + kblock)
     hi = tl.load(HI + kblock)
     b = bh // (H // G)
+    hk = bh % (H // G)
     kv_base = bh * MTOT * D
     k = tl.load(K + kv_base + offs_n[:, None] * D + offs_d[None, :])
     cnt = 1.0 if UNIFORM else tl.load(CNT + b * MTOT + offs_n)
-    VP, v_stride = _values(V, vsb, vsh, vsm, b, bh % (H // G), H // G, MTOT, M0, LEVEL0, D)
+    VP, v_stride = _values(V, vsb, vsh, vsm, b, hk, H // G, MTOT, M0, LEVEL0, D)
     v = _load_values(VP, v_stride, N, offs_n, cnt, LEVEL0, UNIFORM, D)
     shift = _level_shift(CNT, b * MTOT + start, LEVEL0, UNIFORM)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
@@ -814,7 +815,6 @@ def window_bwd_dkdv_kernel(
                 m_lo, m_hi = _query_span(start, kblock, lo, hi, FIRST + w * STEP, NR, BLOCK_M, BLOCK_N)
                 dk, dv = _dkdv_span(dk, dv, k, v, cnt, shift, Q, DO, LSE, DELTA, base, sbase, offs_n, m_lo, m_hi,
                                     FIRST + w * STEP, False, False, NR, D, BLOCK_M, UNIFORM)
-    hk = bh % (H // G)
     out_rows = (offs_n - ROW0)[:, None]
     kptr = DK + b * skb + hk * skh + out_rows * skm + offs_d[None, :]
     vptr = DV + b * svb + hk * svh + out_rows * svm + offs_d[None, :]
